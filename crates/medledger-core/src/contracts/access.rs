@@ -1,0 +1,129 @@
+//! Access entries: a custodian records every attempt to read, write or search its records,
+//! and the ledger decides it.
+//!
+//! The custodian does not assert a decision; the contract computes it with the same policy
+//! at the transaction's place in the order, so a revoke committed before the entry always
+//! wins, and no entry can claim a grant the policy would not give. The custodian may only
+//! add a refusal of its own (an unauthenticated requester, say). The query and the answer
+//! appear only as salted commitments: the custodian can later prove what was asked and
+//! answered, and nobody can test guesses of health data against the ledger.
+
+use crate::identity::Role;
+use crate::model::{category_of, AccessDecision, AccessDenial, Action, AuditEvent, Record};
+use crate::state::{keys, Overlay, StateRead};
+use crate::tx::{TxBody, ACCESS_RECORDS_MAX};
+
+use super::policy::{decide, AccessQuery};
+use super::{registered_patient, Rejection, TxContext};
+
+pub(super) fn log<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    context: &TxContext<'_>,
+    body: &TxBody,
+    event: &mut AuditEvent,
+) -> Result<AccessDecision, Rejection> {
+    let TxBody::LogAccess {
+        actor,
+        patient,
+        action,
+        records,
+        resource_types,
+        purpose,
+        custodian_denial,
+        query_commitment: _,
+        answer_commitment: _,
+    } = body
+    else {
+        unreachable!("dispatch routes only log_access here")
+    };
+    let (_, custodian) = context
+        .signer
+        .member_with_role(&[Role::Node, Role::OrgAdmin])?;
+    event.patient = Some(patient.clone());
+    event.actor = Some(actor.clone());
+    event.action = Some(*action);
+    event.purpose = Some(*purpose);
+    registered_patient(state, patient)?;
+    if records.len() > ACCESS_RECORDS_MAX {
+        return Err(Rejection::invalid(
+            "records",
+            format!("at most {ACCESS_RECORDS_MAX}"),
+        ));
+    }
+    let mut types: Vec<String> = Vec::new();
+    for record_id in records {
+        let record: Record = state
+            .get_value(&keys::record(&custodian.id, record_id))
+            .ok_or_else(|| Rejection::not_found(format!("record {}/{record_id}", custodian.id)))?;
+        if record.patient != *patient {
+            return Err(Rejection::invalid(
+                "records",
+                "every record must be the patient's",
+            ));
+        }
+        event.records.push(format!("{}/{record_id}", custodian.id));
+        if !types.contains(&record.resource_type) {
+            types.push(record.resource_type);
+        }
+    }
+    match action {
+        Action::Search => {
+            if resource_types.is_empty() || resource_types.len() > super::consent::LIST_ENTRIES_MAX
+            {
+                return Err(Rejection::invalid(
+                    "resource_types",
+                    "a search names 1 to 32 types",
+                ));
+            }
+            if let Some(bad) = resource_types.iter().find(|t| category_of(t).is_none()) {
+                return Err(Rejection::invalid(
+                    "resource_types",
+                    format!("{bad:?} is not a supported resource type"),
+                ));
+            }
+            for resource_type in resource_types {
+                if !types.contains(resource_type) {
+                    types.push(resource_type.clone());
+                }
+            }
+        }
+        Action::Read | Action::Write => {
+            if records.is_empty() {
+                return Err(Rejection::invalid(
+                    "records",
+                    "a read or write names its records",
+                ));
+            }
+            if !resource_types.is_empty() {
+                return Err(Rejection::invalid(
+                    "resource_types",
+                    "only a search names resource types",
+                ));
+            }
+        }
+    }
+    let decision = match custodian_denial {
+        Some(denial) => AccessDecision::Denied {
+            denial: AccessDenial::Custodian { denial: *denial },
+        },
+        None => decide(
+            state,
+            &AccessQuery {
+                actor,
+                patient,
+                action: *action,
+                resource_types: &types,
+                purpose: Some(*purpose),
+                time_ms: context.time_ms,
+            },
+        ),
+    };
+    event.flagged = matches!(
+        decision,
+        AccessDecision::Granted {
+            basis: crate::model::AccessBasis::BreakGlass { .. }
+        }
+    );
+    event.decision = Some(decision.clone());
+    Ok(decision)
+}

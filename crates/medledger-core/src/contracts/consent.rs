@@ -1,0 +1,317 @@
+//! Consent: the patient's grants and revocations, access requests and their answers, and
+//! break-glass emergency access with its review.
+
+use crate::hash::Hash;
+use crate::identity::{split_user_id, Role};
+use crate::model::{
+    category_of, AccessRequest, Action, AuditEvent, BreakGlass, BreakGlassReview, Consent, Grantee,
+    Org, Purpose, RequestStatus, Scope, User,
+};
+use crate::state::{keys, Overlay, StateRead};
+use crate::tx::TxBody;
+
+use super::{existing, registered_patient, Rejection, TxContext};
+
+/// Most consents a patient may ever grant (the policy reads them all on each decision).
+pub const CONSENTS_PER_PATIENT_MAX: usize = 1024;
+/// Most entries in a scope, actions or purposes list.
+pub const LIST_ENTRIES_MAX: usize = 32;
+/// Longest break-glass window.
+pub const BREAK_GLASS_MS_MAX: u64 = 12 * 60 * 60 * 1000;
+/// Most break-glass openings per patient.
+pub const BREAK_GLASS_PER_PATIENT_MAX: usize = 1024;
+
+pub(super) fn execute<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    context: &TxContext<'_>,
+    body: &TxBody,
+    event: &mut AuditEvent,
+) -> Result<(), Rejection> {
+    match body {
+        TxBody::Grant {
+            grantee,
+            scope,
+            actions,
+            purposes,
+            expires_at_ms,
+        } => {
+            let patient = context.signer.patient()?;
+            event.patient = Some(patient.id.clone());
+            check_grantee(state, grantee)?;
+            check_terms(scope, actions, purposes)?;
+            if expires_at_ms.is_some_and(|end| end <= context.time_ms) {
+                return Err(Rejection::invalid("expires_at_ms", "already past"));
+            }
+            let consent = Consent {
+                id: context.tx_id,
+                patient: patient.id.clone(),
+                grantee: grantee.clone(),
+                scope: scope.clone(),
+                actions: actions.clone(),
+                purposes: purposes.clone(),
+                expires_at_ms: *expires_at_ms,
+                granted_at_ms: context.time_ms,
+                revoked_at_ms: None,
+                request_id: None,
+            };
+            store_consent(state, consent)
+        }
+        TxBody::Revoke { grant_id } => {
+            let patient = context.signer.patient()?;
+            event.patient = Some(patient.id.clone());
+            let mut consent: Consent = existing(state, &keys::consent(grant_id), || {
+                format!("consent {grant_id}")
+            })?;
+            if consent.patient != patient.id {
+                return Err(Rejection::not_permitted(
+                    "a patient revokes only their own consents",
+                ));
+            }
+            if consent.revoked_at_ms.is_some() {
+                return Err(Rejection::conflict("the consent is already revoked"));
+            }
+            consent.revoked_at_ms = Some(context.time_ms);
+            state.put(keys::consent(grant_id), &consent);
+            Ok(())
+        }
+        TxBody::RequestAccess {
+            patient,
+            scope,
+            actions,
+            purpose,
+        } => {
+            let (user, _) = context.signer.member_with_role(&[
+                Role::Clinician,
+                Role::Nurse,
+                Role::Radiologist,
+                Role::LabTechnician,
+                Role::Auditor,
+                Role::OrgAdmin,
+            ])?;
+            event.patient = Some(patient.clone());
+            registered_patient(state, patient)?;
+            check_terms(scope, actions, std::slice::from_ref(purpose))?;
+            let request = AccessRequest {
+                id: context.tx_id,
+                requester: user.id.clone(),
+                patient: patient.clone(),
+                scope: scope.clone(),
+                actions: actions.clone(),
+                purpose: *purpose,
+                requested_at_ms: context.time_ms,
+                status: RequestStatus::Pending,
+                consent_id: None,
+            };
+            state.put(keys::request(&request.id), &request);
+            state.put_raw(keys::patient_request(patient, &request.id), Vec::new());
+            Ok(())
+        }
+        TxBody::ApproveRequest {
+            request_id,
+            expires_at_ms,
+        } => {
+            let mut request = answerable_request(state, context, request_id, event)?;
+            if expires_at_ms.is_some_and(|end| end <= context.time_ms) {
+                return Err(Rejection::invalid("expires_at_ms", "already past"));
+            }
+            let consent = Consent {
+                id: context.tx_id,
+                patient: request.patient.clone(),
+                grantee: Grantee::User {
+                    user: request.requester.clone(),
+                },
+                scope: request.scope.clone(),
+                actions: request.actions.clone(),
+                purposes: vec![request.purpose],
+                expires_at_ms: *expires_at_ms,
+                granted_at_ms: context.time_ms,
+                revoked_at_ms: None,
+                request_id: Some(request.id),
+            };
+            request.status = RequestStatus::Approved;
+            request.consent_id = Some(consent.id);
+            event.actor = Some(request.requester.clone());
+            state.put(keys::request(request_id), &request);
+            store_consent(state, consent)
+        }
+        TxBody::DenyRequest { request_id } => {
+            let mut request = answerable_request(state, context, request_id, event)?;
+            request.status = RequestStatus::Denied;
+            event.actor = Some(request.requester.clone());
+            state.put(keys::request(request_id), &request);
+            Ok(())
+        }
+        TxBody::BreakGlass {
+            patient,
+            reason,
+            justification_commitment,
+            duration_ms,
+        } => {
+            let (user, _) = context.signer.member_with_role(&[Role::Clinician])?;
+            event.patient = Some(patient.clone());
+            event.flagged = true;
+            event.purpose = Some(Purpose::Emergency);
+            registered_patient(state, patient)?;
+            if *duration_ms == 0 || *duration_ms > BREAK_GLASS_MS_MAX {
+                return Err(Rejection::invalid(
+                    "duration_ms",
+                    format!("must be 1 to {BREAK_GLASS_MS_MAX}"),
+                ));
+            }
+            let key = keys::patient_break_glass(patient);
+            let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
+            if ids.len() >= BREAK_GLASS_PER_PATIENT_MAX {
+                return Err(Rejection::conflict(
+                    "the patient's break-glass limit is reached",
+                ));
+            }
+            let opening = BreakGlass {
+                id: context.tx_id,
+                actor: user.id.clone(),
+                patient: patient.clone(),
+                reason: *reason,
+                justification_commitment: *justification_commitment,
+                starts_at_ms: context.time_ms,
+                ends_at_ms: context.time_ms + duration_ms,
+                review: None,
+            };
+            ids.push(opening.id);
+            state.put(key, &ids);
+            state.put(keys::break_glass(&opening.id), &opening);
+            Ok(())
+        }
+        TxBody::ReviewBreakGlass {
+            break_glass_id,
+            verdict,
+        } => {
+            let (auditor, _) = context.signer.member_with_role(&[Role::Auditor])?;
+            let mut opening: BreakGlass =
+                existing(state, &keys::break_glass(break_glass_id), || {
+                    format!("break-glass {break_glass_id}")
+                })?;
+            event.patient = Some(opening.patient.clone());
+            event.actor = Some(opening.actor.clone());
+            if opening.review.is_some() {
+                return Err(Rejection::conflict("the break-glass is already reviewed"));
+            }
+            if opening.actor == auditor.id {
+                return Err(Rejection::not_permitted(
+                    "nobody reviews their own break-glass",
+                ));
+            }
+            opening.review = Some(BreakGlassReview {
+                reviewer: auditor.id.clone(),
+                verdict: *verdict,
+                reviewed_at_ms: context.time_ms,
+            });
+            state.put(keys::break_glass(break_glass_id), &opening);
+            Ok(())
+        }
+        _ => unreachable!("dispatch routes only consent bodies here"),
+    }
+}
+
+fn store_consent<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    consent: Consent,
+) -> Result<(), Rejection> {
+    let key = keys::patient_consents(&consent.patient);
+    let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
+    if ids.len() >= CONSENTS_PER_PATIENT_MAX {
+        return Err(Rejection::conflict(
+            "the patient's consent limit is reached",
+        ));
+    }
+    ids.push(consent.id);
+    state.put(key, &ids);
+    state.put(keys::consent(&consent.id), &consent);
+    Ok(())
+}
+
+/// A pending request of the signing patient.
+fn answerable_request<S: StateRead + ?Sized>(
+    state: &Overlay<'_, S>,
+    context: &TxContext<'_>,
+    request_id: &Hash,
+    event: &mut AuditEvent,
+) -> Result<AccessRequest, Rejection> {
+    let patient = context.signer.patient()?;
+    event.patient = Some(patient.id.clone());
+    let request: AccessRequest = existing(state, &keys::request(request_id), || {
+        format!("request {request_id}")
+    })?;
+    if request.patient != patient.id {
+        return Err(Rejection::not_permitted(
+            "a patient answers only requests to them",
+        ));
+    }
+    if request.status != RequestStatus::Pending {
+        return Err(Rejection::conflict("the request is already answered"));
+    }
+    Ok(request)
+}
+
+fn check_grantee<S: StateRead + ?Sized>(
+    state: &Overlay<'_, S>,
+    grantee: &Grantee,
+) -> Result<(), Rejection> {
+    let org_id = match grantee {
+        Grantee::User { user } => {
+            let value: User = existing(state, &keys::user(user), || format!("user {user}"))?;
+            if value.role == Role::Node {
+                return Err(Rejection::invalid(
+                    "grantee",
+                    "a node cannot be granted access",
+                ));
+            }
+            split_user_id(user).map(|(org, _)| org.to_string())
+        }
+        Grantee::Role { org, role } => {
+            if *role == Role::Node {
+                return Err(Rejection::invalid(
+                    "grantee",
+                    "a node cannot be granted access",
+                ));
+            }
+            Some(org.clone())
+        }
+        Grantee::Org { org } => Some(org.clone()),
+    };
+    let org_id = org_id.unwrap_or_default();
+    existing::<Org, S>(state, &keys::org(&org_id), || {
+        format!("organisation {org_id}")
+    })?;
+    Ok(())
+}
+
+fn check_terms(scope: &Scope, actions: &[Action], purposes: &[Purpose]) -> Result<(), Rejection> {
+    if scope.is_empty() {
+        return Err(Rejection::invalid(
+            "scope",
+            "names no resource type or category",
+        ));
+    }
+    if scope.resource_types.len() > LIST_ENTRIES_MAX || scope.categories.len() > LIST_ENTRIES_MAX {
+        return Err(Rejection::invalid(
+            "scope",
+            format!("at most {LIST_ENTRIES_MAX} entries each"),
+        ));
+    }
+    if let Some(bad) = scope
+        .resource_types
+        .iter()
+        .find(|t| category_of(t).is_none())
+    {
+        return Err(Rejection::invalid(
+            "scope",
+            format!("{bad:?} is not a supported resource type"),
+        ));
+    }
+    if actions.is_empty() || actions.len() > LIST_ENTRIES_MAX {
+        return Err(Rejection::invalid("actions", "must name 1 to 32 actions"));
+    }
+    if purposes.is_empty() || purposes.len() > LIST_ENTRIES_MAX {
+        return Err(Rejection::invalid("purposes", "must name 1 to 32 purposes"));
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The record index: every version of every record, at its custodian, for its patient.
+
+use crate::identity::Role;
+use crate::model::{category_of, AccessDecision, Action, AuditEvent, Record, RecordVersion};
+use crate::state::{keys, Overlay, StateRead};
+use crate::tx::TxBody;
+
+use super::policy::{decide, AccessQuery};
+use super::{registered_patient, Rejection, TxContext};
+
+/// Longest FHIR logical id (FHIR R4 `id` datatype: `[A-Za-z0-9\-\.]{1,64}`).
+pub const RECORD_ID_BYTES_MAX: usize = 64;
+
+/// Most versions one record may have.
+pub const RECORD_VERSIONS_MAX: u64 = 10_000;
+
+/// True for a FHIR R4 logical id.
+pub fn is_valid_record_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= RECORD_ID_BYTES_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// True for a CIDv1 of raw bytes with a sha2-256 multihash in base32 (multibase `b`): the
+/// id IPFS gives a single-chunk blob. Its binary prefix 0x01 0x55 0x12 0x20 always
+/// encodes as `bafkrei`, and the 36 bytes take 58 base32 characters.
+pub fn is_valid_cid(cid: &str) -> bool {
+    cid.len() == 59
+        && cid.starts_with("bafkrei")
+        && cid[1..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+}
+
+pub(super) fn create<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    context: &TxContext<'_>,
+    body: &TxBody,
+    event: &mut AuditEvent,
+) -> Result<(), Rejection> {
+    let TxBody::CreateRecord {
+        patient,
+        record_id,
+        version,
+        resource_type,
+        cid,
+        commitment,
+    } = body
+    else {
+        unreachable!("dispatch routes only create_record here")
+    };
+    let (author, org) = context.signer.member_with_role(&[
+        Role::Clinician,
+        Role::Nurse,
+        Role::Radiologist,
+        Role::LabTechnician,
+    ])?;
+    let custodian = org.id.clone();
+    event.patient = Some(patient.clone());
+    event.records = vec![format!("{custodian}/{record_id}")];
+    event.action = Some(Action::Write);
+    registered_patient(state, patient)?;
+    if !is_valid_record_id(record_id) {
+        return Err(Rejection::invalid(
+            "record_id",
+            "must be a FHIR id: [A-Za-z0-9-.], 1 to 64",
+        ));
+    }
+    if category_of(resource_type).is_none() {
+        return Err(Rejection::invalid(
+            "resource_type",
+            "not a supported FHIR resource type",
+        ));
+    }
+    if !is_valid_cid(cid) {
+        return Err(Rejection::invalid(
+            "cid",
+            "must be a base32 CIDv1 (raw, sha2-256)",
+        ));
+    }
+    let decision = decide(
+        state,
+        &AccessQuery {
+            actor: &author.id,
+            patient,
+            action: Action::Write,
+            resource_types: std::slice::from_ref(resource_type),
+            purpose: None,
+            time_ms: context.time_ms,
+        },
+    );
+    if let AccessDecision::Denied { .. } = decision {
+        return Err(Rejection::NoConsent {
+            resource_type: resource_type.clone(),
+        });
+    }
+    let key = keys::record(&custodian, record_id);
+    let mut record = match state.get_value::<Record>(&key) {
+        None => Record {
+            custodian: custodian.clone(),
+            record_id: record_id.clone(),
+            patient: patient.clone(),
+            resource_type: resource_type.clone(),
+            versions: Vec::new(),
+        },
+        Some(record) => {
+            if record.patient != *patient || record.resource_type != *resource_type {
+                return Err(Rejection::conflict(
+                    "a new version keeps the record's patient and resource type",
+                ));
+            }
+            record
+        }
+    };
+    let expected = record.versions.len() as u64 + 1;
+    if *version != expected {
+        return Err(Rejection::conflict(format!(
+            "record {record_id} expects version {expected}, not {version}"
+        )));
+    }
+    if *version > RECORD_VERSIONS_MAX {
+        return Err(Rejection::invalid("version", "too many versions"));
+    }
+    record.versions.push(RecordVersion {
+        version: *version,
+        cid: cid.clone(),
+        commitment: *commitment,
+        author: author.id.clone(),
+        tx_id: context.tx_id,
+        author_signature: context.tx.signature,
+        height: context.height,
+    });
+    if *version == 1 {
+        state.put_raw(
+            keys::patient_record(patient, &custodian, record_id),
+            Vec::new(),
+        );
+    }
+    state.put(key, &record);
+    event.decision = Some(decision);
+    Ok(())
+}

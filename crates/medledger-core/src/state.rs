@@ -1,0 +1,207 @@
+//! Replicated state as an ordered key-value map, read through a trait and changed only
+//! through write sets.
+//!
+//! The core never owns storage: it reads through `StateRead` (the node implements it over
+//! its embedded store, tests over a `BTreeMap`) and returns every change as a `WriteSet`
+//! for the shell to persist atomically with the block. Values of domain types are stored
+//! in the canonical encoding, so equal state is equal bytes on every node.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::canonical::to_canonical_bytes;
+use crate::hash::Hash;
+
+/// Read access to committed state.
+pub trait StateRead {
+    fn get(&self, key: &str) -> Option<Vec<u8>>;
+}
+
+impl StateRead for BTreeMap<String, Vec<u8>> {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        BTreeMap::get(self, key).cloned()
+    }
+}
+
+/// Changes to state: key → new value, or None to delete. Ordered, so its digest is too.
+pub type WriteSet = BTreeMap<String, Option<Vec<u8>>>;
+
+/// Applies a write set to an in-memory state.
+pub fn apply_writes(state: &mut BTreeMap<String, Vec<u8>>, writes: &WriteSet) {
+    for (key, value) in writes {
+        match value {
+            Some(value) => state.insert(key.clone(), value.clone()),
+            None => state.remove(key),
+        };
+    }
+}
+
+/// The state hash after a block: SHA-256 over the previous state hash and the block's
+/// write set, each key and value length-prefixed. Two nodes agree on it exactly when they
+/// agree on the previous state and made the same changes, so a diverging node is caught at
+/// the first block where it differs, at the cost of one pass over the changes, not the state.
+pub fn next_state_hash(previous: &Hash, writes: &WriteSet) -> Hash {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(b"medledger/state/v1\0");
+    context.update(&previous.0);
+    for (key, value) in writes {
+        context.update(&(key.len() as u64).to_be_bytes());
+        context.update(key.as_bytes());
+        match value {
+            Some(value) => {
+                context.update(&[1]);
+                context.update(&(value.len() as u64).to_be_bytes());
+                context.update(value);
+            }
+            None => context.update(&[0]),
+        }
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.finish().as_ref());
+    Hash(out)
+}
+
+/// Pending writes layered over committed state: a block's writes, and inside them one
+/// transaction's, which are kept only if the transaction commits.
+pub struct Overlay<'a, S: StateRead + ?Sized> {
+    base: &'a S,
+    block: WriteSet,
+    tx: WriteSet,
+}
+
+impl<'a, S: StateRead + ?Sized> Overlay<'a, S> {
+    pub fn new(base: &'a S) -> Self {
+        Overlay {
+            base,
+            block: WriteSet::new(),
+            tx: WriteSet::new(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        if let Some(value) = self.tx.get(key) {
+            return value.clone();
+        }
+        if let Some(value) = self.block.get(key) {
+            return value.clone();
+        }
+        self.base.get(key)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Reads a value stored by `put`. A value that does not decode means the store is
+    /// corrupt or a bug wrote it: neither can be answered with a decision, so it stops.
+    pub fn get_value<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let bytes = self.get(key)?;
+        match serde_json::from_slice(&bytes) {
+            Ok(value) => Some(value),
+            Err(error) => panic!("state value at {key:?} does not decode: {error}"),
+        }
+    }
+
+    pub fn put<T: Serialize + ?Sized>(&mut self, key: String, value: &T) {
+        let bytes = to_canonical_bytes(value).expect("state values are canonically encodable");
+        self.tx.insert(key, Some(bytes));
+    }
+
+    pub fn put_raw(&mut self, key: String, value: Vec<u8>) {
+        self.tx.insert(key, Some(value));
+    }
+
+    /// Keeps the current transaction's writes.
+    pub fn commit_tx(&mut self) {
+        let writes = std::mem::take(&mut self.tx);
+        self.block.extend(writes);
+    }
+
+    /// Drops the current transaction's writes.
+    pub fn discard_tx(&mut self) {
+        self.tx.clear();
+    }
+
+    /// The block's writes. Pending transaction writes must have been committed or dropped.
+    pub fn into_writes(self) -> WriteSet {
+        assert!(
+            self.tx.is_empty(),
+            "a transaction's writes were left pending"
+        );
+        self.block
+    }
+}
+
+/// The state's key layout, in one place. Numbers are fixed-width hex so keys sort in
+/// numeric order, which the node's range queries rely on.
+pub mod keys {
+    use crate::hash::Hash;
+
+    pub const CHAIN: &str = "chain";
+    pub const ORGS: &str = "orgs";
+    pub const PROPOSAL_SEQ: &str = "proposal_seq";
+
+    pub fn org(org: &str) -> String {
+        format!("org/{org}")
+    }
+    pub fn user(user: &str) -> String {
+        format!("user/{user}")
+    }
+    pub fn patient(patient: &str) -> String {
+        format!("patient/{patient}")
+    }
+    pub fn nonce(signer: &str) -> String {
+        format!("nonce/{signer}")
+    }
+    pub fn record(custodian: &str, record_id: &str) -> String {
+        format!("record/{custodian}/{record_id}")
+    }
+    /// Patient's record index entry; the value is empty.
+    pub fn patient_record(patient: &str, custodian: &str, record_id: &str) -> String {
+        format!("patient_record/{patient}/{custodian}/{record_id}")
+    }
+    pub fn consent(id: &Hash) -> String {
+        format!("consent/{id}")
+    }
+    /// Ids of every consent a patient ever granted.
+    pub fn patient_consents(patient: &str) -> String {
+        format!("patient_consents/{patient}")
+    }
+    pub fn request(id: &Hash) -> String {
+        format!("request/{id}")
+    }
+    pub fn patient_request(patient: &str, id: &Hash) -> String {
+        format!("patient_request/{patient}/{id}")
+    }
+    pub fn break_glass(id: &Hash) -> String {
+        format!("break_glass/{id}")
+    }
+    /// Ids of every break-glass opened for a patient.
+    pub fn patient_break_glass(patient: &str) -> String {
+        format!("patient_break_glass/{patient}")
+    }
+    pub fn proposal(id: u64) -> String {
+        format!("proposal/{id:016x}")
+    }
+    pub fn merkle_node(level: u32, index: u64) -> String {
+        format!("merkle/{level:02x}/{index:016x}")
+    }
+    pub fn event(leaf_index: u64) -> String {
+        format!("event/{leaf_index:016x}")
+    }
+    pub fn event_by_patient(patient: &str, leaf_index: u64) -> String {
+        format!("event_by_patient/{patient}/{leaf_index:016x}")
+    }
+    pub fn event_by_actor(actor: &str, leaf_index: u64) -> String {
+        format!("event_by_actor/{actor}/{leaf_index:016x}")
+    }
+    pub fn event_by_record(custodian: &str, record_id: &str, leaf_index: u64) -> String {
+        format!("event_by_record/{custodian}/{record_id}/{leaf_index:016x}")
+    }
+    /// Where a transaction landed: its leaf index in the Merkle log.
+    pub fn tx(id: &Hash) -> String {
+        format!("tx/{id}")
+    }
+}

@@ -1,0 +1,258 @@
+//! Signed transactions: the only way anything enters the ledger.
+//!
+//! A transaction is a payload (chain id, signer, nonce, expiry, body) and an ECDSA P-256
+//! signature over `SIGNING_PREFIX || canonical(payload)`. Its id is the SHA-256 of those
+//! same bytes, so a signer knows the id (of a grant, a request) before submitting, and a
+//! re-encoded signature never yields a second id. `docs/transactions.md` specifies it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::canonical::{to_canonical_bytes, CanonicalError};
+use crate::crypto::{PublicKey, Signature};
+use crate::hash::Hash;
+use crate::model::{
+    Action, BreakGlassVerdict, DenialReason, EmergencyReason, GovernanceAction, Grantee, Purpose,
+    RevocationReason, Scope,
+};
+
+/// Domain separation for transaction signatures: no other signed object starts so.
+pub const SIGNING_PREFIX: &[u8] = b"medledger/tx/v1\n";
+
+/// Largest canonical transaction accepted, in bytes (a certificate is the bulkiest field).
+pub const TX_BYTES_MAX: usize = 16 * 1024;
+
+/// How far past the block time an expiry may lie: bounds how long a signed transaction
+/// stays replayable to a node that has not yet seen its nonce.
+pub const TX_LIFETIME_MS_MAX: u64 = 24 * 60 * 60 * 1000;
+
+/// Most records named by one access entry.
+pub const ACCESS_RECORDS_MAX: usize = 256;
+
+/// Longest record id, resource-type or CID string, in bytes.
+pub const IDENTIFIER_BYTES_MAX: usize = 128;
+
+pub type TxId = Hash;
+
+/// What the signer asks the ledger to do, and the replay protection around it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxPayload {
+    /// The consortium this transaction is for; any other chain refuses it.
+    pub chain_id: String,
+    /// `name@org` for a member's user or node, `pt-…` for a patient.
+    pub signer: String,
+    /// Must exceed the signer's last accepted nonce.
+    pub nonce: u64,
+    /// Unix milliseconds after which no block may include it.
+    pub expires_at_ms: u64,
+    pub body: TxBody,
+}
+
+/// The contract call. Every string id is validated by the contract that reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TxBody {
+    /// An organisation admin proposes a change of membership; the proposer votes yes.
+    ProposeGovernance { action: GovernanceAction },
+    /// An organisation admin votes for their organisation.
+    VoteGovernance { proposal_id: u64, approve: bool },
+    /// An organisation admin enrolls a user or node of their own organisation.
+    EnrollUser {
+        /// DER certificate, base64url, issued by the organisation's CA.
+        certificate: String,
+    },
+    /// An organisation admin revokes a user or node of their own organisation.
+    RevokeUser {
+        user: String,
+        reason: RevocationReason,
+    },
+    /// A patient registers their own key; the signer is the key's pseudonym.
+    RegisterPatient { public_key: PublicKey },
+    /// An author adds a version of a record held by their organisation (the custodian).
+    CreateRecord {
+        patient: String,
+        record_id: String,
+        version: u64,
+        resource_type: String,
+        /// CIDv1 of the ciphertext held by the custodian.
+        cid: String,
+        /// SHA-256 over a salt and the plaintext; the salt travels inside the ciphertext.
+        commitment: Hash,
+    },
+    /// A patient grants a consent.
+    Grant {
+        grantee: Grantee,
+        scope: Scope,
+        actions: Vec<Action>,
+        purposes: Vec<Purpose>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at_ms: Option<u64>,
+    },
+    /// A patient ends one of their consents.
+    Revoke { grant_id: Hash },
+    /// A user asks a patient for access.
+    RequestAccess {
+        patient: String,
+        scope: Scope,
+        actions: Vec<Action>,
+        purpose: Purpose,
+    },
+    /// A patient approves a request, which becomes a consent for the requester.
+    ApproveRequest {
+        request_id: Hash,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at_ms: Option<u64>,
+    },
+    /// A patient denies a request.
+    DenyRequest { request_id: Hash },
+    /// A clinician opens emergency access without consent.
+    BreakGlass {
+        patient: String,
+        reason: EmergencyReason,
+        /// Salted SHA-256 of the free-text justification the custodian keeps off-chain.
+        justification_commitment: Hash,
+        duration_ms: u64,
+    },
+    /// An auditor closes the review of a break-glass access.
+    ReviewBreakGlass {
+        break_glass_id: Hash,
+        verdict: BreakGlassVerdict,
+    },
+    /// A custodian records an access attempt; the ledger decides it (see `contracts::access`).
+    LogAccess {
+        actor: String,
+        patient: String,
+        action: Action,
+        /// Records at the signer's organisation; empty for a search.
+        records: Vec<String>,
+        /// Resource types searched; for reads and writes the records' own types count.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        resource_types: Vec<String>,
+        purpose: Purpose,
+        /// Set when the custodian refused the request before asking the ledger.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        custodian_denial: Option<DenialReason>,
+        query_commitment: Hash,
+        answer_commitment: Hash,
+    },
+}
+
+impl TxBody {
+    /// The body's type as it appears in the `type` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TxBody::ProposeGovernance { .. } => "propose_governance",
+            TxBody::VoteGovernance { .. } => "vote_governance",
+            TxBody::EnrollUser { .. } => "enroll_user",
+            TxBody::RevokeUser { .. } => "revoke_user",
+            TxBody::RegisterPatient { .. } => "register_patient",
+            TxBody::CreateRecord { .. } => "create_record",
+            TxBody::Grant { .. } => "grant",
+            TxBody::Revoke { .. } => "revoke",
+            TxBody::RequestAccess { .. } => "request_access",
+            TxBody::ApproveRequest { .. } => "approve_request",
+            TxBody::DenyRequest { .. } => "deny_request",
+            TxBody::BreakGlass { .. } => "break_glass",
+            TxBody::ReviewBreakGlass { .. } => "review_break_glass",
+            TxBody::LogAccess { .. } => "log_access",
+        }
+    }
+
+    /// Emergency transactions skip the batching window.
+    pub fn is_urgent(&self) -> bool {
+        matches!(self, TxBody::BreakGlass { .. })
+    }
+}
+
+/// A payload and its signature, as submitted and as stored in blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedTx {
+    pub payload: TxPayload,
+    pub signature: Signature,
+}
+
+impl TxPayload {
+    /// The exact bytes a signer signs: the prefix, then the canonical payload.
+    pub fn signing_bytes(&self) -> Result<Vec<u8>, CanonicalError> {
+        let canonical = to_canonical_bytes(self)?;
+        let mut out = Vec::with_capacity(SIGNING_PREFIX.len() + canonical.len());
+        out.extend_from_slice(SIGNING_PREFIX);
+        out.extend_from_slice(&canonical);
+        Ok(out)
+    }
+}
+
+/// A transaction whose signature has been checked against a key. Only
+/// `SignedTx::verify_with` builds one, so holding it proves the check was made.
+#[derive(Debug, Clone)]
+pub struct VerifiedTx {
+    tx: SignedTx,
+    id: TxId,
+    key_fingerprint: Hash,
+}
+
+impl VerifiedTx {
+    pub fn tx(&self) -> &SignedTx {
+        &self.tx
+    }
+    pub fn id(&self) -> TxId {
+        self.id
+    }
+    /// The key the signature verified under.
+    pub fn key_fingerprint(&self) -> Hash {
+        self.key_fingerprint
+    }
+    pub fn into_inner(self) -> SignedTx {
+        self.tx
+    }
+}
+
+/// Why a transaction could not even be decoded or checked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxFormatError {
+    #[error("transaction is not canonically encodable: {0}")]
+    Canonical(#[from] CanonicalError),
+    #[error("transaction is {size_bytes} bytes; the limit is {TX_BYTES_MAX}")]
+    TooLarge { size_bytes: usize },
+}
+
+impl SignedTx {
+    /// The transaction id: SHA-256 of the signing bytes.
+    pub fn id(&self) -> Result<TxId, TxFormatError> {
+        Ok(Hash::digest(&self.checked_signing_bytes()?))
+    }
+
+    fn checked_signing_bytes(&self) -> Result<Vec<u8>, TxFormatError> {
+        let bytes = self.payload.signing_bytes()?;
+        if bytes.len() > TX_BYTES_MAX {
+            return Err(TxFormatError::TooLarge {
+                size_bytes: bytes.len(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Checks the signature against `key`. Err(None) when it does not verify.
+    pub fn verify_with(self, key: &PublicKey) -> Result<VerifiedTx, SignatureCheck> {
+        let bytes = self
+            .checked_signing_bytes()
+            .map_err(SignatureCheck::Format)?;
+        if !key.verify(&bytes, &self.signature) {
+            return Err(SignatureCheck::Invalid);
+        }
+        Ok(VerifiedTx {
+            id: Hash::digest(&bytes),
+            key_fingerprint: key.fingerprint(),
+            tx: self,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureCheck {
+    #[error(transparent)]
+    Format(TxFormatError),
+    #[error("signature does not verify under the signer's key")]
+    Invalid,
+}
