@@ -1,0 +1,617 @@
+//! The node's HTTP JSON API: submit transactions, query state, read the audit trail, fetch
+//! tree heads and proofs.
+//!
+//! Every error is a JSON object `{"error": {"code", "message"}}` with a fitting status;
+//! bodies over `BODY_BYTES_MAX` are refused before they are parsed, and list endpoints page
+//! with `after` and a bounded `limit`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use medledger_core::audit::{ConsistencyProof, InclusionProof, SignedTreeHead};
+use medledger_core::block::{tx_leaf_bytes, Block};
+use medledger_core::contracts::{decide, AccessQuery, TxOutcome};
+use medledger_core::model::{
+    AccessDecision, AccessRequest, Action, AuditEvent, BreakGlass, Consent, Org, Patient, Purpose,
+    Record, User,
+};
+use medledger_core::state::{keys, Overlay};
+use medledger_core::tx::SignedTx;
+use medledger_core::Hash;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::ledger::{now_ms, Ledger, SubmitError};
+use crate::store::{Snapshot, StoreError};
+
+/// Largest request body accepted, in bytes.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Default and largest page of a listing.
+pub const PAGE_DEFAULT: usize = 100;
+pub const PAGE_MAX: usize = 1000;
+
+pub fn router(ledger: Arc<Ledger>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/transactions", post(submit))
+        .route("/v1/transactions/{tx_id}", get(transaction))
+        .route("/v1/blocks/{height}", get(block))
+        .route("/v1/tree-head", get(tree_head))
+        .route("/v1/proofs/inclusion", get(inclusion))
+        .route("/v1/proofs/consistency", get(consistency))
+        .route("/v1/nonces/{signer}", get(nonce))
+        .route("/v1/orgs", get(orgs))
+        .route("/v1/users/{user}", get(user))
+        .route("/v1/patients/{patient}", get(patient))
+        .route("/v1/patients/{patient}/records", get(patient_records))
+        .route("/v1/patients/{patient}/consents", get(patient_consents))
+        .route("/v1/patients/{patient}/requests", get(patient_requests))
+        .route(
+            "/v1/patients/{patient}/break-glass",
+            get(patient_break_glass),
+        )
+        .route("/v1/records/{custodian}/{record_id}", get(record))
+        .route("/v1/audit/patients/{patient}", get(audit_by_patient))
+        .route("/v1/audit/actors/{actor}", get(audit_by_actor))
+        .route(
+            "/v1/audit/records/{custodian}/{record_id}",
+            get(audit_by_record),
+        )
+        .route("/v1/access-decision", get(access_decision))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(ledger)
+}
+
+/// An API error: a status and a stable code with a readable message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    tx_id: Option<Hash>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            tx_id: None,
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(tx_id) = self.tx_id {
+            error["tx_id"] = json!(tx_id);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage",
+            error.to_string(),
+        )
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(error: SubmitError) -> ApiError {
+        let message = error.to_string();
+        let (status, code) = match &error {
+            SubmitError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_transaction"),
+            SubmitError::WrongChain(_) => (StatusCode::BAD_REQUEST, "wrong_chain"),
+            SubmitError::UnknownSigner(_) => (StatusCode::BAD_REQUEST, "unknown_signer"),
+            SubmitError::BadSignature => (StatusCode::BAD_REQUEST, "bad_signature"),
+            SubmitError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            SubmitError::OutcomeUnknown(_) => (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown"),
+            SubmitError::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "stopped"),
+        };
+        let mut api = ApiError::new(status, code, message);
+        if let SubmitError::OutcomeUnknown(tx_id) = error {
+            api.tx_id = Some(tx_id);
+        }
+        api
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+#[derive(Serialize)]
+struct Status {
+    chain_id: String,
+    node: String,
+    height: u64,
+    block_hash: Hash,
+    log_size: u64,
+    log_root: Hash,
+    state_hash: Hash,
+    time_ms: u64,
+    blocks_committed: u64,
+    txs_committed: u64,
+}
+
+async fn status(State(ledger): State<Arc<Ledger>>) -> ApiResult<Status> {
+    let head = ledger.store().head()?.ok_or(StoreError::Empty)?;
+    let stats = ledger.stats();
+    Ok(Json(Status {
+        chain_id: head.chain_id,
+        node: ledger.node_id().to_string(),
+        height: head.height,
+        block_hash: head.block_hash,
+        log_size: head.log_size,
+        log_root: head.log_root,
+        state_hash: head.state_hash,
+        time_ms: head.time_ms,
+        blocks_committed: stats.blocks.load(std::sync::atomic::Ordering::Relaxed),
+        txs_committed: stats.txs.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+}
+
+/// The answer to a committed transaction: where it landed, what the ledger decided, the
+/// signed tree head after its block and the proof that it is in that tree.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SubmitResponse {
+    pub tx_id: Hash,
+    pub height: u64,
+    pub leaf_index: u64,
+    pub outcome: TxOutcome,
+    pub tree_head: SignedTreeHead,
+    pub inclusion_proof: InclusionProof,
+}
+
+async fn submit(
+    State(ledger): State<Arc<Ledger>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<SubmitResponse> {
+    let body = body.map_err(|rejection| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("{rejection} (limit {BODY_BYTES_MAX} bytes)"),
+        )
+    })?;
+    let tx: SignedTx = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?;
+    let committed = ledger.submit(tx.clone()).await?;
+    let size = committed.tree_head.tree_head.log_size;
+    let path = ledger
+        .store()
+        .snapshot()?
+        .inclusion_proof(committed.leaf_index, size)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "proof", e.to_string()))?;
+    let leaf = tx_leaf_bytes(
+        committed.height,
+        committed.position,
+        &tx,
+        &committed.outcome,
+    );
+    Ok(Json(SubmitResponse {
+        tx_id: committed.tx_id,
+        height: committed.height,
+        leaf_index: committed.leaf_index,
+        outcome: committed.outcome,
+        tree_head: (*committed.tree_head).clone(),
+        inclusion_proof: InclusionProof {
+            leaf_index: committed.leaf_index,
+            log_size: size,
+            leaf: serde_json::from_slice(&leaf).expect("leaf bytes are JSON"),
+            path,
+        },
+    }))
+}
+
+fn parse_hash(text: &str, what: &str) -> Result<Hash, ApiError> {
+    Hash::from_hex(text)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{what} is 64 hex digits")))
+}
+
+fn snapshot(ledger: &Ledger) -> Result<Snapshot, ApiError> {
+    Ok(ledger.store().snapshot()?)
+}
+
+fn required<T: serde::de::DeserializeOwned>(
+    snapshot: &Snapshot,
+    key: &str,
+    what: &str,
+) -> Result<T, ApiError> {
+    snapshot
+        .value(key)?
+        .ok_or_else(|| ApiError::not_found(format!("{what} not found")))
+}
+
+/// A committed transaction by id: its audit event and outcome.
+async fn transaction(
+    State(ledger): State<Arc<Ledger>>,
+    Path(tx_id): Path<String>,
+) -> ApiResult<Value> {
+    let tx_id = parse_hash(&tx_id, "tx_id")?;
+    let snapshot = snapshot(&ledger)?;
+    let leaf_index: u64 = required(&snapshot, &keys::tx(&tx_id), "transaction")?;
+    let event: AuditEvent = required(&snapshot, &keys::event(leaf_index), "audit event")?;
+    let block = ledger
+        .store()
+        .block(event.height)?
+        .ok_or_else(|| ApiError::not_found("block"))?;
+    let first_leaf = block.header.log_size - block.header.tx_count;
+    let position = (leaf_index - first_leaf) as usize;
+    Ok(Json(json!({
+        "tx_id": tx_id,
+        "height": event.height,
+        "leaf_index": leaf_index,
+        "tx": block.txs.get(position),
+        "outcome": block.outcomes.get(position),
+        "event": event,
+    })))
+}
+
+async fn block(State(ledger): State<Arc<Ledger>>, Path(height): Path<u64>) -> ApiResult<Block> {
+    ledger
+        .store()
+        .block(height)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("block {height}")))
+}
+
+async fn tree_head(State(ledger): State<Arc<Ledger>>) -> ApiResult<SignedTreeHead> {
+    Ok(Json((*ledger.tree_head()).clone()))
+}
+
+#[derive(Deserialize)]
+struct InclusionParams {
+    leaf_index: u64,
+    log_size: Option<u64>,
+}
+
+/// An inclusion proof of one leaf, with the leaf's bytes, against a given or the latest size.
+async fn inclusion(
+    State(ledger): State<Arc<Ledger>>,
+    Query(params): Query<InclusionParams>,
+) -> ApiResult<InclusionProof> {
+    let latest = ledger.tree_head().tree_head.log_size;
+    let size = params.log_size.unwrap_or(latest);
+    if size > latest || params.leaf_index >= size {
+        return Err(ApiError::bad_request(
+            "out_of_range",
+            format!("need leaf_index < log_size <= {latest}"),
+        ));
+    }
+    let snapshot = snapshot(&ledger)?;
+    let path = snapshot
+        .inclusion_proof(params.leaf_index, size)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "proof", e.to_string()))?;
+    let leaf = leaf_value(&ledger, &snapshot, params.leaf_index)?;
+    Ok(Json(InclusionProof {
+        leaf_index: params.leaf_index,
+        log_size: size,
+        leaf,
+        path,
+    }))
+}
+
+/// The bytes of a leaf, rebuilt from its block.
+fn leaf_value(ledger: &Ledger, snapshot: &Snapshot, leaf_index: u64) -> Result<Value, ApiError> {
+    let height = if leaf_index == 0 {
+        0
+    } else {
+        let event: AuditEvent = required(snapshot, &keys::event(leaf_index), "leaf")?;
+        event.height
+    };
+    let block = ledger
+        .store()
+        .block(height)?
+        .ok_or_else(|| ApiError::not_found("block"))?;
+    let first_leaf = block.header.log_size - block.header.tx_count.max(1);
+    let leaves = medledger_core::block::block_leaves(&block);
+    let bytes = leaves
+        .get((leaf_index - first_leaf) as usize)
+        .ok_or_else(|| ApiError::not_found("leaf"))?;
+    Ok(serde_json::from_slice(bytes).expect("leaf bytes are JSON"))
+}
+
+#[derive(Deserialize)]
+struct ConsistencyParams {
+    old_size: u64,
+    new_size: Option<u64>,
+}
+
+async fn consistency(
+    State(ledger): State<Arc<Ledger>>,
+    Query(params): Query<ConsistencyParams>,
+) -> ApiResult<ConsistencyProof> {
+    let latest = ledger.tree_head().tree_head.log_size;
+    let new_size = params.new_size.unwrap_or(latest);
+    if new_size > latest || params.old_size > new_size {
+        return Err(ApiError::bad_request(
+            "out_of_range",
+            format!("need old_size <= new_size <= {latest}"),
+        ));
+    }
+    let path = snapshot(&ledger)?
+        .consistency_proof(params.old_size, new_size)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "proof", e.to_string()))?;
+    Ok(Json(ConsistencyProof {
+        old_size: params.old_size,
+        new_size,
+        path,
+    }))
+}
+
+async fn nonce(State(ledger): State<Arc<Ledger>>, Path(signer): Path<String>) -> ApiResult<Value> {
+    let last: u64 = snapshot(&ledger)?
+        .value(&keys::nonce(&signer))?
+        .unwrap_or(0);
+    Ok(Json(json!({ "signer": signer, "last_nonce": last })))
+}
+
+async fn orgs(State(ledger): State<Arc<Ledger>>) -> ApiResult<Vec<Org>> {
+    let snapshot = snapshot(&ledger)?;
+    let ids: Vec<String> = snapshot.value(keys::ORGS)?.unwrap_or_default();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(required(&snapshot, &keys::org(&id), "organisation")?);
+    }
+    Ok(Json(out))
+}
+
+async fn user(State(ledger): State<Arc<Ledger>>, Path(user): Path<String>) -> ApiResult<User> {
+    Ok(Json(required(
+        &snapshot(&ledger)?,
+        &keys::user(&user),
+        "user",
+    )?))
+}
+
+async fn patient(
+    State(ledger): State<Arc<Ledger>>,
+    Path(patient): Path<String>,
+) -> ApiResult<Patient> {
+    Ok(Json(required(
+        &snapshot(&ledger)?,
+        &keys::patient(&patient),
+        "patient",
+    )?))
+}
+
+async fn record(
+    State(ledger): State<Arc<Ledger>>,
+    Path((custodian, record_id)): Path<(String, String)>,
+) -> ApiResult<Record> {
+    Ok(Json(required(
+        &snapshot(&ledger)?,
+        &keys::record(&custodian, &record_id),
+        "record",
+    )?))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Page {
+    fn limit(&self) -> usize {
+        self.limit.unwrap_or(PAGE_DEFAULT).clamp(1, PAGE_MAX)
+    }
+}
+
+/// Keys under `prefix`, paged by the key suffix after the prefix.
+fn page_keys(snapshot: &Snapshot, prefix: &str, page: &Page) -> Result<Vec<String>, ApiError> {
+    let after = page.after.as_ref().map(|a| format!("{prefix}{a}"));
+    Ok(snapshot
+        .scan(prefix, after.as_deref(), page.limit())?
+        .into_iter()
+        .map(|(key, _)| key[prefix.len()..].to_string())
+        .collect())
+}
+
+/// The patient's record index: every version of every record at every custodian.
+async fn patient_records(
+    State(ledger): State<Arc<Ledger>>,
+    Path(patient): Path<String>,
+    Query(page): Query<Page>,
+) -> ApiResult<Vec<Record>> {
+    let snapshot = snapshot(&ledger)?;
+    let prefix = format!(
+        "{}/",
+        keys::patient_record(&patient, "", "").trim_end_matches('/')
+    );
+    let mut out = Vec::new();
+    for suffix in page_keys(&snapshot, &prefix, &page)? {
+        if let Some((custodian, record_id)) = suffix.split_once('/') {
+            out.push(required(
+                &snapshot,
+                &keys::record(custodian, record_id),
+                "record",
+            )?);
+        }
+    }
+    Ok(Json(out))
+}
+
+async fn patient_consents(
+    State(ledger): State<Arc<Ledger>>,
+    Path(patient): Path<String>,
+) -> ApiResult<Vec<Consent>> {
+    let snapshot = snapshot(&ledger)?;
+    let ids: Vec<Hash> = snapshot
+        .value(&keys::patient_consents(&patient))?
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(required(&snapshot, &keys::consent(&id), "consent")?);
+    }
+    Ok(Json(out))
+}
+
+async fn patient_requests(
+    State(ledger): State<Arc<Ledger>>,
+    Path(patient): Path<String>,
+    Query(page): Query<Page>,
+) -> ApiResult<Vec<AccessRequest>> {
+    let snapshot = snapshot(&ledger)?;
+    let prefix = format!("patient_request/{patient}/");
+    let mut out = Vec::new();
+    for id in page_keys(&snapshot, &prefix, &page)? {
+        out.push(required(
+            &snapshot,
+            &keys::request(&parse_hash(&id, "request")?),
+            "request",
+        )?);
+    }
+    Ok(Json(out))
+}
+
+async fn patient_break_glass(
+    State(ledger): State<Arc<Ledger>>,
+    Path(patient): Path<String>,
+) -> ApiResult<Vec<BreakGlass>> {
+    let snapshot = snapshot(&ledger)?;
+    let ids: Vec<Hash> = snapshot
+        .value(&keys::patient_break_glass(&patient))?
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(required(&snapshot, &keys::break_glass(&id), "break-glass")?);
+    }
+    Ok(Json(out))
+}
+
+/// Audit events under an index prefix; `after` is a leaf index.
+fn audit_events(ledger: &Ledger, prefix: String, page: &Page) -> ApiResult<Vec<AuditEvent>> {
+    let snapshot = snapshot(ledger)?;
+    let page = Page {
+        after: match &page.after {
+            Some(after) => Some(format!(
+                "{:016x}",
+                after
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::bad_request("invalid_page", "after is a leaf index"))?
+            )),
+            None => None,
+        },
+        limit: page.limit,
+    };
+    let mut out = Vec::new();
+    for suffix in page_keys(&snapshot, &prefix, &page)? {
+        let leaf = u64::from_str_radix(&suffix, 16).map_err(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "index", "bad index key")
+        })?;
+        out.push(required(&snapshot, &keys::event(leaf), "audit event")?);
+    }
+    Ok(Json(out))
+}
+
+async fn audit_by_patient(
+    State(ledger): State<Arc<Ledger>>,
+    Path(patient): Path<String>,
+    Query(page): Query<Page>,
+) -> ApiResult<Vec<AuditEvent>> {
+    audit_events(&ledger, format!("event_by_patient/{patient}/"), &page)
+}
+
+async fn audit_by_actor(
+    State(ledger): State<Arc<Ledger>>,
+    Path(actor): Path<String>,
+    Query(page): Query<Page>,
+) -> ApiResult<Vec<AuditEvent>> {
+    audit_events(&ledger, format!("event_by_actor/{actor}/"), &page)
+}
+
+async fn audit_by_record(
+    State(ledger): State<Arc<Ledger>>,
+    Path((custodian, record_id)): Path<(String, String)>,
+    Query(page): Query<Page>,
+) -> ApiResult<Vec<AuditEvent>> {
+    audit_events(
+        &ledger,
+        format!("event_by_record/{custodian}/{record_id}/"),
+        &page,
+    )
+}
+
+#[derive(Deserialize)]
+struct DecisionParams {
+    actor: String,
+    action: Action,
+    purpose: Purpose,
+    /// `custodian/record_id`; or `patient` with `resource_type`.
+    record: Option<String>,
+    patient: Option<String>,
+    resource_type: Option<String>,
+}
+
+/// "May this actor do this action on this record (or these types of the patient's) now?"
+/// The same policy the ledger applies to access entries, evaluated on the latest state.
+async fn access_decision(
+    State(ledger): State<Arc<Ledger>>,
+    Query(params): Query<DecisionParams>,
+) -> ApiResult<Value> {
+    let snapshot = snapshot(&ledger)?;
+    let (patient, resource_type) = match (&params.record, &params.patient, &params.resource_type) {
+        (Some(record), None, None) => {
+            let (custodian, record_id) = record.split_once('/').ok_or_else(|| {
+                ApiError::bad_request("invalid_record", "record is custodian/record_id")
+            })?;
+            let record: Record =
+                required(&snapshot, &keys::record(custodian, record_id), "record")?;
+            (record.patient, record.resource_type)
+        }
+        (None, Some(patient), Some(resource_type)) => (patient.clone(), resource_type.clone()),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give either record, or patient and resource_type",
+            ))
+        }
+    };
+    let time_ms = now_ms().max(ledger.store().head()?.map(|h| h.time_ms).unwrap_or(0));
+    let state = Overlay::new(&snapshot);
+    let decision: AccessDecision = decide(
+        &state,
+        &AccessQuery {
+            actor: &params.actor,
+            patient: &patient,
+            action: params.action,
+            resource_types: std::slice::from_ref(&resource_type),
+            purpose: Some(params.purpose),
+            time_ms,
+        },
+    );
+    Ok(Json(json!({
+        "actor": params.actor,
+        "patient": patient,
+        "resource_type": resource_type,
+        "action": params.action,
+        "purpose": params.purpose,
+        "time_ms": time_ms,
+        "decision": decision,
+    })))
+}

@@ -1,0 +1,425 @@
+//! The node's ledger service: admission of client transactions, ordering into blocks, and
+//! the durable commit that precedes every acknowledgement.
+//!
+//! Ordering sits behind the `Orderer` trait. `SoloOrderer` orders on this node alone: one
+//! thread takes whatever transactions are waiting (group commit: while one block is being
+//! fsynced the next batch gathers), executes them through the pure core, commits the block
+//! in one fsync and only then answers each waiting client. A consensus engine replaces it
+//! without changing admission or the API.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use medledger_core::audit::{SignedTreeHead, TreeHead};
+use medledger_core::block::{execute_block, genesis, ChainHead, GenesisConfig};
+use medledger_core::contracts::{Candidate, TxOutcome};
+use medledger_core::identity::{is_patient_pseudonym, patient_pseudonym};
+use medledger_core::model::{Patient, User};
+use medledger_core::state::keys;
+use medledger_core::tx::{SignatureCheck, SignedTx, TxBody, TxId};
+use medledger_core::Hash;
+use tokio::sync::oneshot;
+
+use crate::pki::KeyPair;
+use crate::store::{Store, StoreError};
+
+/// The node's own identity: the key it signs tree heads with and its certificate chain.
+pub struct NodeIdentity {
+    /// `name@org` of the node, as enrolled.
+    pub id: String,
+    pub key: KeyPair,
+    /// DER, base64url: the node certificate, then its organisation's CA.
+    pub certificate_chain: Vec<String>,
+}
+
+/// Limits and batching of the ordering service.
+#[derive(Debug, Clone)]
+pub struct OrderingConfig {
+    /// Most transactions in one block.
+    pub batch_txs_max: usize,
+    /// How long a batch waits for more transactions after the first arrives; 0 commits as
+    /// soon as the previous block is durable. Urgent transactions never wait.
+    pub batch_delay_ms: u64,
+    /// Transactions waiting to be ordered; more are refused as overload.
+    pub queue_txs_max: usize,
+    /// How long a client waits for its commit before hearing "outcome unknown".
+    pub commit_timeout_ms: u64,
+}
+
+impl Default for OrderingConfig {
+    fn default() -> Self {
+        OrderingConfig {
+            batch_txs_max: 4096,
+            batch_delay_ms: 0,
+            queue_txs_max: 65_536,
+            commit_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A transaction's fate, once its block is durable.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub tx_id: TxId,
+    pub height: u64,
+    pub leaf_index: u64,
+    /// Position of the transaction in its block.
+    pub position: u64,
+    pub outcome: TxOutcome,
+    /// The tree head after the block, signed by this node.
+    pub tree_head: Arc<SignedTreeHead>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("invalid transaction: {0}")]
+    Invalid(String),
+    #[error("transaction is for chain {0:?}, not this one")]
+    WrongChain(String),
+    #[error("signer {0:?} is not enrolled on this ledger")]
+    UnknownSigner(String),
+    #[error("signature does not verify under the signer's key")]
+    BadSignature,
+    #[error("the ordering queue is full; retry later")]
+    Overloaded,
+    #[error("no commit within the deadline; look the transaction up by its id {0}")]
+    OutcomeUnknown(TxId),
+    #[error("the ledger has stopped: {0}")]
+    Stopped(String),
+}
+
+/// A transaction admitted for ordering and the client waiting for it.
+pub struct Pending {
+    pub candidate: Candidate,
+    pub urgent: bool,
+    pub reply: oneshot::Sender<Result<Committed, SubmitError>>,
+}
+
+/// Orders admitted transactions into committed blocks.
+pub trait Orderer: Send + Sync {
+    /// Queues a transaction without blocking; its reply arrives once its block is durable.
+    fn enqueue(&self, pending: Pending) -> Result<(), SubmitError>;
+}
+
+/// Counters of what the ledger has committed since start.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    pub blocks: AtomicU64,
+    pub txs: AtomicU64,
+    pub fsyncs: AtomicU64,
+}
+
+pub struct Ledger {
+    store: Arc<Store>,
+    chain_id: String,
+    identity: Arc<NodeIdentity>,
+    orderer: Box<dyn Orderer>,
+    latest: Arc<RwLock<Arc<SignedTreeHead>>>,
+    stats: Arc<LedgerStats>,
+    config: OrderingConfig,
+}
+
+/// Unix time in milliseconds: the shell's clock, passed into the core as block time.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes block 0 into an empty store.
+pub fn initialise(data_dir: &Path, config: &GenesisConfig) -> Result<ChainHead, InitError> {
+    let store = Store::open(data_dir)?;
+    if store.head()?.is_some() {
+        return Err(InitError::Store(StoreError::NotEmpty));
+    }
+    let empty = std::collections::BTreeMap::<String, Vec<u8>>::new();
+    let executed = genesis(&empty, config).map_err(|e| InitError::Genesis(e.to_string()))?;
+    store.commit_block(&executed)?;
+    Ok(executed.head)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Genesis(String),
+}
+
+fn sign_tree_head(identity: &NodeIdentity, head: &ChainHead) -> SignedTreeHead {
+    let tree_head = TreeHead {
+        chain_id: head.chain_id.clone(),
+        height: head.height,
+        log_size: head.log_size,
+        log_root: head.log_root,
+        time_ms: head.time_ms,
+    };
+    SignedTreeHead {
+        signature: identity.key.sign(&tree_head.signing_bytes()),
+        tree_head,
+        signer: identity.id.clone(),
+        certificate_chain: identity.certificate_chain.clone(),
+    }
+}
+
+impl Ledger {
+    /// Opens an initialised store and starts ordering on this node alone.
+    pub fn open_solo(
+        data_dir: &Path,
+        identity: NodeIdentity,
+        config: OrderingConfig,
+    ) -> Result<Ledger, StoreError> {
+        let store = Arc::new(Store::open(data_dir)?);
+        let head = store.head()?.ok_or(StoreError::Empty)?;
+        let identity = Arc::new(identity);
+        let latest = Arc::new(RwLock::new(Arc::new(sign_tree_head(&identity, &head))));
+        let stats = Arc::new(LedgerStats::default());
+        let orderer = SoloOrderer::start(
+            store.clone(),
+            identity.clone(),
+            head.clone(),
+            config.clone(),
+            latest.clone(),
+            stats.clone(),
+        );
+        Ok(Ledger {
+            store,
+            chain_id: head.chain_id,
+            identity,
+            orderer: Box::new(orderer),
+            latest,
+            stats,
+            config,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn chain_id(&self) -> &str {
+        &self.chain_id
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.identity.id
+    }
+
+    pub fn stats(&self) -> &LedgerStats {
+        &self.stats
+    }
+
+    /// The latest signed tree head.
+    pub fn tree_head(&self) -> Arc<SignedTreeHead> {
+        self.latest.read().expect("tree head lock").clone()
+    }
+
+    /// Checks what can be checked before ordering: encoding, size, chain, signer and
+    /// signature. A transaction that fails here never reaches a block, so a forgery cannot
+    /// even consume a nonce.
+    pub fn admit(&self, tx: SignedTx) -> Result<Candidate, SubmitError> {
+        if tx.payload.chain_id != self.chain_id {
+            return Err(SubmitError::WrongChain(tx.payload.chain_id.clone()));
+        }
+        let signer = tx.payload.signer.clone();
+        let snapshot = self
+            .store
+            .snapshot()
+            .map_err(|e| SubmitError::Stopped(e.to_string()))?;
+        let key = if let TxBody::RegisterPatient { public_key } = &tx.payload.body {
+            if patient_pseudonym(public_key) != signer {
+                return Err(SubmitError::Invalid(
+                    "a registering patient signs as the pseudonym of the registered key".into(),
+                ));
+            }
+            public_key.clone()
+        } else if is_patient_pseudonym(&signer) {
+            let patient: Option<Patient> = snapshot
+                .value(&keys::patient(&signer))
+                .map_err(|e| SubmitError::Stopped(e.to_string()))?;
+            patient
+                .ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?
+                .public_key
+        } else {
+            let user: Option<User> = snapshot
+                .value(&keys::user(&signer))
+                .map_err(|e| SubmitError::Stopped(e.to_string()))?;
+            user.ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?
+                .public_key
+        };
+        match tx.verify_with(&key) {
+            Ok(verified) => Ok(Candidate::Verified(verified)),
+            Err(SignatureCheck::Invalid) => Err(SubmitError::BadSignature),
+            Err(SignatureCheck::Format(error)) => Err(SubmitError::Invalid(error.to_string())),
+        }
+    }
+
+    /// Admits, orders and commits a transaction; answers once its block is durable.
+    pub async fn submit(&self, tx: SignedTx) -> Result<Committed, SubmitError> {
+        let urgent = tx.payload.body.is_urgent();
+        let candidate = self.admit(tx)?;
+        let tx_id = match &candidate {
+            Candidate::Verified(verified) => verified.id(),
+            Candidate::Unverified(_) => unreachable!("admission verifies every transaction"),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.orderer.enqueue(Pending {
+            candidate,
+            urgent,
+            reply,
+        })?;
+        let deadline = Duration::from_millis(self.config.commit_timeout_ms);
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(SubmitError::Stopped("the ordering service ended".into())),
+            Err(_) => Err(SubmitError::OutcomeUnknown(tx_id)),
+        }
+    }
+}
+
+/// Orders transactions on this node alone.
+pub struct SoloOrderer {
+    queue: mpsc::SyncSender<Pending>,
+}
+
+impl SoloOrderer {
+    fn start(
+        store: Arc<Store>,
+        identity: Arc<NodeIdentity>,
+        head: ChainHead,
+        config: OrderingConfig,
+        latest: Arc<RwLock<Arc<SignedTreeHead>>>,
+        stats: Arc<LedgerStats>,
+    ) -> SoloOrderer {
+        let (queue, incoming) = mpsc::sync_channel(config.queue_txs_max);
+        std::thread::Builder::new()
+            .name("medledger-orderer".into())
+            .spawn(move || {
+                let mut head = head;
+                while let Some(batch) = next_batch(&incoming, &config) {
+                    match commit_batch(&store, &identity, &head, batch, &latest, &stats) {
+                        Ok(next) => head = next,
+                        Err(error) => {
+                            // A failed durable write leaves the store as it was before the
+                            // block (redb's commit is atomic), but this node cannot promise
+                            // anything further: stop ordering; clients see the ledger stopped.
+                            eprintln!("medledger: stopping the ordering service: {error}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawn the ordering thread");
+        SoloOrderer { queue }
+    }
+}
+
+impl Orderer for SoloOrderer {
+    fn enqueue(&self, pending: Pending) -> Result<(), SubmitError> {
+        self.queue.try_send(pending).map_err(|error| match error {
+            mpsc::TrySendError::Full(_) => SubmitError::Overloaded,
+            mpsc::TrySendError::Disconnected(_) => {
+                SubmitError::Stopped("the ordering service ended".into())
+            }
+        })
+    }
+}
+
+/// Waits for a transaction, then gathers what else is waiting, up to the block limit.
+fn next_batch(incoming: &mpsc::Receiver<Pending>, config: &OrderingConfig) -> Option<Vec<Pending>> {
+    let first = incoming.recv().ok()?;
+    let deadline = Instant::now() + Duration::from_millis(config.batch_delay_ms);
+    let mut urgent = first.urgent;
+    let mut batch = vec![first];
+    while batch.len() < config.batch_txs_max {
+        match incoming.try_recv() {
+            Ok(pending) => {
+                urgent |= pending.urgent;
+                batch.push(pending);
+            }
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                let now = Instant::now();
+                if urgent || now >= deadline {
+                    break;
+                }
+                match incoming.recv_timeout(deadline - now) {
+                    Ok(pending) => {
+                        urgent |= pending.urgent;
+                        batch.push(pending);
+                    }
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+    }
+    Some(batch)
+}
+
+fn commit_batch(
+    store: &Store,
+    identity: &NodeIdentity,
+    head: &ChainHead,
+    batch: Vec<Pending>,
+    latest: &RwLock<Arc<SignedTreeHead>>,
+    stats: &LedgerStats,
+) -> Result<ChainHead, String> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut candidates = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for pending in batch {
+        ids.push(match &pending.candidate {
+            Candidate::Verified(verified) => verified.id(),
+            Candidate::Unverified(tx) => tx.id().unwrap_or(Hash::ZERO),
+        });
+        candidates.push(pending.candidate);
+        replies.push(pending.reply);
+    }
+    let snapshot = store.snapshot().map_err(|e| e.to_string())?;
+    let time_ms = now_ms().max(head.time_ms);
+    let executed = match execute_block(&snapshot, head, &identity.id, time_ms, candidates) {
+        Ok(executed) => executed,
+        Err(error) => {
+            // Only a bug in batching can get here (too many transactions, time going back).
+            for reply in replies {
+                let _ = reply.send(Err(SubmitError::Stopped(error.to_string())));
+            }
+            return Err(error.to_string());
+        }
+    };
+    drop(snapshot);
+    if let Err(error) = store.commit_block(&executed) {
+        for reply in replies {
+            let _ = reply.send(Err(SubmitError::Stopped(error.to_string())));
+        }
+        return Err(error.to_string());
+    }
+    stats.blocks.fetch_add(1, Ordering::Relaxed);
+    stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+    stats
+        .txs
+        .fetch_add(executed.block.txs.len() as u64, Ordering::Relaxed);
+    let tree_head = Arc::new(sign_tree_head(identity, &executed.head));
+    *latest.write().expect("tree head lock") = tree_head.clone();
+    let first_leaf = head.log_size;
+    for (position, ((reply, outcome), tx_id)) in replies
+        .into_iter()
+        .zip(executed.block.outcomes)
+        .zip(ids)
+        .enumerate()
+    {
+        let _ = reply.send(Ok(Committed {
+            tx_id,
+            height: executed.head.height,
+            leaf_index: first_leaf + position as u64,
+            position: position as u64,
+            outcome,
+            tree_head: tree_head.clone(),
+        }));
+    }
+    Ok(executed.head)
+}

@@ -1,0 +1,294 @@
+//! The node's embedded, crash-safe store (redb): blocks, replicated state and the head.
+//!
+//! A block, its state changes and the new head are written in one redb transaction that is
+//! fsynced before `commit_block` returns, so after a crash the store holds every block it
+//! acknowledged and never half of one. The same file is all `verify` needs.
+
+use std::path::Path;
+
+use medledger_core::block::{Block, ChainHead, ExecutedBlock};
+use medledger_core::merkle::{self, NodeSource};
+use medledger_core::state::{keys, StateRead};
+use medledger_core::Hash;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const HEAD_KEY: &str = "head";
+
+/// The file name of the ledger store inside a node's data directory.
+pub const LEDGER_FILE: &str = "ledger.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("stored {what} does not decode: {detail}")]
+    Corrupt { what: String, detail: String },
+    #[error("the store is empty: initialise the node with a genesis first")]
+    Empty,
+    #[error("the store already holds a chain")]
+    NotEmpty,
+    #[error("block {height} does not follow the stored head")]
+    OutOfOrder { height: u64 },
+}
+
+macro_rules! storage_error {
+    ($($type:ty),*) => {$(
+        impl From<$type> for StoreError {
+            fn from(error: $type) -> StoreError {
+                StoreError::Storage(error.to_string())
+            }
+        }
+    )*};
+}
+storage_error!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Either a writable database (a running node) or a read-only one (`verify`).
+enum Db {
+    Writable(redb::Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let db = redb::Database::create(data_dir.join(LEDGER_FILE))?;
+        let txn = db.begin_write()?;
+        txn.open_table(BLOCKS)?;
+        txn.open_table(STATE)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(Store {
+            db: Db::Writable(db),
+        })
+    }
+
+    /// Opens an existing store without changing a byte of it.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let db = redb::Builder::new().open_read_only(path)?;
+        Ok(Store {
+            db: Db::ReadOnly(db),
+        })
+    }
+
+    /// Opens a store image held in memory, read-only (used to examine copies of a store).
+    pub fn open_bytes(bytes: Vec<u8>) -> Result<Store, StoreError> {
+        let db = redb::Builder::new().open_read_only_with_backend(BytesBackend(bytes))?;
+        Ok(Store {
+            db: Db::ReadOnly(db),
+        })
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(match &self.db {
+            Db::Writable(db) => db.begin_read()?,
+            Db::ReadOnly(db) => db.begin_read()?,
+        })
+    }
+
+    /// The head after the last committed block, or None before genesis.
+    pub fn head(&self) -> Result<Option<ChainHead>, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(META)?;
+        let Some(bytes) = table.get(HEAD_KEY)? else {
+            return Ok(None);
+        };
+        decode("head", bytes.value()).map(Some)
+    }
+
+    /// Writes a block, its state changes and the new head atomically and durably.
+    pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
+        let Db::Writable(db) = &self.db else {
+            return Err(StoreError::Storage("the store is open read-only".into()));
+        };
+        let height = executed.block.header.height;
+        let expected = match self.head()? {
+            None => 0,
+            Some(head) => head.height + 1,
+        };
+        if height != expected {
+            return Err(StoreError::OutOfOrder { height });
+        }
+        let block_bytes = serde_json::to_vec(&executed.block).map_err(|e| StoreError::Corrupt {
+            what: "block".into(),
+            detail: e.to_string(),
+        })?;
+        let head_bytes = serde_json::to_vec(&executed.head).expect("heads encode");
+        let txn = db.begin_write()?;
+        {
+            let mut blocks = txn.open_table(BLOCKS)?;
+            blocks.insert(height, block_bytes.as_slice())?;
+            let mut state = txn.open_table(STATE)?;
+            for (key, value) in &executed.writes {
+                match value {
+                    Some(value) => state.insert(key.as_str(), value.as_slice())?,
+                    None => state.remove(key.as_str())?,
+                };
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(HEAD_KEY, head_bytes.as_slice())?;
+        }
+        // redb's default durability is Immediate: commit returns after the fsync.
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn block(&self, height: u64) -> Result<Option<Block>, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let Some(bytes) = table.get(height)? else {
+            return Ok(None);
+        };
+        decode(&format!("block {height}"), bytes.value()).map(Some)
+    }
+
+    /// The raw bytes of a block as stored.
+    pub fn block_bytes(&self, height: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        Ok(table.get(height)?.map(|bytes| bytes.value().to_vec()))
+    }
+
+    /// The number of stored blocks, by their keys (not by the head).
+    pub fn block_count(&self) -> Result<u64, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        Ok(table.len()?)
+    }
+
+    /// A consistent view of state as of now.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(STATE)?;
+        Ok(Snapshot { table })
+    }
+}
+
+/// A read-only view of committed state, consistent for its whole life.
+pub struct Snapshot {
+    table: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+}
+
+impl Snapshot {
+    /// Entries whose keys start with `prefix` and sort after `after`, at most `limit`.
+    pub fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let start = match after {
+            Some(after) if after > prefix => format!("{after}\0"),
+            _ => prefix.to_string(),
+        };
+        let mut out = Vec::new();
+        for entry in self.table.range(start.as_str()..)? {
+            let (key, value) = entry?;
+            if !key.value().starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every entry, in key order (for `verify`).
+    pub fn for_each(&self, mut visit: impl FnMut(&str, &[u8])) -> Result<(), StoreError> {
+        for entry in self.table.iter()? {
+            let (key, value) = entry?;
+            visit(key.value(), value.value());
+        }
+        Ok(())
+    }
+
+    /// Decodes a domain value, reporting corruption as an error rather than stopping.
+    pub fn value<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.table.get(key)? {
+            None => Ok(None),
+            Some(bytes) => decode(key, bytes.value()).map(Some),
+        }
+    }
+
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, merkle::MerkleError> {
+        merkle::inclusion_proof(self, index, size)
+    }
+
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, merkle::MerkleError> {
+        merkle::consistency_proof(self, old, new)
+    }
+}
+
+impl StateRead for Snapshot {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match self.table.get(key) {
+            Ok(value) => value.map(|bytes| bytes.value().to_vec()),
+            // A read error means the disk failed under a decision: stop rather than decide
+            // on partial state.
+            Err(error) => panic!("state read failed at {key:?}: {error}"),
+        }
+    }
+}
+
+impl NodeSource for Snapshot {
+    fn node(&self, level: u32, index: u64) -> Option<Hash> {
+        let bytes = self.get(&keys::merkle_node(level, index))?;
+        Some(Hash(bytes.try_into().ok()?))
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: what.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// A read-only redb backend over bytes in memory.
+#[derive(Debug)]
+struct BytesBackend(Vec<u8>);
+
+impl redb::StorageBackend for BytesBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.0.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let end = start
+            .checked_add(out.len())
+            .filter(|end| *end <= self.0.len())
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end")
+            })?;
+        out.copy_from_slice(&self.0[start..end]);
+        Ok(())
+    }
+
+    fn set_len(&self, _len: u64) -> Result<(), std::io::Error> {
+        Err(std::io::Error::other("read-only"))
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn write(&self, _offset: u64, _data: &[u8]) -> Result<(), std::io::Error> {
+        Err(std::io::Error::other("read-only"))
+    }
+}
