@@ -615,3 +615,14 @@ async fn access_decision(
         "decision": decision,
     })))
 }
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    ledger: Arc<Ledger>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(ledger))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

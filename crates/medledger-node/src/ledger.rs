@@ -283,7 +283,19 @@ impl Ledger {
 
 /// Orders transactions on this node alone.
 pub struct SoloOrderer {
-    queue: mpsc::SyncSender<Pending>,
+    queue: Option<mpsc::SyncSender<Pending>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SoloOrderer {
+    /// Closes the queue and waits for the ordering thread, so that the store is closed
+    /// cleanly once the ledger is dropped.
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl SoloOrderer {
@@ -296,7 +308,7 @@ impl SoloOrderer {
         stats: Arc<LedgerStats>,
     ) -> SoloOrderer {
         let (queue, incoming) = mpsc::sync_channel(config.queue_txs_max);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("medledger-orderer".into())
             .spawn(move || {
                 let mut head = head;
@@ -314,13 +326,20 @@ impl SoloOrderer {
                 }
             })
             .expect("spawn the ordering thread");
-        SoloOrderer { queue }
+        SoloOrderer {
+            queue: Some(queue),
+            thread: Some(thread),
+        }
     }
 }
 
 impl Orderer for SoloOrderer {
     fn enqueue(&self, pending: Pending) -> Result<(), SubmitError> {
-        self.queue.try_send(pending).map_err(|error| match error {
+        let queue = self
+            .queue
+            .as_ref()
+            .expect("the queue lives as long as the orderer");
+        queue.try_send(pending).map_err(|error| match error {
             mpsc::TrySendError::Full(_) => SubmitError::Overloaded,
             mpsc::TrySendError::Disconnected(_) => {
                 SubmitError::Stopped("the ordering service ended".into())

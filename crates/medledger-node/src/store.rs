@@ -51,10 +51,9 @@ storage_error!(
     redb::CommitError
 );
 
-/// Either a writable database (a running node) or a read-only one (`verify`).
+/// The database; an enum so that a read-only variant can join it.
 enum Db {
     Writable(redb::Database),
-    ReadOnly(redb::ReadOnlyDatabase),
 }
 
 pub struct Store {
@@ -76,27 +75,27 @@ impl Store {
         })
     }
 
-    /// Opens an existing store without changing a byte of it.
-    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        let db = redb::Builder::new().open_read_only(path)?;
-        Ok(Store {
-            db: Db::ReadOnly(db),
-        })
+    /// Opens a copy of the store at `path`, in memory, so that nothing in the file changes,
+    /// not even the recovery redb runs after a crash (which only rebuilds its allocator state).
+    /// The copy takes as much memory as the file.
+    pub fn open_copy(path: &Path) -> Result<Store, StoreError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| StoreError::Storage(format!("{}: {e}", path.display())))?;
+        Store::open_bytes(bytes)
     }
 
-    /// Opens a store image held in memory, read-only (used to examine copies of a store).
+    /// Opens a store image held in memory (a copy of a store file).
     pub fn open_bytes(bytes: Vec<u8>) -> Result<Store, StoreError> {
-        let db = redb::Builder::new().open_read_only_with_backend(BytesBackend(bytes))?;
+        let db = redb::Builder::new()
+            .create_with_backend(MemoryBackend(std::sync::RwLock::new(bytes)))?;
         Ok(Store {
-            db: Db::ReadOnly(db),
+            db: Db::Writable(db),
         })
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        Ok(match &self.db {
-            Db::Writable(db) => db.begin_read()?,
-            Db::ReadOnly(db) => db.begin_read()?,
-        })
+        let Db::Writable(db) = &self.db;
+        Ok(db.begin_read()?)
     }
 
     /// The head after the last committed block, or None before genesis.
@@ -111,9 +110,7 @@ impl Store {
 
     /// Writes a block, its state changes and the new head atomically and durably.
     pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
-        let Db::Writable(db) = &self.db else {
-            return Err(StoreError::Storage("the store is open read-only".into()));
-        };
+        let Db::Writable(db) = &self.db;
         let height = executed.block.header.height;
         let expected = match self.head()? {
             None => 0,
@@ -259,36 +256,51 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T,
     })
 }
 
-/// A read-only redb backend over bytes in memory.
+/// A redb backend over bytes in memory.
 #[derive(Debug)]
-struct BytesBackend(Vec<u8>);
+struct MemoryBackend(std::sync::RwLock<Vec<u8>>);
 
-impl redb::StorageBackend for BytesBackend {
+impl redb::StorageBackend for MemoryBackend {
     fn len(&self) -> Result<u64, std::io::Error> {
-        Ok(self.0.len() as u64)
+        Ok(self.0.read().expect("backend lock").len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let bytes = self.0.read().expect("backend lock");
         let start = usize::try_from(offset).map_err(std::io::Error::other)?;
         let end = start
             .checked_add(out.len())
-            .filter(|end| *end <= self.0.len())
+            .filter(|end| *end <= bytes.len())
             .ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end")
             })?;
-        out.copy_from_slice(&self.0[start..end]);
+        out.copy_from_slice(&bytes[start..end]);
         Ok(())
     }
 
-    fn set_len(&self, _len: u64) -> Result<(), std::io::Error> {
-        Err(std::io::Error::other("read-only"))
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        self.0.write().expect("backend lock").resize(len, 0);
+        Ok(())
     }
 
     fn sync_data(&self) -> Result<(), std::io::Error> {
         Ok(())
     }
 
-    fn write(&self, _offset: u64, _data: &[u8]) -> Result<(), std::io::Error> {
-        Err(std::io::Error::other("read-only"))
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut bytes = self.0.write().expect("backend lock");
+        let start = usize::try_from(offset).map_err(std::io::Error::other)?;
+        let end = start
+            .checked_add(data.len())
+            .ok_or_else(|| std::io::Error::other("offset overflow"))?;
+        if end > bytes.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "write past end",
+            ));
+        }
+        bytes[start..end].copy_from_slice(data);
+        Ok(())
     }
 }

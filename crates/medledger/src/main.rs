@@ -1,1 +1,98 @@
-fn main() {}
+//! `medledger`: run a node, drive it as a client, and check a ledger offline.
+
+mod bench;
+mod client;
+mod commands;
+mod demo;
+mod node_runner;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "medledger",
+    version,
+    about = "A permissioned ledger for sharing health records under the patient's consent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local consortium with synthetic patients and play a consent scenario.
+    Demo {
+        /// Play the scenario and exit instead of keeping the node running.
+        #[arg(long)]
+        once: bool,
+        /// Where each node's data and the consortium's keys go (must be empty or absent).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address of the node's API.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: String,
+    },
+    /// Re-check a stored ledger from genesis; exits non-zero naming the first bad block.
+    Verify {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Measure signature verification and ledger throughput and latency on this machine.
+    Bench(bench::BenchArgs),
+    /// Offline: create a consortium's keys, certificates and genesis.
+    #[command(subcommand)]
+    Consortium(commands::ConsortiumCommand),
+    /// Offline: issue users and patients.
+    #[command(subcommand)]
+    Identity(commands::IdentityCommand),
+    /// Initialise or run a node.
+    #[command(subcommand)]
+    Node(commands::NodeCommand),
+    /// Sign and submit a transaction; prints the committed outcome and its proof.
+    Tx(commands::TxArgs),
+    /// Ask the node whether an actor may access a record now.
+    Access(commands::AccessArgs),
+    /// List the audit trail of a patient, an actor or a record.
+    Audit(commands::AuditArgs),
+    /// Fetch and verify proofs without trusting the node.
+    #[command(subcommand)]
+    Proof(commands::ProofCommand),
+    /// GET any API path and print the JSON.
+    Query {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        node: String,
+        path: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo {
+            once,
+            data_dir,
+            listen,
+        } => demo::run(once, data_dir, &listen),
+        Command::Verify { data_dir } => commands::verify(&data_dir),
+        Command::Bench(args) => bench::run(args),
+        Command::Consortium(command) => commands::consortium(command),
+        Command::Identity(command) => commands::identity(command),
+        Command::Node(command) => commands::node(command),
+        Command::Tx(args) => commands::tx(args),
+        Command::Access(args) => commands::access(args),
+        Command::Audit(args) => commands::audit(args),
+        Command::Proof(command) => commands::proof(command),
+        Command::Query { node, path } => commands::query(&node, &path),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("medledger: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -399,17 +399,23 @@ fn authenticate<S: StateRead + ?Sized>(
             chain_id: payload.chain_id.clone(),
         });
     }
-    let (signer, key) = resolve_signer(state, tx)?;
     let tx_id = match candidate {
-        Candidate::Verified(verified) if verified.key_fingerprint() == key.fingerprint() => {
-            verified.id()
-        }
+        Candidate::Verified(verified) => verified.id(),
+        Candidate::Unverified(tx) => tx.id().map_err(|_| Rejection::Malformed)?,
+    };
+    // The same signed bytes again: a replay, whoever sends it.
+    if state.contains(&keys::tx(&tx_id)) {
+        return Err(Rejection::Duplicate { tx_id });
+    }
+    let (signer, key) = resolve_signer(state, tx)?;
+    match candidate {
+        Candidate::Verified(verified) if verified.key_fingerprint() == key.fingerprint() => {}
         _ => match tx.clone().verify_with(&key) {
-            Ok(verified) => verified.id(),
+            Ok(_) => {}
             Err(crate::tx::SignatureCheck::Invalid) => return Err(Rejection::BadSignature),
             Err(crate::tx::SignatureCheck::Format(_)) => return Err(Rejection::Malformed),
         },
-    };
+    }
     if payload.expires_at_ms < time_ms {
         return Err(Rejection::Expired {
             expires_at_ms: payload.expires_at_ms,
@@ -418,9 +424,6 @@ fn authenticate<S: StateRead + ?Sized>(
     }
     if payload.expires_at_ms - time_ms > TX_LIFETIME_MS_MAX {
         return Err(Rejection::ExpiryTooFar);
-    }
-    if state.contains(&keys::tx(&tx_id)) {
-        return Err(Rejection::Duplicate { tx_id });
     }
     let last: u64 = state.get_value(&keys::nonce(signer.id())).unwrap_or(0);
     if payload.nonce <= last {

@@ -1,0 +1,536 @@
+//! `medledger demo`: a local consortium, synthetic patients, and a scenario that shows
+//! consent, a denied access, a granted access, a revoke and a break-glass, all on the ledger.
+//!
+//! The demo plays every role through the node's HTTP API, as separate clients would: the
+//! organisations' admins, clinicians, a lab technician, an auditor, the custodians' software
+//! and the patients. The synthetic names and birth dates exist only in this program and in
+//! the encrypted records; the ledger sees pseudonyms, content ids and commitments.
+
+use std::path::PathBuf;
+
+use medledger_core::audit::SignedTreeHead;
+use medledger_core::contracts::TxOutcome;
+use medledger_core::identity::{OrgKind, Role};
+use medledger_core::model::{
+    AccessDecision, Action, AuditEvent, BreakGlassVerdict, Category, EmergencyReason, Grantee,
+    Purpose, Scope,
+};
+use medledger_core::tx::TxBody;
+use medledger_node::api::SubmitResponse;
+use medledger_node::consortium::{Consortium, Identity};
+use medledger_node::ledger::{now_ms, OrderingConfig};
+use medledger_node::pki::IssuedCert;
+use medledger_node::sealing::seal;
+use serde_json::json;
+
+use crate::client::{Client, TX_LIFETIME_MS};
+use crate::commands::{
+    commit_text, describe_event, init_node, store_blob, validity_days, verify_transaction_proof,
+    write_consortium, ConsortiumLayout,
+};
+use crate::node_runner;
+
+pub const CHAIN_ID: &str = "medledger-demo";
+
+/// The demo's synthetic patients: (name, birth date). Never on the ledger.
+pub const SYNTHETIC_PATIENTS: [(&str, &str); 2] = [
+    ("Maria Synthetic", "1961-04-12"),
+    ("Jonas Example", "1984-11-30"),
+];
+
+struct Story {
+    client: Client,
+    blob_dir: PathBuf,
+    step: usize,
+}
+
+impl Story {
+    fn chapter(&mut self, title: &str) {
+        self.step += 1;
+        println!("\n{}. {title}", self.step);
+    }
+
+    fn send(&self, who: &Identity, body: TxBody) -> Result<SubmitResponse, String> {
+        self.client.send(who, body).map_err(|e| e.to_string())
+    }
+
+    /// Sends a transaction that must commit.
+    fn commit(&self, who: &Identity, body: TxBody, what: &str) -> Result<SubmitResponse, String> {
+        let response = self.send(who, body)?;
+        match &response.outcome {
+            TxOutcome::Committed { .. } => {
+                println!(
+                    "   ✓ {what}  [tx {} · block {}]",
+                    short(&response.tx_id.to_hex()),
+                    response.height
+                );
+                Ok(response)
+            }
+            TxOutcome::Rejected { rejection } => {
+                Err(format!("{what}: the ledger refused it: {rejection}"))
+            }
+        }
+    }
+
+    /// Has a custodian record an access attempt and reports the ledger's decision.
+    fn access(
+        &self,
+        custodian: &Identity,
+        actor: &Identity,
+        patient: &Identity,
+        records: &[&str],
+        purpose: Purpose,
+    ) -> Result<(SubmitResponse, bool), String> {
+        let body = TxBody::LogAccess {
+            actor: actor.id.clone(),
+            patient: patient.id.clone(),
+            action: Action::Read,
+            records: records.iter().map(|r| r.to_string()).collect(),
+            resource_types: Vec::new(),
+            purpose,
+            custodian_denial: None,
+            query_commitment: commit_text(&format!("GET {}", records.join(","))),
+            answer_commitment: commit_text("bundle"),
+        };
+        let response = self.send(custodian, body)?;
+        let TxOutcome::Committed {
+            access: Some(decision),
+        } = &response.outcome
+        else {
+            return Err(format!(
+                "the access entry was not recorded: {:?}",
+                response.outcome
+            ));
+        };
+        let granted = decision.is_granted();
+        let text = match decision {
+            AccessDecision::Granted { basis } => format!(
+                "GRANTED on {}",
+                serde_json::to_value(basis).unwrap_or_default()["basis"]
+            ),
+            AccessDecision::Denied { denial } => format!(
+                "DENIED ({})",
+                serde_json::to_value(denial).unwrap_or_default()["reason"]
+            ),
+        };
+        println!(
+            "   {} {} reads {} at {} for {}: {text}  [audit leaf {}]",
+            if granted { "✓" } else { "✗" },
+            actor.id,
+            records.join(","),
+            custodian
+                .id
+                .split_once('@')
+                .map(|(_, o)| o)
+                .unwrap_or_default(),
+            serde_json::to_value(purpose)
+                .unwrap_or_default()
+                .as_str()
+                .unwrap_or_default(),
+            response.leaf_index
+        );
+        Ok((response, granted))
+    }
+
+    /// Seals a FHIR resource at the author's organisation and indexes the version.
+    fn write_record(
+        &self,
+        author: &Identity,
+        patient: &Identity,
+        record_id: &str,
+        resource: serde_json::Value,
+    ) -> Result<SubmitResponse, String> {
+        let custodian = author
+            .id
+            .split_once('@')
+            .map(|(_, o)| o)
+            .unwrap_or_default();
+        let bytes = serde_json::to_vec(&resource).map_err(|e| e.to_string())?;
+        let sealed = seal(&bytes, format!("{record_id}/1/{custodian}").as_bytes())
+            .map_err(|e| e.to_string())?;
+        store_blob(&self.blob_dir.join(custodian), &sealed)?;
+        let resource_type = resource["resourceType"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.commit(
+            author,
+            TxBody::CreateRecord {
+                patient: patient.id.clone(),
+                record_id: record_id.to_string(),
+                version: 1,
+                resource_type: resource_type.clone(),
+                cid: sealed.cid.clone(),
+                commitment: sealed.commitment,
+            },
+            &format!(
+                "{} adds {resource_type} {custodian}/{record_id} (ciphertext {})",
+                author.id,
+                short(&sealed.cid)
+            ),
+        )
+    }
+}
+
+fn short(text: &str) -> String {
+    text.chars().take(12).collect::<String>() + "…"
+}
+
+fn all_categories() -> Vec<Category> {
+    vec![
+        Category::Conditions,
+        Category::Diagnostics,
+        Category::Medications,
+        Category::Documents,
+        Category::Encounters,
+    ]
+}
+
+pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), String> {
+    let dir = data_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("medledger-demo-{}", std::process::id()))
+    });
+    if dir
+        .read_dir()
+        .is_ok_and(|mut entries| entries.next().is_some())
+    {
+        return Err(format!(
+            "{} is not empty; give an empty or new --data-dir",
+            dir.display()
+        ));
+    }
+    println!(
+        "medledger demo: a local consortium with synthetic patients (data in {})",
+        dir.display()
+    );
+    let validity = validity_days(365);
+    let orgs = [
+        ("hospital-a", OrgKind::Hospital),
+        ("hospital-b", OrgKind::Hospital),
+        ("lab-x", OrgKind::Lab),
+        ("regulator", OrgKind::Regulator),
+    ];
+    let consortium =
+        Consortium::create(CHAIN_ID, &orgs, now_ms(), validity).map_err(|e| e.to_string())?;
+    let keys = ConsortiumLayout(dir.join("keys"));
+    write_consortium(&keys, &consortium)?;
+    let org = |id: &str| consortium.org(id).expect("a founding member");
+    let node_dir = dir.join("node-hospital-a");
+    init_node(&node_dir, &consortium.genesis, &org("hospital-a").node)?;
+    let address = if once { "127.0.0.1:0" } else { listen };
+    let node = node_runner::start(&node_dir, address, OrderingConfig::default())?;
+    println!("node {} serving on {}", node.ledger.node_id(), node.url);
+    let mut story = Story {
+        client: Client::new(&node.url),
+        blob_dir: dir.join("blobs"),
+        step: 0,
+    };
+    let first_head: SignedTreeHead = story
+        .client
+        .get("/v1/tree-head")
+        .map_err(|e| e.to_string())?;
+
+    story.chapter("The consortium: four members, each with its own CA under the consortium root");
+    for (id, kind) in orgs {
+        println!("   {id} ({})", kind.as_str());
+    }
+
+    story.chapter("Each organisation's admin enrolls its staff (certificates with roles)");
+    let issue = |org_id: &str, name: &str, role: Role| {
+        org(org_id)
+            .authority
+            .issue(name, role, validity)
+            .map_err(|e| e.to_string())
+    };
+    let alice = issue("hospital-a", "dr-alice", Role::Clinician)?;
+    let bob = issue("hospital-b", "dr-bob", Role::Clinician)?;
+    let carol = issue("lab-x", "tech-carol", Role::LabTechnician)?;
+    let dan = issue("regulator", "auditor-dan", Role::Auditor)?;
+    for (staff, org_id) in [
+        (&alice, "hospital-a"),
+        (&bob, "hospital-b"),
+        (&carol, "lab-x"),
+        (&dan, "regulator"),
+    ] {
+        let role = staff
+            .certificate
+            .as_ref()
+            .and_then(|c| c.info().ok())
+            .and_then(|i| i.role);
+        story.commit(
+            &org(org_id).admin,
+            TxBody::EnrollUser {
+                certificate: staff.certificate_text().expect("issued with a certificate"),
+            },
+            &format!(
+                "{} enrolls {} as {}",
+                org(org_id).admin.id,
+                staff.id,
+                role.map(|r| r.as_str()).unwrap_or("?")
+            ),
+        )?;
+    }
+
+    story.chapter("Patients register with their own keys; the ledger knows only pseudonyms");
+    let maria = Identity::new_patient().map_err(|e| e.to_string())?;
+    let jonas = Identity::new_patient().map_err(|e| e.to_string())?;
+    let mut registrations = Vec::new();
+    for (patient, (name, born)) in [
+        (&maria, SYNTHETIC_PATIENTS[0]),
+        (&jonas, SYNTHETIC_PATIENTS[1]),
+    ] {
+        registrations.push(story.commit(
+            patient,
+            TxBody::RegisterPatient {
+                public_key: patient.key.public_key(),
+            },
+            &format!(
+                "{name} (synthetic, born {born}) registers as {}",
+                patient.id
+            ),
+        )?);
+    }
+    let maria_name = SYNTHETIC_PATIENTS[0].0;
+    let jonas_name = SYNTHETIC_PATIENTS[1].0;
+
+    story.chapter("Consent: Maria lets her hospital and her lab's technicians keep her records");
+    story.commit(
+        &maria,
+        TxBody::Grant {
+            grantee: Grantee::Org {
+                org: "hospital-a".into(),
+            },
+            scope: Scope {
+                resource_types: vec![],
+                categories: all_categories(),
+            },
+            actions: vec![Action::Read, Action::Write],
+            purposes: vec![Purpose::Treatment],
+            expires_at_ms: None,
+        },
+        "Maria grants hospital-a read+write on all her clinical categories, for treatment",
+    )?;
+    story.commit(
+        &maria,
+        TxBody::Grant {
+            grantee: Grantee::Role {
+                org: "lab-x".into(),
+                role: Role::LabTechnician,
+            },
+            scope: Scope {
+                resource_types: vec![],
+                categories: vec![Category::Diagnostics],
+            },
+            actions: vec![Action::Write],
+            purposes: vec![Purpose::Treatment],
+            expires_at_ms: None,
+        },
+        "Maria grants lab-x's lab technicians write on diagnostics",
+    )?;
+    story.commit(
+        &jonas,
+        TxBody::Grant {
+            grantee: Grantee::Org {
+                org: "hospital-a".into(),
+            },
+            scope: Scope {
+                resource_types: vec![],
+                categories: all_categories(),
+            },
+            actions: vec![Action::Read, Action::Write],
+            purposes: vec![Purpose::Treatment],
+            expires_at_ms: None,
+        },
+        "Jonas grants hospital-a read+write on all his clinical categories",
+    )?;
+
+    story.chapter(
+        "Records are written at their custodian, encrypted; the ledger indexes each version",
+    );
+    story.write_record(
+        &alice,
+        &maria,
+        "obs-bp-1",
+        json!({"resourceType": "Observation", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel"}]},
+               "subject": {"reference": format!("Patient/{}", maria.id), "display": maria_name},
+               "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                              "valueQuantity": {"value": 142, "unit": "mm[Hg]"}}]}),
+    )?;
+    story.write_record(
+        &carol,
+        &maria,
+        "dr-lipids-1",
+        json!({"resourceType": "DiagnosticReport", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "57698-3", "display": "Lipid panel"}]},
+               "subject": {"reference": format!("Patient/{}", maria.id), "display": maria_name}}),
+    )?;
+    story.write_record(
+        &alice,
+        &jonas,
+        "cond-allergy-1",
+        json!({"resourceType": "Condition",
+               "code": {"text": "Penicillin allergy"},
+               "subject": {"reference": format!("Patient/{}", jonas.id), "display": jonas_name}}),
+    )?;
+
+    let node_a = &org("hospital-a").node;
+    story.chapter(
+        "A clinician at another hospital asks for Maria's blood pressure: no consent, denied",
+    );
+    let (denied, _) = story.access(node_a, &bob, &maria, &["obs-bp-1"], Purpose::Treatment)?;
+
+    story.chapter("He requests access; Maria approves; the same read is now granted");
+    let request = story.commit(
+        &bob,
+        TxBody::RequestAccess {
+            patient: maria.id.clone(),
+            scope: Scope {
+                resource_types: vec![],
+                categories: vec![Category::Diagnostics],
+            },
+            actions: vec![Action::Read],
+            purpose: Purpose::Treatment,
+        },
+        "dr-bob@hospital-b requests read access to Maria's diagnostics for treatment",
+    )?;
+    let approval = story.commit(
+        &maria,
+        TxBody::ApproveRequest {
+            request_id: request.tx_id,
+            expires_at_ms: Some(now_ms() + 30 * 24 * 60 * 60 * 1000),
+        },
+        "Maria approves the request for 30 days",
+    )?;
+    story.access(node_a, &bob, &maria, &["obs-bp-1"], Purpose::Treatment)?;
+    story.access(
+        &org("lab-x").node,
+        &bob,
+        &maria,
+        &["dr-lipids-1"],
+        Purpose::Treatment,
+    )?;
+
+    story.chapter("Maria revokes that consent; from its commit on, the same read is denied");
+    story.commit(
+        &maria,
+        TxBody::Revoke {
+            grant_id: approval.tx_id,
+        },
+        "Maria revokes dr-bob's consent",
+    )?;
+    story.access(node_a, &bob, &maria, &["obs-bp-1"], Purpose::Treatment)?;
+
+    story.chapter("Emergency: Jonas arrives unconscious at hospital-b; break-glass");
+    story.access(
+        node_a,
+        &bob,
+        &jonas,
+        &["cond-allergy-1"],
+        Purpose::Treatment,
+    )?;
+    let glass = story.commit(
+        &bob,
+        TxBody::BreakGlass {
+            patient: jonas.id.clone(),
+            reason: EmergencyReason::UnconsciousPatient,
+            justification_commitment: commit_text("Unresponsive on arrival; allergy history needed before antibiotics"),
+            duration_ms: 30 * 60 * 1000,
+        },
+        "dr-bob@hospital-b breaks the glass for Jonas: unconscious patient, 30 minutes (flagged for review)",
+    )?;
+    story.access(
+        node_a,
+        &bob,
+        &jonas,
+        &["cond-allergy-1"],
+        Purpose::Emergency,
+    )?;
+    story.commit(
+        &dan,
+        TxBody::ReviewBreakGlass {
+            break_glass_id: glass.tx_id,
+            verdict: BreakGlassVerdict::Justified,
+        },
+        "auditor-dan@regulator reviews the break-glass: justified",
+    )?;
+
+    story.chapter("Bad input changes nothing: a forgery and a replay");
+    let chain_id = story.client.chain_id().map_err(|e| e.to_string())?;
+    let mut forged = bob.sign(
+        &chain_id,
+        1,
+        now_ms() + TX_LIFETIME_MS,
+        TxBody::Revoke {
+            grant_id: glass.tx_id,
+        },
+    );
+    forged.payload.signer = maria.id.clone();
+    match story.client.submit(&forged) {
+        Err(error) => println!("   ✗ a transaction signed by dr-bob in Maria's name: {error}"),
+        Ok(response) => return Err(format!("a forgery was accepted: {:?}", response.outcome)),
+    }
+    let replayed_tx: medledger_core::tx::SignedTx =
+        serde_json::from_value(registrations[0].inclusion_proof.leaf["tx"].clone())
+            .map_err(|e| e.to_string())?;
+    let replay = story
+        .client
+        .submit(&replayed_tx)
+        .map_err(|e| e.to_string())?;
+    match replay.outcome {
+        TxOutcome::Rejected { rejection } => println!(
+            "   ✗ Maria's signed registration, captured and sent again: rejected ({rejection})"
+        ),
+        TxOutcome::Committed { .. } => return Err("a replayed registration committed".into()),
+    }
+
+    story.chapter("What Maria sees: everything about her, including who was refused");
+    let events: Vec<AuditEvent> = story
+        .client
+        .get(&format!("/v1/audit/patients/{}", maria.id))
+        .map_err(|e| e.to_string())?;
+    for event in &events {
+        println!("   {}", describe_event(event));
+    }
+    let glass_list: serde_json::Value = story
+        .client
+        .get(&format!("/v1/patients/{}/break-glass", jonas.id))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "   Jonas sees {} break-glass opening(s) on his records",
+        glass_list.as_array().map(|a| a.len()).unwrap_or(0)
+    );
+
+    story.chapter("Anyone with the root certificate verifies the audit trail, trusting no node");
+    let root_text = std::fs::read_to_string(keys.root_certificate()).map_err(|e| e.to_string())?;
+    let root = IssuedCert::from_pem(&root_text).map_err(|e| e.to_string())?;
+    let report = verify_transaction_proof(&story.client, &denied.tx_id, &root, Some(&first_head))?;
+    println!(
+        "   ✓ the denied access is leaf {} of the signed log (size {}, root {}), and the log extends its size-{} head from genesis",
+        report.leaf_index,
+        report.tree_head.tree_head.log_size,
+        short(&report.tree_head.tree_head.log_root.to_hex()),
+        first_head.tree_head.log_size
+    );
+
+    let status: serde_json::Value = story.client.get("/v1/status").map_err(|e| e.to_string())?;
+    println!(
+        "\nDone: {} blocks, log of {} entries. Re-check the stored ledger with:\n   medledger verify --data-dir {}",
+        status["height"].as_u64().unwrap_or(0) + 1,
+        status["log_size"],
+        node_dir.display()
+    );
+    if once {
+        return Ok(());
+    }
+    println!("\nThe node keeps running for exploration (Ctrl-C to stop). Try:");
+    println!("   curl {}/v1/status", node.url);
+    println!("   curl {}/v1/audit/patients/{}", node.url, maria.id);
+    println!("   curl {}/v1/patients/{}/records", node.url, maria.id);
+    println!(
+        "   medledger audit patient {} --node {}",
+        jonas.id, node.url
+    );
+    crate::commands::wait_for_interrupt();
+    Ok(())
+}
