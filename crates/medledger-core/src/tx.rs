@@ -256,3 +256,91 @@ pub enum SignatureCheck {
     #[error("signature does not verify under the signer's key")]
     Invalid,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::patient_pseudonym;
+
+    /// The fixed vector of docs/transactions.md, produced by docs/reference/sign_tx.py.
+    const VECTOR_TX: &str = r#"{
+        "payload": {
+            "chain_id": "medledger-vector",
+            "signer": "pt-c43886833d68409aedabc77cc435967d81f9d485",
+            "nonce": 1,
+            "expires_at_ms": 1767225600000,
+            "body": {
+                "type": "register_patient",
+                "public_key": "BPBj9QBQKahWhNBamCtWlN6gWFn-6zv2FhQnLnRUiC8bSPO01JT4evrmUXKxPp2pqbE7uoE-9XLpk1ih194jvFM"
+            }
+        },
+        "signature": "ySYCTw6ey0zhaXUGqP85ez92R8eo63Wo7NGmkmNvFDKUOmv_kTCDtAuQt2e7m7XOrnsc8tTQKvu0yIeD4sqAvg"
+    }"#;
+    const VECTOR_CANONICAL: &str = r#"{"body":{"public_key":"BPBj9QBQKahWhNBamCtWlN6gWFn-6zv2FhQnLnRUiC8bSPO01JT4evrmUXKxPp2pqbE7uoE-9XLpk1ih194jvFM","type":"register_patient"},"chain_id":"medledger-vector","expires_at_ms":1767225600000,"nonce":1,"signer":"pt-c43886833d68409aedabc77cc435967d81f9d485"}"#;
+    const VECTOR_ID: &str = "35792b3e4e49f68aa56286dda5ba0b713d817489f013d8789f1e889f8fa3502b";
+
+    fn vector() -> (SignedTx, PublicKey) {
+        let tx: SignedTx = serde_json::from_str(VECTOR_TX).expect("the vector parses");
+        let TxBody::RegisterPatient { public_key } = &tx.payload.body else {
+            panic!("the vector registers a patient");
+        };
+        let key = public_key.clone();
+        (tx, key)
+    }
+
+    #[test]
+    fn the_documented_vector_encodes_hashes_and_verifies_exactly() {
+        let (tx, key) = vector();
+        let mut expected = SIGNING_PREFIX.to_vec();
+        expected.extend_from_slice(VECTOR_CANONICAL.as_bytes());
+        assert_eq!(tx.payload.signing_bytes().unwrap(), expected);
+        assert_eq!(tx.id().unwrap().to_hex(), VECTOR_ID);
+        assert_eq!(patient_pseudonym(&key), tx.payload.signer);
+        let verified = tx
+            .verify_with(&key)
+            .expect("the vector's signature verifies");
+        assert_eq!(verified.id().to_hex(), VECTOR_ID);
+    }
+
+    #[test]
+    fn any_change_to_the_vector_breaks_its_signature() {
+        let (tx, key) = vector();
+        let mut changed = tx.clone();
+        changed.payload.nonce = 2;
+        assert_eq!(
+            changed.verify_with(&key).unwrap_err(),
+            SignatureCheck::Invalid
+        );
+        let mut changed = tx.clone();
+        changed.payload.chain_id = "medledger-other".into();
+        assert_eq!(
+            changed.verify_with(&key).unwrap_err(),
+            SignatureCheck::Invalid
+        );
+        for byte in 0..crate::crypto::SIGNATURE_BYTES {
+            let mut changed = tx.clone();
+            changed.signature.0[byte] ^= 0x01;
+            assert!(
+                changed.verify_with(&key).is_err(),
+                "flipped signature byte {byte}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_shapes_do_not_parse() {
+        let with_extra = VECTOR_TX.replacen("\"nonce\": 1,", "\"nonce\": 1, \"extra\": true,", 1);
+        assert!(serde_json::from_str::<SignedTx>(&with_extra).is_err());
+        let float_nonce = VECTOR_TX.replacen("\"nonce\": 1,", "\"nonce\": 1.5,", 1);
+        assert!(serde_json::from_str::<SignedTx>(&float_nonce).is_err());
+        let unknown_type = VECTOR_TX.replacen("register_patient", "register_doctor", 1);
+        assert!(serde_json::from_str::<SignedTx>(&unknown_type).is_err());
+    }
+
+    #[test]
+    fn oversized_transactions_have_no_id() {
+        let (mut tx, _) = vector();
+        tx.payload.chain_id = "x".repeat(TX_BYTES_MAX);
+        assert!(matches!(tx.id(), Err(TxFormatError::TooLarge { .. })));
+    }
+}

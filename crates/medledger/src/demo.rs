@@ -484,12 +484,23 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         TxOutcome::Committed { .. } => return Err("a replayed registration committed".into()),
     }
 
-    story.chapter("What Maria sees: everything about her, including who was refused");
+    story.chapter("What the patients see: everything about them, including who was refused");
     let events: Vec<AuditEvent> = story
         .client
         .get(&format!("/v1/audit/patients/{}", maria.id))
         .map_err(|e| e.to_string())?;
     for event in &events {
+        println!("   {}", describe_event(event));
+    }
+    println!("   … and Jonas: the emergency access, flagged, and its review");
+    let events: Vec<AuditEvent> = story
+        .client
+        .get(&format!("/v1/audit/patients/{}", jonas.id))
+        .map_err(|e| e.to_string())?;
+    for event in events
+        .iter()
+        .filter(|e| e.flagged || e.kind == "review_break_glass")
+    {
         println!("   {}", describe_event(event));
     }
     let glass_list: serde_json::Value = story
