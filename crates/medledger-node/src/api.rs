@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -65,6 +66,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         )
         .route("/v1/access-decision", get(access_decision))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ledger)
 }
@@ -141,6 +143,59 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+/// axum's `Path`, refusing with a JSON `ApiError` (`invalid_path`) instead of axum's plain
+/// text, so that every error keeps the API's shape.
+struct Path<T>(T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(ApiError::new(
+                rejection.status(),
+                "invalid_path",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// axum's `Query`, refusing with a JSON `ApiError` (`invalid_query`) instead of axum's
+/// plain text.
+struct Query<T>(T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_query",
+                rejection.body_text(),
+            )),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -317,11 +372,11 @@ async fn inclusion(
 
 /// The bytes of a leaf, rebuilt from its block.
 fn leaf_value(ledger: &Ledger, snapshot: &Snapshot, leaf_index: u64) -> Result<Value, ApiError> {
-    let height = if leaf_index == 0 {
-        0
-    } else {
-        let event: AuditEvent = required(snapshot, &keys::event(leaf_index), "leaf")?;
-        event.height
+    // A transaction refused before the contracts ran (a replay, a stale nonce) and the
+    // genesis leaf have no audit event: find their block by the blocks' log sizes.
+    let height = match snapshot.value::<AuditEvent>(&keys::event(leaf_index))? {
+        Some(event) => event.height,
+        None => leaf_height(ledger, leaf_index)?,
     };
     let block = ledger
         .store()
@@ -333,6 +388,25 @@ fn leaf_value(ledger: &Ledger, snapshot: &Snapshot, leaf_index: u64) -> Result<V
         .get((leaf_index - first_leaf) as usize)
         .ok_or_else(|| ApiError::not_found("leaf"))?;
     Ok(serde_json::from_slice(bytes).expect("leaf bytes are JSON"))
+}
+
+/// The height of the block holding `leaf_index`: the first whose log size exceeds it.
+fn leaf_height(ledger: &Ledger, leaf_index: u64) -> Result<u64, ApiError> {
+    let head = ledger.store().head()?.ok_or(StoreError::Empty)?;
+    let (mut low, mut high) = (0, head.height);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let block = ledger
+            .store()
+            .block(middle)?
+            .ok_or_else(|| ApiError::not_found("block"))?;
+        if block.header.log_size > leaf_index {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    Ok(low)
 }
 
 #[derive(Deserialize)]

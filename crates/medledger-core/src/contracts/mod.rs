@@ -24,7 +24,9 @@ pub use records::{is_valid_cid, is_valid_record_id};
 
 use crate::crypto::from_base64url;
 use crate::hash::Hash;
-use crate::identity::{is_patient_pseudonym, patient_pseudonym, split_user_id, Role};
+use crate::identity::{
+    is_patient_pseudonym, is_valid_name, patient_pseudonym, split_user_id, Role,
+};
 use crate::model::{AccessDecision, AuditEvent, Org, OrgStatus, Patient, User, UserStatus};
 use crate::state::{keys, Overlay, StateRead};
 use crate::tx::{SignedTx, TxBody, VerifiedTx, TX_LIFETIME_MS_MAX};
@@ -300,13 +302,15 @@ pub(crate) fn check_member_in_force(
     if user.status == UserStatus::Revoked {
         return Err(Rejection::SignerRevoked);
     }
-    let detail = if time_ms >= config.root_not_after_ms {
+    // notAfter is inclusive (RFC 5280, and `cert::check_valid_at`, which admitted these
+    // certificates): a certificate ends after its not_after_ms, not at it.
+    let detail = if time_ms > config.root_not_after_ms {
         "the consortium root has expired"
-    } else if time_ms >= org.ca_not_after_ms {
+    } else if time_ms > org.ca_not_after_ms {
         "the organisation's CA has expired"
     } else if time_ms < user.not_before_ms {
         "the certificate is not yet valid"
-    } else if time_ms >= user.not_after_ms {
+    } else if time_ms > user.not_after_ms {
         "the certificate has expired"
     } else {
         return Ok(());
@@ -466,20 +470,28 @@ fn dispatch<S: StateRead + ?Sized>(
 }
 
 /// Writes the audit event and its indexes by patient, actor and record.
+///
+/// A refused transaction's event may name identifiers no contract has validated. The
+/// event keeps them; only well-formed ones are indexed, so that no identifier (one holding
+/// a `/`, say) can plant a key inside another identifier's index range.
 fn index_event<S: StateRead + ?Sized>(state: &mut Overlay<'_, S>, event: &AuditEvent) {
     let leaf = event.leaf_index;
     state.put(keys::event(leaf), event);
-    if let Some(patient) = &event.patient {
+    if let Some(patient) = event.patient.as_deref().filter(|p| is_patient_pseudonym(p)) {
         state.put_raw(keys::event_by_patient(patient, leaf), Vec::new());
     }
     state.put_raw(keys::event_by_actor(&event.signer, leaf), Vec::new());
-    if let Some(actor) = &event.actor {
-        if actor != &event.signer {
+    let is_identity = |id: &str| is_patient_pseudonym(id) || split_user_id(id).is_some();
+    if let Some(actor) = event.actor.as_deref().filter(|a| is_identity(a)) {
+        if actor != event.signer {
             state.put_raw(keys::event_by_actor(actor, leaf), Vec::new());
         }
     }
     for record in &event.records {
-        if let Some((custodian, record_id)) = record.split_once('/') {
+        if let Some((custodian, record_id)) = record
+            .split_once('/')
+            .filter(|(c, r)| is_valid_name(c) && is_valid_record_id(r))
+        {
             state.put_raw(
                 keys::event_by_record(custodian, record_id, leaf),
                 Vec::new(),
