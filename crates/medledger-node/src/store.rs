@@ -85,8 +85,13 @@ impl Store {
     }
 
     /// Opens a store image held in memory (a copy of a store file).
+    ///
+    /// The image is what `verify` distrusts, so redb checks the checksum of every page before
+    /// anything is read: a file changed outside redb is an error here, where a plain open may
+    /// read garbage, panic or stall on it (tests/tamper.rs).
     pub fn open_bytes(bytes: Vec<u8>) -> Result<Store, StoreError> {
         let db = redb::Builder::new()
+            .set_check_integrity_on_open(true)
             .create_with_backend(MemoryBackend(std::sync::RwLock::new(bytes)))?;
         Ok(Store {
             db: Db::Writable(db),
