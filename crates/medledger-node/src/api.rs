@@ -534,13 +534,26 @@ async fn patient_consents(
     State(ledger): State<Arc<Ledger>>,
     Path(patient): Path<String>,
 ) -> ApiResult<Vec<Consent>> {
-    let snapshot = snapshot(&ledger)?;
-    let ids: Vec<Hash> = snapshot
-        .value(&keys::patient_consents(&patient))?
-        .unwrap_or_default();
+    listed(
+        &ledger,
+        &keys::patient_consents(&patient),
+        keys::consent,
+        "consent",
+    )
+}
+
+/// The values named by a stored list of ids.
+fn listed<T: serde::de::DeserializeOwned>(
+    ledger: &Ledger,
+    list_key: &str,
+    item_key: fn(&Hash) -> String,
+    what: &str,
+) -> ApiResult<Vec<T>> {
+    let snapshot = snapshot(ledger)?;
+    let ids: Vec<Hash> = snapshot.value(list_key)?.unwrap_or_default();
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        out.push(required(&snapshot, &keys::consent(&id), "consent")?);
+        out.push(required(&snapshot, &item_key(&id), what)?);
     }
     Ok(Json(out))
 }
@@ -567,15 +580,12 @@ async fn patient_break_glass(
     State(ledger): State<Arc<Ledger>>,
     Path(patient): Path<String>,
 ) -> ApiResult<Vec<BreakGlass>> {
-    let snapshot = snapshot(&ledger)?;
-    let ids: Vec<Hash> = snapshot
-        .value(&keys::patient_break_glass(&patient))?
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.push(required(&snapshot, &keys::break_glass(&id), "break-glass")?);
-    }
-    Ok(Json(out))
+    listed(
+        &ledger,
+        &keys::patient_break_glass(&patient),
+        keys::break_glass,
+        "break-glass",
+    )
 }
 
 /// Audit events under an index prefix; `after` is a leaf index.

@@ -294,53 +294,40 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     let jonas_name = SYNTHETIC_PATIENTS[1].0;
 
     story.chapter("Consent: Maria lets her hospital and her lab's technicians keep her records");
+    let grant = |grantee: Grantee, categories: Vec<Category>, actions: Vec<Action>| TxBody::Grant {
+        grantee,
+        scope: Scope {
+            resource_types: vec![],
+            categories,
+        },
+        actions,
+        purposes: vec![Purpose::Treatment],
+        expires_at_ms: None,
+    };
+    let hospital_a = || Grantee::Org {
+        org: "hospital-a".into(),
+    };
+    let read_write = || vec![Action::Read, Action::Write];
     story.commit(
         &maria,
-        TxBody::Grant {
-            grantee: Grantee::Org {
-                org: "hospital-a".into(),
-            },
-            scope: Scope {
-                resource_types: vec![],
-                categories: all_categories(),
-            },
-            actions: vec![Action::Read, Action::Write],
-            purposes: vec![Purpose::Treatment],
-            expires_at_ms: None,
-        },
+        grant(hospital_a(), all_categories(), read_write()),
         "Maria grants hospital-a read+write on all her clinical categories, for treatment",
     )?;
     story.commit(
         &maria,
-        TxBody::Grant {
-            grantee: Grantee::Role {
+        grant(
+            Grantee::Role {
                 org: "lab-x".into(),
                 role: Role::LabTechnician,
             },
-            scope: Scope {
-                resource_types: vec![],
-                categories: vec![Category::Diagnostics],
-            },
-            actions: vec![Action::Write],
-            purposes: vec![Purpose::Treatment],
-            expires_at_ms: None,
-        },
+            vec![Category::Diagnostics],
+            vec![Action::Write],
+        ),
         "Maria grants lab-x's lab technicians write on diagnostics",
     )?;
     story.commit(
         &jonas,
-        TxBody::Grant {
-            grantee: Grantee::Org {
-                org: "hospital-a".into(),
-            },
-            scope: Scope {
-                resource_types: vec![],
-                categories: all_categories(),
-            },
-            actions: vec![Action::Read, Action::Write],
-            purposes: vec![Purpose::Treatment],
-            expires_at_ms: None,
-        },
+        grant(hospital_a(), all_categories(), read_write()),
         "Jonas grants hospital-a read+write on all his clinical categories",
     )?;
 
