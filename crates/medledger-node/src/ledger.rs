@@ -19,8 +19,7 @@ use medledger_core::contracts::{Candidate, TxOutcome};
 use medledger_core::identity::{is_patient_pseudonym, patient_pseudonym};
 use medledger_core::model::{Patient, User};
 use medledger_core::state::keys;
-use medledger_core::tx::{SignatureCheck, SignedTx, TxBody, TxId};
-use medledger_core::Hash;
+use medledger_core::tx::{SignatureCheck, SignedTx, TxBody, TxId, VerifiedTx};
 use tokio::sync::oneshot;
 
 use crate::pki::KeyPair;
@@ -93,7 +92,8 @@ pub enum SubmitError {
 
 /// A transaction admitted for ordering and the client waiting for it.
 pub struct Pending {
-    pub candidate: Candidate,
+    /// Admission checked its signature against the signer's key.
+    pub tx: VerifiedTx,
     pub urgent: bool,
     pub reply: oneshot::Sender<Result<Committed, SubmitError>>,
 }
@@ -221,7 +221,7 @@ impl Ledger {
     /// Checks what can be checked before ordering: encoding, size, chain, signer and
     /// signature. A transaction that fails here never reaches a block, so a forgery cannot
     /// even consume a nonce.
-    pub fn admit(&self, tx: SignedTx) -> Result<Candidate, SubmitError> {
+    pub fn admit(&self, tx: SignedTx) -> Result<VerifiedTx, SubmitError> {
         if tx.payload.chain_id != self.chain_id {
             return Err(SubmitError::WrongChain(tx.payload.chain_id.clone()));
         }
@@ -252,7 +252,7 @@ impl Ledger {
                 .public_key
         };
         match tx.verify_with(&key) {
-            Ok(verified) => Ok(Candidate::Verified(verified)),
+            Ok(verified) => Ok(verified),
             Err(SignatureCheck::Invalid) => Err(SubmitError::BadSignature),
             Err(SignatureCheck::Format(error)) => Err(SubmitError::Invalid(error.to_string())),
         }
@@ -261,17 +261,10 @@ impl Ledger {
     /// Admits, orders and commits a transaction; answers once its block is durable.
     pub async fn submit(&self, tx: SignedTx) -> Result<Committed, SubmitError> {
         let urgent = tx.payload.body.is_urgent();
-        let candidate = self.admit(tx)?;
-        let tx_id = match &candidate {
-            Candidate::Verified(verified) => verified.id(),
-            Candidate::Unverified(_) => unreachable!("admission verifies every transaction"),
-        };
+        let tx = self.admit(tx)?;
+        let tx_id = tx.id();
         let (reply, answer) = oneshot::channel();
-        self.orderer.enqueue(Pending {
-            candidate,
-            urgent,
-            reply,
-        })?;
+        self.orderer.enqueue(Pending { tx, urgent, reply })?;
         let deadline = Duration::from_millis(self.config.commit_timeout_ms);
         match tokio::time::timeout(deadline, answer).await {
             Ok(Ok(result)) => result,
@@ -391,11 +384,8 @@ fn commit_batch(
     let mut candidates = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     for pending in batch {
-        ids.push(match &pending.candidate {
-            Candidate::Verified(verified) => verified.id(),
-            Candidate::Unverified(tx) => tx.id().unwrap_or(Hash::ZERO),
-        });
-        candidates.push(pending.candidate);
+        ids.push(pending.tx.id());
+        candidates.push(Candidate::Verified(pending.tx));
         replies.push(pending.reply);
     }
     let snapshot = store.snapshot().map_err(|e| e.to_string())?;
