@@ -113,6 +113,13 @@ impl Store {
         decode("head", bytes.value()).map(Some)
     }
 
+    /// The head's raw bytes as stored, for `verify`, which decodes them itself.
+    pub fn head_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(META)?;
+        Ok(table.get(HEAD_KEY)?.map(|bytes| bytes.value().to_vec()))
+    }
+
     /// Writes a block, its state changes and the new head atomically and durably.
     pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
         let Db::Writable(db) = &self.db;
@@ -169,6 +176,18 @@ impl Store {
         let txn = self.begin_read()?;
         let table = txn.open_table(BLOCKS)?;
         Ok(table.len()?)
+    }
+
+    /// Every stored block with its key, in key order, as stored bytes (for `verify`, which
+    /// trusts neither the keys nor the bytes).
+    pub fn for_each_block(&self, mut visit: impl FnMut(u64, &[u8])) -> Result<(), StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        for entry in table.iter()? {
+            let (height, bytes) = entry?;
+            visit(height.value(), bytes.value());
+        }
+        Ok(())
     }
 
     /// A consistent view of state as of now.

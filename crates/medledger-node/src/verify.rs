@@ -1,19 +1,55 @@
 //! Independent re-checking of a stored ledger: every block re-executed from genesis.
 //!
-//! `verify_store` trusts nothing in the store but its bytes: it decodes each block,
-//! re-executes it through the pure core (signatures, certificate chains, contracts), checks
-//! the hash chain, the Merkle roots and the state hashes, then compares the stored state and
-//! head with what re-execution produced. The first thing that does not hold is reported
-//! with the block it belongs to.
+//! `verify_content` trusts nothing in what a store holds but its bytes: it checks that the
+//! block keys run 0, 1, 2, … and decodes each block, re-executes it through the pure core
+//! (signatures, certificate chains, contracts), checks the hash chain, the Merkle roots and
+//! the state hashes, then compares the stored head and state with what re-execution
+//! produced, byte for byte. The first thing that does not hold is reported with the block it
+//! belongs to, and nothing after it is checked.
+//!
+//! It knows no storage engine: redb's page checksums are unkeyed, so anyone who rewrites the
+//! file through redb passes them, and these checks alone must catch every change of content
+//! (tests/tamper_content.rs changes every byte of it). `verify_store` only reads a store into
+//! `StoredContent`.
 
 use std::collections::BTreeMap;
 
-use medledger_core::block::{replay, ChainHead};
+use medledger_core::block::{replay, Block, ChainHead};
 use medledger_core::contracts::Candidate;
 use medledger_core::state::apply_writes;
 use serde::Serialize;
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
+
+/// What a store holds, as the bytes it holds them in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredContent {
+    /// (height key, serde_json of a `Block`), in key order.
+    pub blocks: Vec<(u64, Vec<u8>)>,
+    /// serde_json of the `ChainHead` after the last block; None before genesis.
+    pub head: Option<Vec<u8>>,
+    /// (key, value), in key order.
+    pub state: Vec<(String, Vec<u8>)>,
+}
+
+impl StoredContent {
+    /// Reads everything a store holds. The reads are not one transaction: read a store that
+    /// is not being written to (`medledger verify` reads a copy of the file).
+    pub fn read(store: &Store) -> Result<StoredContent, StoreError> {
+        let head = store.head_bytes()?;
+        let mut blocks = Vec::new();
+        store.for_each_block(|height, bytes| blocks.push((height, bytes.to_vec())))?;
+        let mut state = Vec::new();
+        store
+            .snapshot()?
+            .for_each(|key, value| state.push((key.to_string(), value.to_vec())))?;
+        Ok(StoredContent {
+            blocks,
+            head,
+            state,
+        })
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
@@ -45,28 +81,43 @@ impl VerifyFailure {
     }
 }
 
+/// Reads the store and verifies what it holds (`verify_content`).
 pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyFailure> {
-    let unreadable = |e: crate::store::StoreError| VerifyFailure::Store(e.to_string());
-    let stored_head = store
-        .head()
-        .map_err(|e| VerifyFailure::Head(e.to_string()))?
+    let content =
+        StoredContent::read(store).map_err(|error| VerifyFailure::Store(error.to_string()))?;
+    verify_content(&content)
+}
+
+/// Re-executes the stored blocks from genesis and checks that they, the stored head and the
+/// stored state are exactly what re-execution produces. Pure: no IO, no clock.
+pub fn verify_content(content: &StoredContent) -> Result<VerifyReport, VerifyFailure> {
+    let stored_head_bytes = content
+        .head
+        .as_deref()
         .ok_or_else(|| VerifyFailure::Head("the store holds no chain".into()))?;
-    let count = store.block_count().map_err(unreadable)?;
+    let stored_head: ChainHead = serde_json::from_slice(stored_head_bytes)
+        .map_err(|e| VerifyFailure::Head(format!("stored head does not decode: {e}")))?;
     let mut state: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     // The block that last wrote each key, to name the block a bad state entry belongs to.
     let mut written_by: BTreeMap<String, u64> = BTreeMap::new();
     let mut head: Option<ChainHead> = None;
     let (mut txs, mut committed) = (0u64, 0u64);
-    for height in 0..count {
+    for (height, (key, bytes)) in (0u64..).zip(&content.blocks) {
         let bad = |detail: String| VerifyFailure::Block { height, detail };
-        let bytes = store
-            .block_bytes(height)
-            .map_err(unreadable)?
-            .ok_or_else(|| bad("missing".into()))?;
-        let block: medledger_core::block::Block =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("does not decode: {e}")))?;
+        // The store keys each block by its height; a key out of place means a block was
+        // removed, repeated or moved, whatever the bytes under it say.
+        if *key > height {
+            return Err(bad(format!("missing: the next stored block key is {key}")));
+        }
+        if *key < height {
+            return Err(bad(format!(
+                "missing: block key {key} is stored again or out of order in its place"
+            )));
+        }
+        let block: Block =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("does not decode: {e}")))?;
         // The store writes blocks in one encoding; any other bytes were not written by a node.
-        if serde_json::to_vec(&block).map_err(|e| bad(e.to_string()))? != bytes {
+        if serde_json::to_vec(&block).map_err(|e| bad(e.to_string()))? != *bytes {
             return Err(bad("is not in its stored encoding".into()));
         }
         let executed = replay(&state, head.as_ref(), &block, |txs| {
@@ -88,9 +139,16 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyFailure> {
             stored_head.height, stored_head.block_hash, head.height, head.block_hash
         )));
     }
-    compare_state(store, &state, &written_by)?;
+    // As for blocks: equal once decoded is not enough (hex digits, for one, decode in either
+    // case), the stored bytes must be the ones the node writes.
+    if serde_json::to_vec(&head).expect("heads encode") != stored_head_bytes {
+        return Err(VerifyFailure::Head(
+            "stored head is not in its stored encoding".into(),
+        ));
+    }
+    compare_state(&content.state, &state, &written_by)?;
     Ok(VerifyReport {
-        blocks: count,
+        blocks: content.blocks.len() as u64,
         txs,
         committed,
         rejected: txs - committed,
@@ -101,34 +159,34 @@ pub fn verify_store(store: &Store) -> Result<VerifyReport, VerifyFailure> {
 
 /// Compares the stored state with the re-executed one, entry by entry.
 fn compare_state(
-    store: &Store,
+    stored: &[(String, Vec<u8>)],
     expected: &BTreeMap<String, Vec<u8>>,
     written_by: &BTreeMap<String, u64>,
 ) -> Result<(), VerifyFailure> {
-    let snapshot = store
-        .snapshot()
-        .map_err(|e| VerifyFailure::Store(e.to_string()))?;
     let mut expected_entries = expected.iter();
-    let mut first_difference: Option<String> = None;
-    snapshot
-        .for_each(|key, value| {
-            if first_difference.is_some() {
-                return;
+    let mut first_difference: Option<&String> = None;
+    for (key, value) in stored {
+        match expected_entries.next() {
+            Some((k, v)) if k == key && v == value => {}
+            // The smaller key is the one the other side lacks (or, if equal, whose value
+            // differs).
+            Some((k, _)) => {
+                first_difference = Some(k.min(key));
+                break;
             }
-            match expected_entries.next() {
-                Some((k, v)) if k == key && v.as_slice() == value => {}
-                Some((k, _)) => first_difference = Some(k.min(&key.to_string()).clone()),
-                None => first_difference = Some(key.to_string()),
+            None => {
+                first_difference = Some(key);
+                break;
             }
-        })
-        .map_err(|e| VerifyFailure::Store(e.to_string()))?;
+        }
+    }
     if first_difference.is_none() {
-        first_difference = expected_entries.next().map(|(k, _)| k.clone());
+        first_difference = expected_entries.next().map(|(k, _)| k);
     }
     match first_difference {
         None => Ok(()),
         Some(key) => Err(VerifyFailure::Block {
-            height: written_by.get(&key).copied().unwrap_or(0),
+            height: written_by.get(key).copied().unwrap_or(0),
             detail: format!("stored state differs from re-execution at key {key:?}"),
         }),
     }

@@ -1,0 +1,103 @@
+//! The small ledger the store and verify tests tamper with.
+
+use medledger_core::block::execute_block;
+use medledger_core::contracts::Candidate;
+use medledger_core::identity::OrgKind;
+use medledger_core::model::{Action, Category, Grantee, Purpose, Scope};
+use medledger_core::tx::{SignedTx, TxBody};
+use medledger_node::consortium::{Consortium, Identity};
+use medledger_node::ledger::initialise;
+use medledger_node::pki::Validity;
+use medledger_node::store::Store;
+
+pub const CHAIN_ID: &str = "tamper-test";
+pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+pub const GENESIS_MS: u64 = 1_700_000_000_000;
+
+/// Writes genesis and three blocks (six transactions, one rejected) through the node's
+/// store in `data_dir`.
+pub fn build_ledger(data_dir: &std::path::Path) {
+    let validity = Validity {
+        not_before_ms: GENESIS_MS - DAY_MS,
+        not_after_ms: GENESIS_MS + 365 * DAY_MS,
+    };
+    let consortium = Consortium::create(
+        CHAIN_ID,
+        &[("hospital-a", OrgKind::Hospital)],
+        GENESIS_MS,
+        validity,
+    )
+    .expect("a consortium");
+    initialise(data_dir, &consortium.genesis).expect("genesis is stored");
+    let proposer = consortium
+        .org("hospital-a")
+        .expect("hospital-a is founding")
+        .node
+        .id
+        .clone();
+
+    let expires_at_ms = GENESIS_MS + DAY_MS / 2;
+    let maria = Identity::new_patient().expect("a patient key");
+    let jonas = Identity::new_patient().expect("a patient key");
+    let register = |patient: &Identity| {
+        patient.sign(
+            CHAIN_ID,
+            1,
+            expires_at_ms,
+            TxBody::RegisterPatient {
+                public_key: patient.key.public_key(),
+            },
+        )
+    };
+    let grant = |patient: &Identity| {
+        patient.sign(
+            CHAIN_ID,
+            2,
+            expires_at_ms,
+            TxBody::Grant {
+                grantee: Grantee::Org {
+                    org: "hospital-a".into(),
+                },
+                scope: Scope {
+                    resource_types: vec![],
+                    categories: vec![Category::Conditions],
+                },
+                actions: vec![Action::Read],
+                purposes: vec![Purpose::Treatment],
+                expires_at_ms: None,
+            },
+        )
+    };
+    let maria_grant = grant(&maria);
+    let jonas_grant = grant(&jonas);
+    let jonas_revoke = jonas.sign(
+        CHAIN_ID,
+        3,
+        expires_at_ms,
+        TxBody::Revoke {
+            grant_id: jonas_grant.id().expect("a well-formed transaction"),
+        },
+    );
+    let blocks: [Vec<SignedTx>; 3] = [
+        vec![register(&maria), register(&jonas)],
+        vec![maria_grant.clone(), jonas_grant],
+        // The replayed grant is rejected (its nonce is stale) and recorded as rejected.
+        vec![maria_grant, jonas_revoke],
+    ];
+
+    let store = Store::open(data_dir).expect("the store opens");
+    let mut head = store
+        .head()
+        .expect("the head reads")
+        .expect("genesis is stored");
+    for (index, txs) in blocks.into_iter().enumerate() {
+        let time_ms = GENESIS_MS + 1000 * (index as u64 + 1);
+        let candidates = txs.into_iter().map(Candidate::Unverified).collect();
+        let snapshot = store.snapshot().expect("a snapshot");
+        let executed = execute_block(&snapshot, &head, &proposer, time_ms, candidates)
+            .expect("the block executes");
+        drop(snapshot);
+        store.commit_block(&executed).expect("the block commits");
+        head = executed.head;
+    }
+}
