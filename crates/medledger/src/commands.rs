@@ -964,20 +964,8 @@ pub fn proof(command: ProofCommand) -> CliResult {
             since,
             save_head,
         } => {
-            let root_text = std::fs::read_to_string(&root_cert)
-                .map_err(|e| format!("{}: {e}", root_cert.display()))?;
-            let root = IssuedCert::from_pem(&root_text).map_err(|e| e.to_string())?;
-            let since: Option<SignedTreeHead> = match since {
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                    Some(
-                        serde_json::from_str(&text)
-                            .map_err(|e| format!("{}: {e}", path.display()))?,
-                    )
-                }
-                None => None,
-            };
+            let root = read_root(&root_cert)?;
+            let since: Option<SignedTreeHead> = since.as_deref().map(read_json).transpose()?;
             let report = verify_transaction_proof(
                 &Client::new(&node),
                 &parse_id(&tx)?,
@@ -1004,31 +992,67 @@ pub fn proof(command: ProofCommand) -> CliResult {
     }
 }
 
-pub fn verify(data_dir: &Path) -> CliResult {
+pub fn verify(data_dir: &Path, tree_head: Option<&Path>, root_cert: Option<&Path>) -> CliResult {
     let path = data_dir.join(LEDGER_FILE);
     if !path.exists() {
         return Err(format!("{} does not exist", path.display()));
     }
     let store = Store::open_copy(&path).map_err(|e| format!("cannot open the store: {e}"))?;
-    match medledger_node::verify::verify_store(&store) {
-        Ok(report) => {
-            println!(
-                "ledger verified: {} blocks, {} transactions ({} committed, {} rejected), {} state entries; head {} at height {}, log size {}, root {}",
-                report.blocks,
-                report.txs,
-                report.committed,
-                report.rejected,
-                report.state_entries,
-                report.head.block_hash,
-                report.head.height,
-                report.head.log_size,
-                report.head.log_root
-            );
-            Ok(())
-        }
-        Err(failure) => Err(match failure.height() {
+    let report =
+        medledger_node::verify::verify_store(&store).map_err(|failure| match failure.height() {
             Some(height) => format!("verification FAILED: first bad block is {height}: {failure}"),
             None => format!("verification FAILED: {failure}"),
-        }),
+        })?;
+    println!(
+        "ledger verified: {} blocks, {} transactions ({} committed, {} rejected), {} state entries; head {} at height {}, log size {}, root {}",
+        report.blocks,
+        report.txs,
+        report.committed,
+        report.rejected,
+        report.state_entries,
+        report.head.block_hash,
+        report.head.height,
+        report.head.log_size,
+        report.head.log_root
+    );
+    if let (Some(tree_head), Some(root_cert)) = (tree_head, root_cert) {
+        let head: SignedTreeHead = read_json(tree_head)?;
+        let root = read_root(root_cert)?;
+        let chain_id = root.info().map_err(|e| e.to_string())?.organization;
+        verify_tree_head(&head, &root.der, &chain_id)
+            .map_err(|e| format!("verification FAILED: the tree head: {e}"))?;
+        let size = head.tree_head.log_size;
+        if size > report.head.log_size {
+            return Err(format!(
+                "verification FAILED: {} signed a log of {size} entries, the ledger holds {}: it was rolled back",
+                head.signer, report.head.log_size
+            ));
+        }
+        // The stored Merkle nodes equal the re-executed ones (checked above), so the root at
+        // the signed size is the root of the ledger's own first `size` entries.
+        let snapshot = store.snapshot().map_err(|e| e.to_string())?;
+        let root_at_size =
+            medledger_core::merkle::root(&snapshot, size).map_err(|e| e.to_string())?;
+        if root_at_size != head.tree_head.log_root {
+            return Err(format!(
+                "verification FAILED: the ledger's first {size} entries are not the log {} signed: history was rewritten",
+                head.signer
+            ));
+        }
+        println!(
+            "ledger matches the tree head signed by {} at log size {size}",
+            head.signer
+        );
     }
+    Ok(())
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn read_root(path: &Path) -> Result<IssuedCert, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    IssuedCert::from_pem(&text).map_err(|e| format!("{}: {e}", path.display()))
 }

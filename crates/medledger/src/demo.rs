@@ -512,11 +512,24 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     );
 
     let status: serde_json::Value = story.client.get("/v1/status").map_err(|e| e.to_string())?;
+    // A tree head held outside the node lets anyone later catch a rewrite or a rollback.
+    let last_head: SignedTreeHead = story
+        .client
+        .get("/v1/tree-head")
+        .map_err(|e| e.to_string())?;
+    let head_file = dir.join("tree-head.json");
+    std::fs::write(
+        &head_file,
+        serde_json::to_string_pretty(&last_head).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     println!(
-        "\nDone: {} blocks, log of {} entries. Re-check the stored ledger with:\n   medledger verify --data-dir {}",
+        "\nDone: {} blocks, log of {} entries. Re-check the stored ledger, against the tree head kept outside it, with:\n   medledger verify --data-dir {} --tree-head {} --root-cert {}",
         status["height"].as_u64().unwrap_or(0) + 1,
         status["log_size"],
-        node_dir.display()
+        node_dir.display(),
+        head_file.display(),
+        keys.root_certificate().display()
     );
     if once {
         return Ok(());

@@ -40,6 +40,13 @@ enum Command {
     Verify {
         #[arg(long)]
         data_dir: PathBuf,
+        /// A signed tree head obtained earlier (e.g. `proof verify --save-head`): the ledger
+        /// must contain exactly that log, so a consistent rewrite or a rollback is caught.
+        #[arg(long, requires = "root_cert")]
+        tree_head: Option<PathBuf>,
+        /// The consortium root certificate (PEM) that signs the tree head's chain.
+        #[arg(long)]
+        root_cert: Option<PathBuf>,
     },
     /// Measure signature verification and ledger throughput and latency on this machine.
     Bench(bench::BenchArgs),
@@ -77,7 +84,11 @@ fn main() -> ExitCode {
             data_dir,
             listen,
         } => demo::run(once, data_dir, &listen),
-        Command::Verify { data_dir } => commands::verify(&data_dir),
+        Command::Verify {
+            data_dir,
+            tree_head,
+            root_cert,
+        } => commands::verify(&data_dir, tree_head.as_deref(), root_cert.as_deref()),
         Command::Bench(args) => bench::run(args),
         Command::Consortium(command) => commands::consortium(command),
         Command::Identity(command) => commands::identity(command),

@@ -131,3 +131,78 @@ fn verify_refuses_a_missing_store_and_a_truncated_one() {
     assert!(!cut.status.success(), "a truncated store verified");
     assert!(!text(&cut).contains("panicked"), "{}", text(&cut));
 }
+
+#[test]
+fn verify_against_a_tree_head_held_elsewhere_catches_rollback_and_rewrite() {
+    // Goal: with a signed tree head kept outside the node, `verify --tree-head` passes on
+    // the ledger that head describes, and fails when the ledger holds less than the head
+    // (a rollback) or other entries under the same size (a rewrite), or the head is forged.
+    use medledger_core::audit::SignedTreeHead;
+    use medledger_node::consortium::Identity;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    assert!(
+        medledger(&["demo", "--once", "--data-dir", data.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let node_dir = data.join("node-hospital-a");
+    let root = data.join("keys").join("root.cert.pem");
+    let verify_with = |head: &SignedTreeHead| {
+        let file = dir.path().join("head.json");
+        std::fs::write(&file, serde_json::to_string(head).unwrap()).unwrap();
+        medledger(&[
+            "verify",
+            "--data-dir",
+            node_dir.to_str().unwrap(),
+            "--tree-head",
+            file.to_str().unwrap(),
+            "--root-cert",
+            root.to_str().unwrap(),
+        ])
+    };
+    let kept: SignedTreeHead =
+        serde_json::from_str(&std::fs::read_to_string(data.join("tree-head.json")).unwrap())
+            .unwrap();
+    let matched = verify_with(&kept);
+    assert!(matched.status.success(), "{}", text(&matched));
+    assert!(text(&matched).contains("ledger matches the tree head"));
+
+    // The node's own key signs heads the stored ledger does not match, as a node whose
+    // store was rolled back or rewritten after signing would have.
+    let node = Identity::load(&node_dir.join("node.identity.json")).unwrap();
+    let signed = |change: &dyn Fn(&mut SignedTreeHead)| {
+        let mut head = kept.clone();
+        change(&mut head);
+        head.signature = node.key.sign(&head.tree_head.signing_bytes());
+        head
+    };
+    let longer = signed(&|head| head.tree_head.log_size += 1);
+    let rolled_back = verify_with(&longer);
+    assert!(!rolled_back.status.success());
+    assert!(
+        text(&rolled_back).contains("rolled back"),
+        "{}",
+        text(&rolled_back)
+    );
+
+    let other_root = signed(&|head| head.tree_head.log_root.0[0] ^= 1);
+    let rewritten = verify_with(&other_root);
+    assert!(!rewritten.status.success());
+    assert!(
+        text(&rewritten).contains("history was rewritten"),
+        "{}",
+        text(&rewritten)
+    );
+
+    let mut forged = kept.clone();
+    forged.tree_head.log_size -= 1;
+    let refused = verify_with(&forged);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("the tree head"),
+        "{}",
+        text(&refused)
+    );
+}
