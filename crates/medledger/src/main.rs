@@ -45,7 +45,7 @@ enum Command {
         #[arg(long, requires = "root_cert")]
         tree_head: Option<PathBuf>,
         /// The consortium root certificate (PEM) that signs the tree head's chain.
-        #[arg(long)]
+        #[arg(long, requires = "tree_head")]
         root_cert: Option<PathBuf>,
     },
     /// Measure signature verification and ledger throughput and latency on this machine.
