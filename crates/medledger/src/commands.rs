@@ -63,11 +63,14 @@ fn load(path: &Path) -> Result<Identity, String> {
     Identity::load(path).map_err(|e| e.to_string())
 }
 
+/// Prints a line; a reader that went away (`| head`) ends the output, not the program.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("values encode")
-    );
+    say(&serde_json::to_string_pretty(value).expect("values encode"));
 }
 
 /// Validity of the certificates made by the offline tools: from a day ago, for `days`.
@@ -828,7 +831,7 @@ pub fn audit(args: AuditArgs) -> CliResult {
         .get(&path)
         .map_err(|e| e.to_string())?;
     for event in &events {
-        println!("{}", describe_event(event));
+        say(&describe_event(event));
     }
     Ok(())
 }
