@@ -160,27 +160,48 @@ pub mod keys {
     }
     /// Patient's record index entry; the value is empty.
     pub fn patient_record(patient: &str, custodian: &str, record_id: &str) -> String {
-        format!("patient_record/{patient}/{custodian}/{record_id}")
+        format!("{}{custodian}/{record_id}", patient_records_prefix(patient))
+    }
+    pub fn patient_records_prefix(patient: &str) -> String {
+        format!("patient_record/{patient}/")
     }
     pub fn consent(id: &Hash) -> String {
         format!("consent/{id}")
     }
-    /// Ids of every consent a patient ever granted.
+    /// Ids of the patient's consents that may still be in force: the policy reads them on
+    /// every decision, so revoked and expired ones are pruned from it.
     pub fn patient_consents(patient: &str) -> String {
         format!("patient_consents/{patient}")
+    }
+    /// History index of every consent a patient granted; the value is empty.
+    pub fn patient_consent(patient: &str, id: &Hash) -> String {
+        format!("{}{id}", patient_consent_prefix(patient))
+    }
+    pub fn patient_consent_prefix(patient: &str) -> String {
+        format!("patient_consent/{patient}/")
     }
     pub fn request(id: &Hash) -> String {
         format!("request/{id}")
     }
     pub fn patient_request(patient: &str, id: &Hash) -> String {
-        format!("patient_request/{patient}/{id}")
+        format!("{}{id}", patient_request_prefix(patient))
+    }
+    pub fn patient_request_prefix(patient: &str) -> String {
+        format!("patient_request/{patient}/")
     }
     pub fn break_glass(id: &Hash) -> String {
         format!("break_glass/{id}")
     }
-    /// Ids of every break-glass opened for a patient.
+    /// Ids of the patient's break-glass openings whose window has not ended (pruned).
     pub fn patient_break_glass(patient: &str) -> String {
         format!("patient_break_glass/{patient}")
+    }
+    /// History index of every break-glass opened for a patient; the value is empty.
+    pub fn patient_break_glass_entry(patient: &str, id: &Hash) -> String {
+        format!("{}{id}", patient_break_glass_prefix(patient))
+    }
+    pub fn patient_break_glass_prefix(patient: &str) -> String {
+        format!("patient_break_glass_entry/{patient}/")
     }
     pub fn proposal(id: u64) -> String {
         format!("proposal/{id:016x}")
@@ -192,13 +213,25 @@ pub mod keys {
         format!("event/{leaf_index:016x}")
     }
     pub fn event_by_patient(patient: &str, leaf_index: u64) -> String {
-        format!("event_by_patient/{patient}/{leaf_index:016x}")
+        format!("{}{leaf_index:016x}", event_by_patient_prefix(patient))
+    }
+    pub fn event_by_patient_prefix(patient: &str) -> String {
+        format!("event_by_patient/{patient}/")
     }
     pub fn event_by_actor(actor: &str, leaf_index: u64) -> String {
-        format!("event_by_actor/{actor}/{leaf_index:016x}")
+        format!("{}{leaf_index:016x}", event_by_actor_prefix(actor))
+    }
+    pub fn event_by_actor_prefix(actor: &str) -> String {
+        format!("event_by_actor/{actor}/")
     }
     pub fn event_by_record(custodian: &str, record_id: &str, leaf_index: u64) -> String {
-        format!("event_by_record/{custodian}/{record_id}/{leaf_index:016x}")
+        format!(
+            "{}{leaf_index:016x}",
+            event_by_record_prefix(custodian, record_id)
+        )
+    }
+    pub fn event_by_record_prefix(custodian: &str, record_id: &str) -> String {
+        format!("event_by_record/{custodian}/{record_id}/")
     }
     /// Where a transaction landed: its leaf index in the Merkle log.
     pub fn tx(id: &Hash) -> String {

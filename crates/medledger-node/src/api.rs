@@ -513,10 +513,7 @@ async fn patient_records(
     Query(page): Query<Page>,
 ) -> ApiResult<Vec<Record>> {
     let snapshot = snapshot(&ledger)?;
-    let prefix = format!(
-        "{}/",
-        keys::patient_record(&patient, "", "").trim_end_matches('/')
-    );
+    let prefix = keys::patient_records_prefix(&patient);
     let mut out = Vec::new();
     for suffix in page_keys(&snapshot, &prefix, &page)? {
         if let Some((custodian, record_id)) = suffix.split_once('/') {
@@ -530,30 +527,32 @@ async fn patient_records(
     Ok(Json(out))
 }
 
+/// Every consent the patient granted, in force or not, paged by consent id.
 async fn patient_consents(
     State(ledger): State<Arc<Ledger>>,
     Path(patient): Path<String>,
+    Query(page): Query<Page>,
 ) -> ApiResult<Vec<Consent>> {
-    listed(
-        &ledger,
-        &keys::patient_consents(&patient),
-        keys::consent,
-        "consent",
-    )
+    let prefix = keys::patient_consent_prefix(&patient);
+    by_id_index(&ledger, &prefix, &page, keys::consent, "consent")
 }
 
-/// The values named by a stored list of ids.
-fn listed<T: serde::de::DeserializeOwned>(
+/// The values of an index whose key suffixes are ids, one page of them.
+fn by_id_index<T: serde::de::DeserializeOwned>(
     ledger: &Ledger,
-    list_key: &str,
+    prefix: &str,
+    page: &Page,
     item_key: fn(&Hash) -> String,
     what: &str,
 ) -> ApiResult<Vec<T>> {
     let snapshot = snapshot(ledger)?;
-    let ids: Vec<Hash> = snapshot.value(list_key)?.unwrap_or_default();
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.push(required(&snapshot, &item_key(&id), what)?);
+    let mut out = Vec::new();
+    for id in page_keys(&snapshot, prefix, page)? {
+        out.push(required(
+            &snapshot,
+            &item_key(&parse_hash(&id, what)?),
+            what,
+        )?);
     }
     Ok(Json(out))
 }
@@ -563,29 +562,18 @@ async fn patient_requests(
     Path(patient): Path<String>,
     Query(page): Query<Page>,
 ) -> ApiResult<Vec<AccessRequest>> {
-    let snapshot = snapshot(&ledger)?;
-    let prefix = format!("patient_request/{patient}/");
-    let mut out = Vec::new();
-    for id in page_keys(&snapshot, &prefix, &page)? {
-        out.push(required(
-            &snapshot,
-            &keys::request(&parse_hash(&id, "request")?),
-            "request",
-        )?);
-    }
-    Ok(Json(out))
+    let prefix = keys::patient_request_prefix(&patient);
+    by_id_index(&ledger, &prefix, &page, keys::request, "request")
 }
 
+/// Every break-glass opened for the patient, paged by id.
 async fn patient_break_glass(
     State(ledger): State<Arc<Ledger>>,
     Path(patient): Path<String>,
+    Query(page): Query<Page>,
 ) -> ApiResult<Vec<BreakGlass>> {
-    listed(
-        &ledger,
-        &keys::patient_break_glass(&patient),
-        keys::break_glass,
-        "break-glass",
-    )
+    let prefix = keys::patient_break_glass_prefix(&patient);
+    by_id_index(&ledger, &prefix, &page, keys::break_glass, "break-glass")
 }
 
 /// Audit events under an index prefix; `after` is a leaf index.
@@ -618,7 +606,7 @@ async fn audit_by_patient(
     Path(patient): Path<String>,
     Query(page): Query<Page>,
 ) -> ApiResult<Vec<AuditEvent>> {
-    audit_events(&ledger, format!("event_by_patient/{patient}/"), &page)
+    audit_events(&ledger, keys::event_by_patient_prefix(&patient), &page)
 }
 
 async fn audit_by_actor(
@@ -626,7 +614,7 @@ async fn audit_by_actor(
     Path(actor): Path<String>,
     Query(page): Query<Page>,
 ) -> ApiResult<Vec<AuditEvent>> {
-    audit_events(&ledger, format!("event_by_actor/{actor}/"), &page)
+    audit_events(&ledger, keys::event_by_actor_prefix(&actor), &page)
 }
 
 async fn audit_by_record(
@@ -636,7 +624,7 @@ async fn audit_by_record(
 ) -> ApiResult<Vec<AuditEvent>> {
     audit_events(
         &ledger,
-        format!("event_by_record/{custodian}/{record_id}/"),
+        keys::event_by_record_prefix(&custodian, &record_id),
         &page,
     )
 }

@@ -3867,3 +3867,48 @@ fn random_sequences_execute_and_replay_to_the_same_hashes() {
         );
     }
 }
+
+#[test]
+fn consents_and_break_glass_no_longer_in_force_leave_the_lists_the_policy_reads() {
+    // Proves that the bound on consents (and on break-glass windows) counts only what is in
+    // force: a patient who granted and revoked more than the bound over the years can still
+    // grant, the policy's list holds only live ids, and the history index keeps them all.
+    use medledger_core::contracts::{BREAK_GLASS_PER_PATIENT_MAX, CONSENTS_PER_PATIENT_MAX};
+    let (mut ledger, world) = world();
+    let in_force_at_start: Vec<Hash> = ledger.must(&keys::patient_consents(&world.p.id));
+    let rounds = CONSENTS_PER_PATIENT_MAX + 8;
+    let mut granted = Vec::new();
+    for chunk in 0..rounds.div_ceil(256) {
+        let count = 256.min(rounds - chunk * 256);
+        let grants: Vec<SignedTx> = (0..count)
+            .map(|_| ledger.sign(&world.p, grant_observations(to_user(&world.bob.id))))
+            .collect();
+        let ids: Vec<Hash> = grants.iter().map(|tx| tx.id().unwrap()).collect();
+        expect_all_committed(&ledger.run(grants), "grants");
+        let revokes: Vec<SignedTx> = ids
+            .iter()
+            .map(|id| ledger.sign(&world.p, revoke(*id)))
+            .collect();
+        expect_all_committed(&ledger.run(revokes), "revokes");
+        granted.extend(ids);
+    }
+    let last = ledger.commit(&world.p, grant_observations(to_user(&world.bob.id)));
+    let in_force: Vec<Hash> = ledger.must(&keys::patient_consents(&world.p.id));
+    assert_eq!(in_force, [in_force_at_start, vec![last]].concat());
+    for id in granted.iter().chain([&last]) {
+        assert!(
+            ledger
+                .state
+                .contains_key(&keys::patient_consent(&world.p.id, id)),
+            "consent {id} is missing from the patient's history"
+        );
+    }
+
+    // Break-glass windows that ended are pruned when the next one opens.
+    let first = ledger.commit(&world.alice, open_break_glass(&world.p.id, 1000));
+    ledger.advance(1000);
+    let second = ledger.commit(&world.alice, open_break_glass(&world.p.id, 1000));
+    let open: Vec<Hash> = ledger.must(&keys::patient_break_glass(&world.p.id));
+    assert!(open.contains(&second) && !open.contains(&first), "{open:?}");
+    assert!(BREAK_GLASS_PER_PATIENT_MAX > open.len());
+}

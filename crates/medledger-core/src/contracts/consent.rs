@@ -12,13 +12,14 @@ use crate::tx::TxBody;
 
 use super::{existing, registered_patient, Rejection, TxContext};
 
-/// Most consents a patient may ever grant (the policy reads them all on each decision).
+/// Most consents a patient may have in force at once (the policy reads them all on each
+/// decision); revoked and expired ones no longer count.
 pub const CONSENTS_PER_PATIENT_MAX: usize = 1024;
 /// Most entries in a scope, actions or purposes list.
 pub const LIST_ENTRIES_MAX: usize = 32;
 /// Longest break-glass window.
 pub const BREAK_GLASS_MS_MAX: u64 = 12 * 60 * 60 * 1000;
-/// Most break-glass openings per patient.
+/// Most break-glass windows open at once for one patient.
 pub const BREAK_GLASS_PER_PATIENT_MAX: usize = 1024;
 
 pub(super) fn execute<S: StateRead + ?Sized>(
@@ -54,7 +55,7 @@ pub(super) fn execute<S: StateRead + ?Sized>(
                 revoked_at_ms: None,
                 request_id: None,
             };
-            store_consent(state, consent)
+            store_consent(state, consent, context.time_ms)
         }
         TxBody::Revoke { grant_id } => {
             let patient = context.signer.patient()?;
@@ -72,6 +73,10 @@ pub(super) fn execute<S: StateRead + ?Sized>(
             }
             consent.revoked_at_ms = Some(context.time_ms);
             state.put(keys::consent(grant_id), &consent);
+            let list = keys::patient_consents(&patient.id);
+            let mut ids: Vec<Hash> = state.get_value(&list).unwrap_or_default();
+            ids.retain(|id| id != grant_id);
+            state.put(list, &ids);
             Ok(())
         }
         TxBody::RequestAccess {
@@ -132,7 +137,7 @@ pub(super) fn execute<S: StateRead + ?Sized>(
             request.consent_id = Some(consent.id);
             event.actor = Some(request.requester.clone());
             state.put(keys::request(request_id), &request);
-            store_consent(state, consent)
+            store_consent(state, consent, context.time_ms)
         }
         TxBody::DenyRequest { request_id } => {
             let mut request = answerable_request(state, context, request_id, event)?;
@@ -160,9 +165,14 @@ pub(super) fn execute<S: StateRead + ?Sized>(
             }
             let key = keys::patient_break_glass(patient);
             let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
+            ids.retain(|id| {
+                state
+                    .get_value::<BreakGlass>(&keys::break_glass(id))
+                    .is_some_and(|open| context.time_ms < open.ends_at_ms)
+            });
             if ids.len() >= BREAK_GLASS_PER_PATIENT_MAX {
                 return Err(Rejection::conflict(
-                    "the patient's break-glass limit is reached",
+                    "the patient has the most break-glass windows open at once",
                 ));
             }
             let opening = BreakGlass {
@@ -177,6 +187,10 @@ pub(super) fn execute<S: StateRead + ?Sized>(
             };
             ids.push(opening.id);
             state.put(key, &ids);
+            state.put_raw(
+                keys::patient_break_glass_entry(patient, &opening.id),
+                Vec::new(),
+            );
             state.put(keys::break_glass(&opening.id), &opening);
             Ok(())
         }
@@ -211,19 +225,31 @@ pub(super) fn execute<S: StateRead + ?Sized>(
     }
 }
 
+/// Stores a new consent: in the patient's history, and in the list the policy reads, from
+/// which consents no longer in force at `time_ms` are pruned first.
 fn store_consent<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     consent: Consent,
+    time_ms: u64,
 ) -> Result<(), Rejection> {
     let key = keys::patient_consents(&consent.patient);
     let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
+    ids.retain(|id| {
+        state
+            .get_value::<Consent>(&keys::consent(id))
+            .is_some_and(|c| c.is_active_at(time_ms))
+    });
     if ids.len() >= CONSENTS_PER_PATIENT_MAX {
         return Err(Rejection::conflict(
-            "the patient's consent limit is reached",
+            "the patient has the most consents in force at once",
         ));
     }
     ids.push(consent.id);
     state.put(key, &ids);
+    state.put_raw(
+        keys::patient_consent(&consent.patient, &consent.id),
+        Vec::new(),
+    );
     state.put(keys::consent(&consent.id), &consent);
     Ok(())
 }

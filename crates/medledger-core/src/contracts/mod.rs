@@ -15,6 +15,7 @@ mod records;
 
 use serde::{Deserialize, Serialize};
 
+pub use consent::{BREAK_GLASS_PER_PATIENT_MAX, CONSENTS_PER_PATIENT_MAX};
 pub(crate) use governance::{
     admit as governance_admit, check_member_certificate as governance_check_member,
     check_org_certificates as governance_check_org, user_from_certificate as governance_user,
