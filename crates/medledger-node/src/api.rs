@@ -210,6 +210,8 @@ struct Status {
     time_ms: u64,
     blocks_committed: u64,
     txs_committed: u64,
+    /// `running`, or `stopped` when the node no longer accepts transactions.
+    ordering: &'static str,
 }
 
 async fn status(State(ledger): State<Arc<Ledger>>) -> ApiResult<Status> {
@@ -226,6 +228,14 @@ async fn status(State(ledger): State<Arc<Ledger>>) -> ApiResult<Status> {
         time_ms: head.time_ms,
         blocks_committed: stats.blocks.load(std::sync::atomic::Ordering::Relaxed),
         txs_committed: stats.txs.load(std::sync::atomic::Ordering::Relaxed),
+        ordering: if stats
+            .ordering_stopped
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            "stopped"
+        } else {
+            "running"
+        },
     }))
 }
 

@@ -104,12 +104,24 @@ pub trait Orderer: Send + Sync {
     fn enqueue(&self, pending: Pending) -> Result<(), SubmitError>;
 }
 
-/// Counters of what the ledger has committed since start.
+/// Counters of what the ledger has committed since start, and whether it still orders.
 #[derive(Debug, Default)]
 pub struct LedgerStats {
     pub blocks: AtomicU64,
     pub txs: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// Set when the ordering service has ended: the node still answers reads, but accepts
+    /// no transaction.
+    pub ordering_stopped: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the ordering service stopped when its thread ends, by return or by panic.
+struct StoppedOnExit(Arc<LedgerStats>);
+
+impl Drop for StoppedOnExit {
+    fn drop(&mut self) {
+        self.0.ordering_stopped.store(true, Ordering::Relaxed);
+    }
 }
 
 pub struct Ledger {
@@ -304,6 +316,7 @@ impl SoloOrderer {
         let thread = std::thread::Builder::new()
             .name("medledger-orderer".into())
             .spawn(move || {
+                let _stopped_on_exit = StoppedOnExit(stats.clone());
                 let mut head = head;
                 while let Some(batch) = next_batch(&incoming, &config) {
                     match commit_batch(&store, &identity, &head, batch, &latest, &stats) {

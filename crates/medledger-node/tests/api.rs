@@ -851,6 +851,7 @@ async fn state_queries_answer_what_the_transactions_wrote_and_json_errors_otherw
     assert_eq!(json!(block.header.log_size), status["log_size"]);
     assert_eq!(json!(block.header.log_root), status["log_root"]);
     assert_eq!(json!(block.header.state_hash), status["state_hash"]);
+    assert_eq!(status["ordering"], "running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
