@@ -165,11 +165,14 @@ pub(super) fn execute<S: StateRead + ?Sized>(
             }
             let key = keys::patient_break_glass(patient);
             let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
-            ids.retain(|id| {
-                state
-                    .get_value::<BreakGlass>(&keys::break_glass(id))
-                    .is_some_and(|open| context.time_ms < open.ends_at_ms)
-            });
+            // Ended windows are pruned when the list is full; the policy skips them anyway.
+            if ids.len() >= BREAK_GLASS_PER_PATIENT_MAX {
+                ids.retain(|id| {
+                    state
+                        .get_value::<BreakGlass>(&keys::break_glass(id))
+                        .is_some_and(|open| context.time_ms < open.ends_at_ms)
+                });
+            }
             if ids.len() >= BREAK_GLASS_PER_PATIENT_MAX {
                 return Err(Rejection::conflict(
                     "the patient has the most break-glass windows open at once",
@@ -225,8 +228,8 @@ pub(super) fn execute<S: StateRead + ?Sized>(
     }
 }
 
-/// Stores a new consent: in the patient's history, and in the list the policy reads, from
-/// which consents no longer in force at `time_ms` are pruned first.
+/// Stores a new consent: in the patient's history, and in the list the policy reads, which
+/// holds at most `CONSENTS_PER_PATIENT_MAX` consents that may be in force at `time_ms`.
 fn store_consent<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     consent: Consent,
@@ -234,11 +237,15 @@ fn store_consent<S: StateRead + ?Sized>(
 ) -> Result<(), Rejection> {
     let key = keys::patient_consents(&consent.patient);
     let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
-    ids.retain(|id| {
-        state
-            .get_value::<Consent>(&keys::consent(id))
-            .is_some_and(|c| c.is_active_at(time_ms))
-    });
+    // Revokes remove their ids at once; expired ones are pruned only when the list is full,
+    // so that storing a consent stays cheap.
+    if ids.len() >= CONSENTS_PER_PATIENT_MAX {
+        ids.retain(|id| {
+            state
+                .get_value::<Consent>(&keys::consent(id))
+                .is_some_and(|c| c.is_active_at(time_ms))
+        });
+    }
     if ids.len() >= CONSENTS_PER_PATIENT_MAX {
         return Err(Rejection::conflict(
             "the patient has the most consents in force at once",
