@@ -358,12 +358,20 @@ pub fn execute_block<S: StateRead + ?Sized>(
     }
     let height = head.height + 1;
     let mut state = Overlay::new(base);
+    // Read once per block: every transaction of the block is decided under it.
+    let config = contracts::chain_config(&state);
     let mut size = head.log_size;
     let mut txs = Vec::with_capacity(candidates.len());
     let mut outcomes = Vec::with_capacity(candidates.len());
     let mut leaves = Vec::with_capacity(candidates.len());
     for (position, candidate) in candidates.into_iter().enumerate() {
-        let executed = contracts::execute(&mut state, candidate, height, time_ms, size);
+        let placement = contracts::Placement {
+            config: &config,
+            height,
+            time_ms,
+            leaf_index: size,
+        };
+        let executed = contracts::execute(&mut state, candidate, &placement);
         let leaf = tx_leaf_bytes(height, position as u64, &executed.tx, &executed.outcome);
         let leaf_hash = merkle::leaf_hash(&leaf);
         size = append_leaf(&mut state, size, leaf_hash);

@@ -321,16 +321,27 @@ pub(crate) fn check_member_in_force(
     })
 }
 
+/// Where a transaction is decided: the chain, the block and its leaf in the log.
+pub struct Placement<'p> {
+    pub config: &'p ChainConfig,
+    pub height: u64,
+    pub time_ms: u64,
+    pub leaf_index: u64,
+}
+
 /// Decides one transaction against `state` and records its audit event and nonce.
 pub fn execute<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     candidate: Candidate,
-    height: u64,
-    time_ms: u64,
-    leaf_index: u64,
+    placement: &Placement<'_>,
 ) -> Executed {
-    let config = chain_config(state);
-    let (outcome, event) = match authenticate(state, &config, &candidate, time_ms) {
+    let Placement {
+        config,
+        height,
+        time_ms,
+        leaf_index,
+    } = *placement;
+    let (outcome, event) = match authenticate(state, config, &candidate, time_ms) {
         Err(rejection) => {
             // Nothing is written for an unauthenticated transaction: it may be forged,
             // and a forgery must not be able to change anything, not even an index.
@@ -350,7 +361,7 @@ pub fn execute<S: StateRead + ?Sized>(
                 leaf_index,
                 signer: &signer,
                 tx,
-                config: &config,
+                config,
             };
             let mut event = AuditEvent {
                 leaf_index,
