@@ -33,6 +33,11 @@ use crate::store::{Snapshot, StoreError};
 
 /// Largest request body accepted, in bytes.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Longest a request may take; above the ledger's commit wait, so a submission answers
+/// `outcome_unknown` itself before this cuts it off.
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Requests served at once; more wait their turn (and time out if the wait is too long).
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 1024;
 /// Default and largest page of a listing.
 pub const PAGE_DEFAULT: usize = 100;
 pub const PAGE_MAX: usize = 1000;
@@ -68,6 +73,13 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            std::time::Duration::from_millis(REQUEST_TIMEOUT_MS),
+        ))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            REQUESTS_IN_FLIGHT_MAX,
+        ))
         .with_state(ledger)
 }
 

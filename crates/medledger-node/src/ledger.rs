@@ -53,7 +53,8 @@ impl Default for OrderingConfig {
         OrderingConfig {
             batch_txs_max: 4096,
             batch_delay_ms: 0,
-            queue_txs_max: 65_536,
+            // With transactions of up to 16 KiB, at most 256 MiB waiting.
+            queue_txs_max: 16_384,
             commit_timeout_ms: 10_000,
         }
     }
