@@ -274,6 +274,20 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     story.chapter("Patients register with their own keys; the ledger knows only pseudonyms");
     let maria = Identity::new_patient().map_err(|e| e.to_string())?;
     let jonas = Identity::new_patient().map_err(|e| e.to_string())?;
+    // Kept so that, after the story, anyone can go on as these people with the CLI.
+    let people = dir.join("keys").join("people");
+    for (name, identity) in [
+        ("dr-alice", &alice),
+        ("dr-bob", &bob),
+        ("tech-carol", &carol),
+        ("auditor-dan", &dan),
+        ("maria", &maria),
+        ("jonas", &jonas),
+    ] {
+        identity
+            .save(&people.join(format!("{name}.identity.json")))
+            .map_err(|e| e.to_string())?;
+    }
     let mut registrations = Vec::new();
     for (patient, (name, born)) in [
         (&maria, SYNTHETIC_PATIENTS[0]),
@@ -542,6 +556,12 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         "   medledger audit patient {} --node {}",
         jonas.id, node.url
     );
+    println!(
+        "   medledger tx --node {} --as {} grant --grantee org:hospital-b --categories diagnostics",
+        node.url,
+        people.join("maria.identity.json").display()
+    );
+    println!("   (everyone's keys are in {})", people.display());
     crate::commands::wait_for_interrupt();
     Ok(())
 }
