@@ -54,6 +54,8 @@ pub enum IdentityError {
     File { path: String, detail: String },
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error("{0}: a node identity needs its certificate and its organisation's CA")]
+    NotANode(String),
 }
 
 impl Identity {

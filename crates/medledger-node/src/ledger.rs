@@ -16,12 +16,14 @@ use std::time::{Duration, Instant};
 use medledger_core::audit::{SignedTreeHead, TreeHead};
 use medledger_core::block::{execute_block, genesis, ChainHead, GenesisConfig};
 use medledger_core::contracts::{Candidate, TxOutcome};
+use medledger_core::crypto::base64url;
 use medledger_core::identity::{is_patient_pseudonym, patient_pseudonym};
 use medledger_core::model::{Patient, User};
 use medledger_core::state::keys;
 use medledger_core::tx::{SignatureCheck, SignedTx, TxBody, TxId, VerifiedTx};
 use tokio::sync::oneshot;
 
+use crate::consortium::{Identity, IdentityError};
 use crate::pki::KeyPair;
 use crate::store::{Store, StoreError};
 
@@ -32,6 +34,21 @@ pub struct NodeIdentity {
     pub key: KeyPair,
     /// DER, base64url: the node certificate, then its organisation's CA.
     pub certificate_chain: Vec<String>,
+}
+
+impl NodeIdentity {
+    /// The node identity of a member whose identity holds its key, its certificate and its
+    /// organisation's CA (as `consortium::Identity` files of nodes do).
+    pub fn from_member(member: &Identity) -> Result<NodeIdentity, IdentityError> {
+        let (Some(certificate), Some(ca)) = (&member.certificate, &member.ca_certificate) else {
+            return Err(IdentityError::NotANode(member.id.clone()));
+        };
+        Ok(NodeIdentity {
+            id: member.id.clone(),
+            key: KeyPair::from_pkcs8_der(member.key.pkcs8_der())?,
+            certificate_chain: vec![base64url(&certificate.der), base64url(&ca.der)],
+        })
+    }
 }
 
 /// Limits and batching of the ordering service.
@@ -445,4 +462,20 @@ fn commit_batch(
         }));
     }
     Ok(executed.head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_member_with_certificate_and_ca_makes_a_node_identity() {
+        // Proves that a patient's identity (a key, no certificates) is refused as a node,
+        // rather than a node starting that cannot prove its tree heads.
+        let patient = Identity::new_patient().unwrap();
+        assert!(matches!(
+            NodeIdentity::from_member(&patient),
+            Err(IdentityError::NotANode(id)) if id == patient.id
+        ));
+    }
 }

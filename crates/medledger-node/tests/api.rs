@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use medledger_core::audit::{verify_inclusion, verify_tree_head, InclusionProof, SignedTreeHead};
 use medledger_core::block::Block;
 use medledger_core::contracts::TxOutcome;
-use medledger_core::crypto::{base64url, Signature};
+use medledger_core::crypto::Signature;
 use medledger_core::identity::{OrgKind, Role};
 use medledger_core::merkle::{empty_root, verify_consistency};
 use medledger_core::model::{Action, Category, EmergencyReason, Grantee, Purpose, Scope};
@@ -24,7 +24,7 @@ use medledger_core::Hash;
 use medledger_node::api::{router, SubmitResponse, BODY_BYTES_MAX};
 use medledger_node::consortium::{sign, Consortium, Identity};
 use medledger_node::ledger::{initialise, now_ms, Ledger, NodeIdentity, OrderingConfig};
-use medledger_node::pki::{IssuedCert, KeyPair, Validity};
+use medledger_node::pki::Validity;
 use medledger_node::sealing::seal;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -120,12 +120,7 @@ impl Api {
         let dir = tempfile::tempdir().expect("temporary directory");
         initialise(dir.path(), &consortium.genesis).expect("write genesis");
         let node = &consortium.orgs[0].node;
-        let der = |cert: &Option<IssuedCert>| base64url(&cert.as_ref().expect("a cert").der);
-        let identity = NodeIdentity {
-            id: node.id.clone(),
-            key: KeyPair::from_pkcs8_der(node.key.pkcs8_der()).expect("node key"),
-            certificate_chain: vec![der(&node.certificate), der(&node.ca_certificate)],
-        };
+        let identity = NodeIdentity::from_member(node).expect("a node identity");
         let ledger = Ledger::open_solo(dir.path(), identity, OrderingConfig::default())
             .expect("open the ledger");
         Api {

@@ -6,12 +6,10 @@
 use std::process::Command;
 use std::sync::Arc;
 
-use medledger_core::crypto::base64url;
-use medledger_core::identity::OrgKind;
 use medledger_core::tx::SignedTx;
-use medledger_node::consortium::Consortium;
-use medledger_node::ledger::{initialise, now_ms, Ledger, NodeIdentity, OrderingConfig};
-use medledger_node::pki::{KeyPair, Validity};
+use medledger_node::ledger::OrderingConfig;
+
+mod common;
 
 /// Runs a reference signer: `program script args…`, which prints one JSON object.
 fn reference(program: &str, script: &str, args: &[&str]) -> serde_json::Value {
@@ -40,31 +38,9 @@ async fn registrations_signed_by_the_independent_references_commit() {
     // Goal: the bytes each reference signs are the bytes the ledger verifies, its tx id is
     // the ledger's, and the pseudonym it derives is the ledger's; and each reproduces the
     // documented vector (the WebCrypto one verifies the signature the Python one made).
-    let now = now_ms() / 1000 * 1000;
-    let validity = Validity {
-        not_before_ms: now - 86_400_000,
-        not_after_ms: now + 86_400_000,
-    };
-    let consortium = Consortium::create(
-        "interop-test",
-        &[("hospital-a", OrgKind::Hospital)],
-        now,
-        validity,
-    )
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    initialise(dir.path(), &consortium.genesis).unwrap();
-    let node = &consortium.orgs[0].node;
-    let identity = NodeIdentity {
-        id: node.id.clone(),
-        key: KeyPair::from_pkcs8_der(node.key.pkcs8_der()).unwrap(),
-        certificate_chain: vec![
-            base64url(&node.certificate.as_ref().unwrap().der),
-            base64url(&consortium.orgs[0].authority.ca_certificate.der),
-        ],
-    };
-    let ledger =
-        Arc::new(Ledger::open_solo(dir.path(), identity, OrderingConfig::default()).unwrap());
+    let (_, ledger) = common::solo_ledger(dir.path(), "interop-test", OrderingConfig::default());
+    let ledger = Arc::new(ledger);
 
     for (program, script) in REFERENCES {
         let signed = reference(program, script, &["register-patient", "interop-test"]);

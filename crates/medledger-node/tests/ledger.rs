@@ -4,41 +4,16 @@
 
 use std::sync::Arc;
 
-use medledger_core::crypto::base64url;
-use medledger_core::identity::OrgKind;
 use medledger_core::model::AuditEvent;
 use medledger_core::state::keys;
 use medledger_core::tx::TxBody;
-use medledger_node::consortium::{Consortium, Identity};
-use medledger_node::ledger::{
-    initialise, now_ms, Ledger, NodeIdentity, OrderingConfig, SubmitError,
-};
-use medledger_node::pki::{KeyPair, Validity};
+use medledger_node::consortium::Identity;
+use medledger_node::ledger::{now_ms, Ledger, OrderingConfig, SubmitError};
+
+mod common;
 
 fn open(dir: &std::path::Path, config: OrderingConfig) -> Ledger {
-    let now = now_ms() / 1000 * 1000;
-    let validity = Validity {
-        not_before_ms: now - 86_400_000,
-        not_after_ms: now + 86_400_000,
-    };
-    let consortium = Consortium::create(
-        "ledger-test",
-        &[("hospital-a", OrgKind::Hospital)],
-        now,
-        validity,
-    )
-    .unwrap();
-    initialise(dir, &consortium.genesis).unwrap();
-    let node = &consortium.orgs[0].node;
-    let identity = NodeIdentity {
-        id: node.id.clone(),
-        key: KeyPair::from_pkcs8_der(node.key.pkcs8_der()).unwrap(),
-        certificate_chain: vec![
-            base64url(&node.certificate.as_ref().unwrap().der),
-            base64url(&consortium.orgs[0].authority.ca_certificate.der),
-        ],
-    };
-    Ledger::open_solo(dir, identity, config).unwrap()
+    common::solo_ledger(dir, "ledger-test", config).1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,11 +174,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let node = &consortium.orgs[0].node;
     init_node(&dir, &consortium.genesis, node)?;
-    let identity = NodeIdentity {
-        id: node.id.clone(),
-        key: KeyPair::from_pkcs8_der(node.key.pkcs8_der()).map_err(|e| e.to_string())?,
-        certificate_chain: vec![],
-    };
+    let identity = NodeIdentity::from_member(node).map_err(|e| e.to_string())?;
     let ledger = Arc::new(
         Ledger::open_solo(&dir, identity, OrderingConfig::default()).map_err(|e| e.to_string())?,
     );

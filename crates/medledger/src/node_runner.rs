@@ -4,7 +4,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use medledger_core::crypto::base64url;
 use medledger_node::consortium::Identity;
 use medledger_node::ledger::{Ledger, NodeIdentity, OrderingConfig};
 use tokio::sync::oneshot;
@@ -22,14 +21,7 @@ pub struct RunningNode {
 
 pub fn load_node_identity(data_dir: &Path) -> Result<NodeIdentity, String> {
     let identity = Identity::load(&data_dir.join(NODE_IDENTITY_FILE)).map_err(|e| e.to_string())?;
-    let (Some(certificate), Some(ca)) = (&identity.certificate, &identity.ca_certificate) else {
-        return Err("the node identity needs its certificate and its CA".into());
-    };
-    Ok(NodeIdentity {
-        certificate_chain: vec![base64url(&certificate.der), base64url(&ca.der)],
-        id: identity.id,
-        key: identity.key,
-    })
+    NodeIdentity::from_member(&identity).map_err(|e| e.to_string())
 }
 
 /// Opens the node in `data_dir` and serves its API on `listen` (port 0 picks a free one).

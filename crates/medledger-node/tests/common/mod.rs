@@ -10,12 +10,15 @@ use medledger_node::ledger::initialise;
 use medledger_node::pki::Validity;
 use medledger_node::store::Store;
 
+#[allow(dead_code)] // not every test binary that includes this module uses it
 pub const CHAIN_ID: &str = "tamper-test";
 pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+#[allow(dead_code)]
 pub const GENESIS_MS: u64 = 1_700_000_000_000;
 
 /// Writes genesis and three blocks (six transactions, one rejected) through the node's
 /// store in `data_dir`.
+#[allow(dead_code)]
 pub fn build_ledger(data_dir: &std::path::Path) {
     let validity = Validity {
         not_before_ms: GENESIS_MS - DAY_MS,
@@ -100,4 +103,30 @@ pub fn build_ledger(data_dir: &std::path::Path) {
         store.commit_block(&executed).expect("the block commits");
         head = executed.head;
     }
+}
+
+/// A consortium of one hospital whose node orders alone, over a fresh store in `dir`.
+#[allow(dead_code)] // each test binary includes this module and uses part of it
+pub fn solo_ledger(
+    dir: &std::path::Path,
+    chain_id: &str,
+    config: medledger_node::ledger::OrderingConfig,
+) -> (Consortium, medledger_node::ledger::Ledger) {
+    use medledger_node::ledger::{now_ms, Ledger, NodeIdentity};
+    let now = now_ms() / 1000 * 1000;
+    let validity = Validity {
+        not_before_ms: now - DAY_MS,
+        not_after_ms: now + DAY_MS,
+    };
+    let consortium = Consortium::create(
+        chain_id,
+        &[("hospital-a", OrgKind::Hospital)],
+        now,
+        validity,
+    )
+    .expect("a consortium");
+    initialise(dir, &consortium.genesis).expect("genesis is stored");
+    let identity = NodeIdentity::from_member(&consortium.orgs[0].node).expect("a node identity");
+    let ledger = Ledger::open_solo(dir, identity, config).expect("the ledger opens");
+    (consortium, ledger)
 }
