@@ -7,6 +7,7 @@
 //! in one fsync and only then answers each waiting client. A consensus engine replaces it
 //! without changing admission or the API.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
@@ -17,9 +18,10 @@ use medledger_core::audit::{SignedTreeHead, TreeHead};
 use medledger_core::block::{execute_block, genesis, ChainHead, GenesisConfig};
 use medledger_core::contracts::{Candidate, TxOutcome};
 use medledger_core::crypto::base64url;
+use medledger_core::crypto::PublicKey;
 use medledger_core::identity::{is_patient_pseudonym, patient_pseudonym};
 use medledger_core::model::{Patient, User};
-use medledger_core::state::keys;
+use medledger_core::state::{keys, StateRead};
 use medledger_core::tx::{SignatureCheck, SignedTx, TxBody, TxId, VerifiedTx};
 use tokio::sync::oneshot;
 
@@ -120,6 +122,134 @@ pub struct Pending {
 pub trait Orderer: Send + Sync {
     /// Queues a transaction without blocking; its reply arrives once its block is durable.
     fn enqueue(&self, pending: Pending) -> Result<(), SubmitError>;
+
+    /// Why this node stopped for good (a diverged state, a failed store), if it did.
+    fn fatal(&self) -> Option<String> {
+        None
+    }
+
+    /// The consensus engine's view (role, term, leader, peers), where there is one.
+    fn consensus(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// Clients waiting for their transactions' blocks, by transaction id.
+#[derive(Default)]
+pub struct Waiters {
+    waiting: std::sync::Mutex<HashMap<TxId, Vec<Reply>>>,
+}
+
+type Reply = oneshot::Sender<Result<Committed, SubmitError>>;
+
+impl Waiters {
+    /// Waiting entries beyond which those whose client gave up are dropped.
+    const PRUNE_AT: usize = 65_536;
+
+    pub fn register(&self, tx_id: TxId, reply: Reply) {
+        let mut waiting = self.waiting.lock().expect("waiters lock");
+        if waiting.len() >= Self::PRUNE_AT {
+            waiting.retain(|_, replies| {
+                replies.retain(|reply| !reply.is_closed());
+                !replies.is_empty()
+            });
+        }
+        waiting.entry(tx_id).or_default().push(reply);
+    }
+
+    /// Answers whoever waits for `tx_id`.
+    pub fn resolve(&self, tx_id: &TxId, committed: impl FnOnce() -> Committed) {
+        let replies = self.waiting.lock().expect("waiters lock").remove(tx_id);
+        if let Some(replies) = replies {
+            let committed = committed();
+            for reply in replies {
+                let _ = reply.send(Ok(committed.clone()));
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.lock().expect("waiters lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The key a transaction must verify under, as `state` knows its signer: a registering
+/// patient's own key, an enrolled patient's or user's key.
+pub fn signer_key<S: StateRead + ?Sized>(
+    state: &S,
+    tx: &SignedTx,
+) -> Result<PublicKey, SubmitError> {
+    let signer = &tx.payload.signer;
+    let decode = |key: String| -> Result<Option<Vec<u8>>, SubmitError> { Ok(state.get(&key)) };
+    if let TxBody::RegisterPatient { public_key } = &tx.payload.body {
+        if &patient_pseudonym(public_key) != signer {
+            return Err(SubmitError::Invalid(
+                "a registering patient signs as the pseudonym of the registered key".into(),
+            ));
+        }
+        return Ok(public_key.clone());
+    }
+    if is_patient_pseudonym(signer) {
+        let bytes = decode(keys::patient(signer))?
+            .ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?;
+        let patient: Patient = serde_json::from_slice(&bytes)
+            .map_err(|e| SubmitError::Stopped(format!("stored patient does not decode: {e}")))?;
+        Ok(patient.public_key)
+    } else {
+        let bytes = decode(keys::user(signer))?
+            .ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?;
+        let user: User = serde_json::from_slice(&bytes)
+            .map_err(|e| SubmitError::Stopped(format!("stored user does not decode: {e}")))?;
+        Ok(user.public_key)
+    }
+}
+
+/// Checks signatures of transactions someone else admitted, in parallel, under the keys
+/// `state` knows. Those that verify become verified candidates; the others stay unverified,
+/// for the core to refuse (or accept, if a key the block itself enrolls signed them) exactly
+/// as every other node does. Positions travel with the transactions.
+pub fn preverify<S: StateRead + ?Sized>(
+    state: &S,
+    txs: Vec<(usize, SignedTx)>,
+) -> Vec<(usize, Candidate)> {
+    let keyed: Vec<(usize, SignedTx, Option<PublicKey>)> = txs
+        .into_iter()
+        .map(|(position, tx)| {
+            let key = signer_key(state, &tx).ok();
+            (position, tx, key)
+        })
+        .collect();
+    let verify = |(position, tx, key): (usize, SignedTx, Option<PublicKey>)| match key {
+        Some(key) => match tx.clone().verify_with(&key) {
+            Ok(verified) => (position, Candidate::Verified(verified)),
+            Err(_) => (position, Candidate::Unverified(tx)),
+        },
+        None => (position, Candidate::Unverified(tx)),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if keyed.len() < 32 || threads < 2 {
+        return keyed.into_iter().map(verify).collect();
+    }
+    let chunk = keyed.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<_>> = Vec::new();
+    let mut keyed = keyed.into_iter().peekable();
+    while keyed.peek().is_some() {
+        chunks.push(keyed.by_ref().take(chunk).collect());
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(verify).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().expect("verification threads do not panic"))
+            .collect()
+    })
 }
 
 /// Counters of what the ledger has committed since start, and whether it still orders.
@@ -180,7 +310,7 @@ pub enum InitError {
     Genesis(String),
 }
 
-fn sign_tree_head(identity: &NodeIdentity, head: &ChainHead) -> SignedTreeHead {
+pub(crate) fn sign_tree_head(identity: &NodeIdentity, head: &ChainHead) -> SignedTreeHead {
     let tree_head = TreeHead {
         chain_id: head.chain_id.clone(),
         height: head.height,
@@ -227,8 +357,46 @@ impl Ledger {
         })
     }
 
+    /// A ledger over an initialised store whose ordering is `orderer` (a consensus engine).
+    pub fn with_orderer(
+        store: Arc<Store>,
+        identity: Arc<NodeIdentity>,
+        latest: Arc<RwLock<Arc<SignedTreeHead>>>,
+        stats: Arc<LedgerStats>,
+        config: OrderingConfig,
+        orderer: Box<dyn Orderer>,
+    ) -> Result<Ledger, StoreError> {
+        let head = store.head()?.ok_or(StoreError::Empty)?;
+        Ok(Ledger {
+            store,
+            chain_id: head.chain_id,
+            identity,
+            orderer,
+            latest,
+            stats,
+            config,
+        })
+    }
+
+    /// Why this node stopped for good, if it did; it then accepts and serves nothing.
+    pub fn fatal(&self) -> Option<String> {
+        self.orderer.fatal()
+    }
+
+    pub fn consensus(&self) -> Option<serde_json::Value> {
+        self.orderer.consensus()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn store_handle(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    pub fn identity(&self) -> Arc<NodeIdentity> {
+        self.identity.clone()
     }
 
     pub fn chain_id(&self) -> &str {
@@ -255,32 +423,11 @@ impl Ledger {
         if tx.payload.chain_id != self.chain_id {
             return Err(SubmitError::WrongChain(tx.payload.chain_id.clone()));
         }
-        let signer = tx.payload.signer.clone();
         let snapshot = self
             .store
             .snapshot()
             .map_err(|e| SubmitError::Stopped(e.to_string()))?;
-        let key = if let TxBody::RegisterPatient { public_key } = &tx.payload.body {
-            if patient_pseudonym(public_key) != signer {
-                return Err(SubmitError::Invalid(
-                    "a registering patient signs as the pseudonym of the registered key".into(),
-                ));
-            }
-            public_key.clone()
-        } else if is_patient_pseudonym(&signer) {
-            let patient: Option<Patient> = snapshot
-                .value(&keys::patient(&signer))
-                .map_err(|e| SubmitError::Stopped(e.to_string()))?;
-            patient
-                .ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?
-                .public_key
-        } else {
-            let user: Option<User> = snapshot
-                .value(&keys::user(&signer))
-                .map_err(|e| SubmitError::Stopped(e.to_string()))?;
-            user.ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?
-                .public_key
-        };
+        let key = signer_key(&snapshot, &tx)?;
         match tx.verify_with(&key) {
             Ok(verified) => Ok(verified),
             Err(SignatureCheck::Invalid) => Err(SubmitError::BadSignature),
@@ -290,6 +437,9 @@ impl Ledger {
 
     /// Admits, orders and commits a transaction; answers once its block is durable.
     pub async fn submit(&self, tx: SignedTx) -> Result<Committed, SubmitError> {
+        if let Some(reason) = self.fatal() {
+            return Err(SubmitError::Stopped(reason));
+        }
         let urgent = tx.payload.body.is_urgent();
         let tx = self.admit(tx)?;
         let tx_id = tx.id();

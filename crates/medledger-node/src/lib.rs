@@ -2,9 +2,13 @@
 //! embedded store, the ordering of transactions into blocks and the HTTP API.
 
 pub mod api;
+pub mod cluster;
+pub mod consensus;
 pub mod consortium;
 pub mod ledger;
 pub mod pki;
+pub mod rpc;
 pub mod sealing;
 pub mod store;
+pub mod tls;
 pub mod verify;

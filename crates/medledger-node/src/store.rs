@@ -16,6 +16,16 @@ const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HEAD_KEY: &str = "head";
+/// Where the Raft state machine stands (last applied log id and membership); written with
+/// the block it applied.
+const APPLIED_KEY: &str = "raft_applied";
+/// Raft's log: index → encoded entry.
+pub(crate) const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// Raft's vote, committed position and purge point.
+pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+
+/// The state machine's stored position and every stored block.
+pub(crate) type AppliedAndBlocks = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
 /// The file name of the ledger store inside a node's data directory.
 pub const LEDGER_FILE: &str = "ledger.redb";
@@ -65,14 +75,33 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Storage(e.to_string()))?;
         let db = redb::Database::create(data_dir.join(LEDGER_FILE))?;
+        Store::with_tables(db)
+    }
+
+    /// An empty store in memory (simulations and tests of whole clusters).
+    pub fn open_memory() -> Result<Store, StoreError> {
+        let db = redb::Builder::new()
+            .create_with_backend(MemoryBackend(std::sync::RwLock::new(Vec::new())))?;
+        Store::with_tables(db)
+    }
+
+    fn with_tables(db: redb::Database) -> Result<Store, StoreError> {
         let txn = db.begin_write()?;
         txn.open_table(BLOCKS)?;
         txn.open_table(STATE)?;
         txn.open_table(META)?;
+        txn.open_table(RAFT_LOG)?;
+        txn.open_table(RAFT_META)?;
         txn.commit()?;
         Ok(Store {
             db: Db::Writable(db),
         })
+    }
+
+    /// The database, for the Raft log store that shares it.
+    pub(crate) fn database(&self) -> &redb::Database {
+        let Db::Writable(db) = &self.db;
+        db
     }
 
     /// Opens a copy of the store at `path`, in memory, so that nothing in the file changes,
@@ -122,37 +151,143 @@ impl Store {
 
     /// Writes a block, its state changes and the new head atomically and durably.
     pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
+        self.commit(Some(executed), None, true)
+    }
+
+    /// Writes what applying one Raft entry did (a block, or nothing) with the state machine's
+    /// new position, atomically. `durable = false` skips the fsync: the entry is in Raft's
+    /// fsynced log, from which a crash re-applies it, and the next durable commit (a log
+    /// append, a purge) makes this one durable too.
+    pub(crate) fn commit_applied(
+        &self,
+        executed: Option<&ExecutedBlock>,
+        applied: &[u8],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        self.commit(executed, Some(applied), durable)
+    }
+
+    /// The state machine's position as written by `commit_applied`.
+    pub(crate) fn applied_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(META)?;
+        Ok(table.get(APPLIED_KEY)?.map(|bytes| bytes.value().to_vec()))
+    }
+
+    fn commit(
+        &self,
+        executed: Option<&ExecutedBlock>,
+        applied: Option<&[u8]>,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let Db::Writable(db) = &self.db;
-        let height = executed.block.header.height;
-        let expected = match self.head()? {
-            None => 0,
-            Some(head) => head.height + 1,
-        };
-        if height != expected {
-            return Err(StoreError::OutOfOrder { height });
+        let mut txn = db.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Storage(e.to_string()))?;
         }
-        let block_bytes = serde_json::to_vec(&executed.block).map_err(|e| StoreError::Corrupt {
-            what: "block".into(),
-            detail: e.to_string(),
-        })?;
-        let head_bytes = serde_json::to_vec(&executed.head).expect("heads encode");
-        let txn = db.begin_write()?;
         {
-            let mut blocks = txn.open_table(BLOCKS)?;
-            blocks.insert(height, block_bytes.as_slice())?;
-            let mut state = txn.open_table(STATE)?;
-            for (key, value) in &executed.writes {
-                match value {
-                    Some(value) => state.insert(key.as_str(), value.as_slice())?,
-                    None => state.remove(key.as_str())?,
-                };
-            }
             let mut meta = txn.open_table(META)?;
-            meta.insert(HEAD_KEY, head_bytes.as_slice())?;
+            if let Some(executed) = executed {
+                let height = executed.block.header.height;
+                let expected = match meta.get(HEAD_KEY)? {
+                    None => 0,
+                    Some(bytes) => decode::<ChainHead>("head", bytes.value())?.height + 1,
+                };
+                if height != expected {
+                    return Err(StoreError::OutOfOrder { height });
+                }
+                let block_bytes =
+                    serde_json::to_vec(&executed.block).map_err(|e| StoreError::Corrupt {
+                        what: "block".into(),
+                        detail: e.to_string(),
+                    })?;
+                let head_bytes = serde_json::to_vec(&executed.head).expect("heads encode");
+                let mut blocks = txn.open_table(BLOCKS)?;
+                blocks.insert(height, block_bytes.as_slice())?;
+                let mut state = txn.open_table(STATE)?;
+                for (key, value) in &executed.writes {
+                    match value {
+                        Some(value) => state.insert(key.as_str(), value.as_slice())?,
+                        None => state.remove(key.as_str())?,
+                    };
+                }
+                meta.insert(HEAD_KEY, head_bytes.as_slice())?;
+            }
+            if let Some(applied) = applied {
+                meta.insert(APPLIED_KEY, applied)?;
+            }
         }
         // redb's default durability is Immediate: commit returns after the fsync.
         txn.commit()?;
         Ok(())
+    }
+
+    /// The state machine's position and every stored block, read in one transaction.
+    pub(crate) fn applied_and_blocks(&self) -> Result<AppliedAndBlocks, StoreError> {
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let applied = meta.get(APPLIED_KEY)?.map(|bytes| bytes.value().to_vec());
+        let table = txn.open_table(BLOCKS)?;
+        let mut blocks = Vec::new();
+        for entry in table.iter()? {
+            blocks.push(entry?.1.value().to_vec());
+        }
+        Ok((applied, blocks))
+    }
+
+    /// Executes `blocks` one after the other with `execute` (on the state as it grows) and
+    /// stores them with the state machine's new position, all in one durable transaction:
+    /// after a crash, either all of them are stored or none. Returns the heads reached.
+    pub(crate) fn apply_blocks(
+        &self,
+        blocks: &[Block],
+        applied: &[u8],
+        mut execute: impl FnMut(
+            &dyn StateRead,
+            Option<&ChainHead>,
+            &Block,
+        ) -> Result<ExecutedBlock, String>,
+    ) -> Result<Vec<ChainHead>, StoreError> {
+        let Db::Writable(db) = &self.db;
+        let txn = db.begin_write()?;
+        let mut heads = Vec::new();
+        {
+            let mut meta = txn.open_table(META)?;
+            let mut head: Option<ChainHead> = match meta.get(HEAD_KEY)? {
+                None => None,
+                Some(bytes) => Some(decode("head", bytes.value())?),
+            };
+            let mut table = txn.open_table(BLOCKS)?;
+            let mut state = txn.open_table(STATE)?;
+            for block in blocks {
+                let executed = execute(&WriteState(&state), head.as_ref(), block).map_err(|e| {
+                    StoreError::Corrupt {
+                        what: format!("block {}", block.header.height),
+                        detail: e,
+                    }
+                })?;
+                let block_bytes =
+                    serde_json::to_vec(&executed.block).map_err(|e| StoreError::Corrupt {
+                        what: "block".into(),
+                        detail: e.to_string(),
+                    })?;
+                table.insert(executed.head.height, block_bytes.as_slice())?;
+                for (key, value) in &executed.writes {
+                    match value {
+                        Some(value) => state.insert(key.as_str(), value.as_slice())?,
+                        None => state.remove(key.as_str())?,
+                    };
+                }
+                let head_bytes = serde_json::to_vec(&executed.head).expect("heads encode");
+                meta.insert(HEAD_KEY, head_bytes.as_slice())?;
+                heads.push(executed.head.clone());
+                head = Some(executed.head);
+            }
+            meta.insert(APPLIED_KEY, applied)?;
+        }
+        txn.commit()?;
+        Ok(heads)
     }
 
     pub fn block(&self, height: u64) -> Result<Option<Block>, StoreError> {
@@ -270,6 +405,18 @@ impl NodeSource for Snapshot {
     fn node(&self, level: u32, index: u64) -> Option<Hash> {
         let bytes = self.get(&keys::merkle_node(level, index))?;
         Some(Hash(bytes.try_into().ok()?))
+    }
+}
+
+/// State as a write transaction sees it, for executing blocks inside that transaction.
+struct WriteState<'a, 't>(&'a redb::Table<'t, &'static str, &'static [u8]>);
+
+impl StateRead for WriteState<'_, '_> {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match self.0.get(key) {
+            Ok(value) => value.map(|bytes| bytes.value().to_vec()),
+            Err(error) => panic!("state read failed at {key:?}: {error}"),
+        }
     }
 }
 
