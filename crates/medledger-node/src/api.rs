@@ -70,6 +70,8 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
             get(audit_by_record),
         )
         .route("/v1/access-decision", get(access_decision))
+        .route("/v1/health", get(health))
+        .route("/v1/consensus/transfer-leader", post(transfer_leader))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -80,7 +82,69 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             REQUESTS_IN_FLIGHT_MAX,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            ledger.clone(),
+            refuse_when_fatal,
+        ))
         .with_state(ledger)
+}
+
+/// A node that stopped for good (a diverged state, a failed store) serves no ledger data,
+/// only its status and health, which say why.
+async fn refuse_when_fatal(
+    State(ledger): State<Arc<Ledger>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if path != "/v1/status" && path != "/v1/health" {
+        if let Some(reason) = ledger.fatal() {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node_stopped", reason)
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// 200 while the node orders and serves; 503 with the reason otherwise.
+async fn health(State(ledger): State<Arc<Ledger>>) -> Response {
+    if let Some(reason) = ledger.fatal() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node_stopped", reason)
+            .into_response();
+    }
+    if ledger
+        .stats()
+        .ordering_stopped
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ordering_stopped",
+            "the node serves reads but orders nothing",
+        )
+        .into_response();
+    }
+    Json(json!({"status": "ok"})).into_response()
+}
+
+#[derive(Deserialize)]
+struct TransferRequest {
+    /// The node to lead, `name@org`.
+    to: String,
+}
+
+async fn transfer_leader(
+    State(ledger): State<Arc<Ledger>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Value> {
+    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.body_text()))?;
+    let request: TransferRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?;
+    ledger
+        .transfer_leader(&request.to)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "transfer_failed", e))?;
+    Ok(Json(json!({"leader": request.to})))
 }
 
 /// An API error: a status and a stable code with a readable message.
@@ -224,6 +288,11 @@ struct Status {
     txs_committed: u64,
     /// `running`, or `stopped` when the node no longer accepts transactions.
     ordering: &'static str,
+    /// Role, term, leader, log positions, voters and (on the leader) each peer's lag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consensus: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fatal: Option<String>,
 }
 
 async fn status(State(ledger): State<Arc<Ledger>>) -> ApiResult<Status> {
@@ -248,6 +317,8 @@ async fn status(State(ledger): State<Arc<Ledger>>) -> ApiResult<Status> {
         } else {
             "running"
         },
+        consensus: ledger.consensus(),
+        fatal: ledger.fatal(),
     }))
 }
 

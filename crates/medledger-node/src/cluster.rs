@@ -120,8 +120,9 @@ struct Control {
 /// Ordering through Raft, seen by the ledger.
 struct RaftOrderer {
     shared: Arc<Shared>,
-    outbox: mpsc::Sender<(SignedTx, bool)>,
     raft: Raft,
+    peers: Peers,
+    control: Arc<Control>,
 }
 
 impl Orderer for RaftOrderer {
@@ -134,7 +135,8 @@ impl Orderer for RaftOrderer {
             .lock()
             .expect("admitted lock")
             .insert(pending.tx);
-        self.outbox
+        self.control
+            .outbox
             .try_send((tx, pending.urgent))
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => SubmitError::Overloaded,
@@ -150,6 +152,19 @@ impl Orderer for RaftOrderer {
 
     fn consensus(&self) -> Option<serde_json::Value> {
         serde_json::to_value(consensus_status(&self.raft, &self.shared)).ok()
+    }
+
+    fn transfer_leader(&self, to: &str) -> crate::ledger::TransferFuture {
+        let raft = self.raft.clone();
+        let peers = self.peers.clone();
+        let control = self.control.clone();
+        let to = to.to_string();
+        Box::pin(async move {
+            let org = medledger_core::identity::split_user_id(&to)
+                .map(|(org, _)| org.to_string())
+                .ok_or_else(|| format!("{to:?} is not a node id (name@org)"))?;
+            transfer_leader(&raft, &peers, &control, raft_id(&org)).await
+        })
     }
 }
 
@@ -345,28 +360,23 @@ impl ClusterNode {
         .await
         .map_err(|e| e.to_string())?;
         let (outbox, inbox) = mpsc::channel(settings.ordering.queue_txs_max);
-        let orderer = RaftOrderer {
-            shared: shared.clone(),
-            outbox: outbox.clone(),
-            raft: raft.clone(),
-        };
-        let ledger = Arc::new(
-            Ledger::with_orderer(
-                store,
-                identity,
-                latest,
-                stats,
-                settings.ordering.clone(),
-                Box::new(orderer),
-            )
-            .map_err(|e| e.to_string())?,
-        );
+        let ordering = settings.ordering.clone();
         let control = Arc::new(Control {
             id,
             settings,
             paused: AtomicBool::new(false),
             outbox,
         });
+        let orderer = RaftOrderer {
+            shared: shared.clone(),
+            raft: raft.clone(),
+            peers: peers.clone(),
+            control: control.clone(),
+        };
+        let ledger = Arc::new(
+            Ledger::with_orderer(store, identity, latest, stats, ordering, Box::new(orderer))
+                .map_err(|e| e.to_string())?,
+        );
         let (stop, stopped) = watch::channel(false);
         let node = ClusterNode {
             id,

@@ -132,7 +132,17 @@ pub trait Orderer: Send + Sync {
     fn consensus(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// Hands leadership to the node of `to` (`name@org`), where there is a leader to hand.
+    fn transfer_leader(&self, to: &str) -> TransferFuture {
+        let _ = to;
+        Box::pin(async { Err("this node orders alone; there is no leader to transfer".into()) })
+    }
 }
+
+/// The answer to a leader transfer, once it is done.
+pub type TransferFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
 /// Clients waiting for their transactions' blocks, by transaction id.
 #[derive(Default)]
@@ -385,6 +395,10 @@ impl Ledger {
 
     pub fn consensus(&self) -> Option<serde_json::Value> {
         self.orderer.consensus()
+    }
+
+    pub fn transfer_leader(&self, to: &str) -> TransferFuture {
+        self.orderer.transfer_leader(to)
     }
 
     pub fn store(&self) -> &Store {

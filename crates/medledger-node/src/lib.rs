@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod config;
 pub mod consensus;
 pub mod consortium;
 pub mod ledger;

@@ -59,15 +59,23 @@ impl Client {
     }
 
     pub fn submit(&self, tx: &SignedTx) -> Result<SubmitResponse, ClientError> {
-        let url = format!("{}/v1/transactions", self.base);
-        let response = self
-            .agent
-            .post(&url)
-            .send_json(tx)
-            .map_err(|e| ClientError::Transport {
-                url: url.clone(),
-                detail: e.to_string(),
-            })?;
+        self.post("/v1/transactions", tx)
+    }
+
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let response =
+            self.agent
+                .post(&url)
+                .send_json(body)
+                .map_err(|e| ClientError::Transport {
+                    url: url.clone(),
+                    detail: e.to_string(),
+                })?;
         decode(&url, response)
     }
 

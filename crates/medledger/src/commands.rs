@@ -17,6 +17,7 @@ use medledger_core::model::{
 };
 use medledger_core::tx::{SignedTx, TxBody};
 use medledger_node::api::SubmitResponse;
+use medledger_node::config::NodeConfig;
 use medledger_node::consortium::{Consortium, Identity, OrgAuthority, RootAuthority};
 use medledger_node::ledger::{initialise, now_ms, OrderingConfig};
 use medledger_node::pki::{IssuedCert, Validity};
@@ -97,6 +98,20 @@ pub enum ConsortiumCommand {
         orgs: Vec<String>,
         #[arg(long, default_value_t = 365)]
         valid_days: u64,
+    },
+    /// Create a ready-to-run consortium on loopback: keys, genesis and a configured node
+    /// directory per member (start each with `medledger node run --config`).
+    Local {
+        #[arg(long)]
+        dir: PathBuf,
+        /// 3 or 5 member nodes.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=5))]
+        nodes: u8,
+        #[arg(long, default_value = "medledger-local")]
+        chain_id: String,
+        /// Node i serves its API on base_port + i and its peers on base_port + 100 + i.
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
     },
     /// Create a new organisation's CA, admin and node under the root, for admission.
     AddOrg {
@@ -189,6 +204,29 @@ pub fn consortium(command: ConsortiumCommand) -> CliResult {
                 .map_err(|e| e.to_string())?;
             write_consortium(&ConsortiumLayout(dir.clone()), &consortium)?;
             println!("consortium {chain_id} written to {}", dir.display());
+            Ok(())
+        }
+        ConsortiumCommand::Local {
+            dir,
+            nodes,
+            chain_id,
+            base_port,
+        } => {
+            let local = crate::local::create_local(
+                &dir,
+                &chain_id,
+                &crate::local::LOCAL_ORGS,
+                nodes as usize,
+                base_port,
+                |_| {},
+            )?;
+            println!(
+                "consortium {chain_id} with {nodes} nodes written to {}; start each node with:",
+                dir.display()
+            );
+            for config in &local.configs {
+                println!("   medledger node run --config {}", config.display());
+            }
             Ok(())
         }
         ConsortiumCommand::AddOrg {
@@ -296,15 +334,33 @@ pub enum NodeCommand {
         #[arg(long)]
         identity: PathBuf,
     },
-    /// Serve the node's API until interrupted.
+    /// Run a consortium member's node (`--config node.toml`), or a node that orders alone
+    /// (`--data-dir`), until interrupted.
     Run {
+        /// The member node's configuration (Raft over mutual TLS with its peers).
+        #[arg(long, conflicts_with_all = ["data_dir", "listen", "batch_delay_ms"])]
+        config: Option<PathBuf>,
+        /// A node without peers: its data directory.
+        #[arg(long, required_unless_present = "config")]
+        data_dir: Option<PathBuf>,
         #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:7400")]
-        listen: String,
+        listen: Option<String>,
         /// Wait this long for more transactions before closing a block.
-        #[arg(long, default_value_t = 0)]
-        batch_delay_ms: u64,
+        #[arg(long)]
+        batch_delay_ms: Option<u64>,
+    },
+    /// Show a node's consensus status: role, term, leader, positions, peers and their lag.
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        node: String,
+    },
+    /// Hand leadership to another voter (ask any node).
+    TransferLeader {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        node: String,
+        /// The node to lead, name@org.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -340,21 +396,82 @@ pub fn node(command: NodeCommand) -> CliResult {
             init_node(&data_dir, &config, &load(&identity)?)
         }
         NodeCommand::Run {
+            config: Some(config),
+            ..
+        } => {
+            let config = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            let node = node_runner::start_member(&config)?;
+            println!(
+                "node {} serving its API on {} and its peers on {}",
+                node.ledger.node_id(),
+                node.api_url,
+                node.peer_addr
+            );
+            let fatal = wait_for_interrupt_or(|| node.ledger.fatal());
+            drop(node);
+            match fatal {
+                Some(reason) => Err(format!("the node stopped: {reason}")),
+                None => Ok(()),
+            }
+        }
+        NodeCommand::Run {
             data_dir,
             listen,
             batch_delay_ms,
+            ..
         } => {
+            let data_dir = data_dir.ok_or("--data-dir or --config is required")?;
             let config = OrderingConfig {
-                batch_delay_ms,
+                batch_delay_ms: batch_delay_ms.unwrap_or(0),
                 ..OrderingConfig::default()
             };
+            let listen = listen.unwrap_or_else(|| "127.0.0.1:7400".into());
             let node = node_runner::start(&data_dir, &listen, config)?;
             println!("node {} serving on {}", node.ledger.node_id(), node.url);
             wait_for_interrupt();
             drop(node);
             Ok(())
         }
+        NodeCommand::Status { node } => {
+            let status: Value = Client::new(&node)
+                .get("/v1/status")
+                .map_err(|e| e.to_string())?;
+            print_json(&status);
+            Ok(())
+        }
+        NodeCommand::TransferLeader { node, to } => {
+            let answer: Value = Client::new(&node)
+                .post(
+                    "/v1/consensus/transfer-leader",
+                    &serde_json::json!({ "to": to }),
+                )
+                .map_err(|e| e.to_string())?;
+            print_json(&answer);
+            Ok(())
+        }
     }
+}
+
+/// Blocks until Ctrl-C or until `stopped` names a reason; returns that reason.
+pub fn wait_for_interrupt_or(stopped: impl Fn() -> Option<String>) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a signal runtime");
+    runtime.block_on(async {
+        let interrupted = tokio::signal::ctrl_c();
+        tokio::pin!(interrupted);
+        loop {
+            tokio::select! {
+                _ = &mut interrupted => return None,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    if let Some(reason) = stopped() {
+                        return Some(reason);
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Blocks until Ctrl-C.

@@ -17,20 +17,21 @@ use medledger_core::model::{
 };
 use medledger_core::tx::TxBody;
 use medledger_node::api::SubmitResponse;
-use medledger_node::consortium::{Consortium, Identity};
-use medledger_node::ledger::{now_ms, OrderingConfig};
+use medledger_node::consortium::Identity;
+use medledger_node::ledger::now_ms;
 use medledger_node::pki::IssuedCert;
 use medledger_node::sealing::seal;
 use serde_json::json;
 
 use crate::client::{Client, TX_LIFETIME_MS};
 use crate::commands::{
-    commit_text, describe_event, init_node, store_blob, validity_days, verify_transaction_proof,
-    write_consortium, ConsortiumLayout,
+    commit_text, describe_event, store_blob, validity_days, verify_transaction_proof,
 };
-use crate::node_runner;
+use crate::local::{create_local, free_base_port, start_all, wait_for_agreement};
 
 pub const CHAIN_ID: &str = "medledger-demo";
+/// Member nodes the demo runs (the regulator is a member without a node).
+const NODES: usize = 3;
 
 /// The demo's synthetic patients: (name, birth date). Never on the ledger.
 pub const SYNTHETIC_PATIENTS: [(&str, &str); 2] = [
@@ -210,18 +211,33 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         ("lab-x", OrgKind::Lab),
         ("regulator", OrgKind::Regulator),
     ];
-    let consortium =
-        Consortium::create(CHAIN_ID, &orgs, now_ms(), validity).map_err(|e| e.to_string())?;
-    let keys = ConsortiumLayout(dir.join("keys"));
-    write_consortium(&keys, &consortium)?;
+    let base_port = if once {
+        free_base_port(NODES)?
+    } else {
+        listen
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .ok_or_else(|| format!("--listen {listen:?}: expected host:port"))?
+    };
+    let local = create_local(&dir, CHAIN_ID, &orgs, NODES, base_port, |_| {})?;
+    let consortium = &local.consortium;
+    let keys = &local.keys;
     let org = |id: &str| consortium.org(id).expect("a founding member");
-    let node_dir = dir.join("node-hospital-a");
-    init_node(&node_dir, &consortium.genesis, &org("hospital-a").node)?;
-    let address = if once { "127.0.0.1:0" } else { listen };
-    let node = node_runner::start(&node_dir, address, OrderingConfig::default())?;
-    println!("node {} serving on {}", node.ledger.node_id(), node.url);
+    let nodes = start_all(&local.configs)?;
+    for running in &nodes {
+        println!(
+            "node {} serving its API on {} and its peers on {} (mutual TLS)",
+            running.ledger.node_id(),
+            running.api_url,
+            running.peer_addr
+        );
+    }
+    let leader = nodes[0].node.status().leader.unwrap_or_default();
+    println!("Raft elected {leader} to lead; every node executes every block itself");
+    let node = &nodes[0];
+    let node_dir = dir.join("nodes").join("hospital-a");
     let mut story = Story {
-        client: Client::new(&node.url),
+        client: Client::new(&node.api_url),
         blob_dir: dir.join("blobs"),
         step: 0,
     };
@@ -525,6 +541,13 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         first_head.tree_head.log_size
     );
 
+    let agreed = wait_for_agreement(&nodes, std::time::Duration::from_secs(20))?;
+    println!(
+        "\nAll {NODES} nodes hold the same chain: block {} {} (state {})",
+        agreed.height,
+        short(&agreed.block_hash.to_hex()),
+        short(&agreed.state_hash.to_hex())
+    );
     let status: serde_json::Value = story.client.get("/v1/status").map_err(|e| e.to_string())?;
     // A tree head held outside the node lets anyone later catch a rewrite or a rollback.
     let last_head: SignedTreeHead = story
@@ -545,20 +568,34 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         head_file.display(),
         keys.root_certificate().display()
     );
+    for other in ["hospital-b", "lab-x"] {
+        println!(
+            "   medledger verify --data-dir {}",
+            dir.join("nodes").join(other).display()
+        );
+    }
     if once {
+        drop(nodes);
         return Ok(());
     }
     println!("\nThe node keeps running for exploration (Ctrl-C to stop). Try:");
-    println!("   curl {}/v1/status", node.url);
-    println!("   curl {}/v1/audit/patients/{}", node.url, maria.id);
-    println!("   curl {}/v1/patients/{}/records", node.url, maria.id);
+    println!(
+        "   curl {}/v1/status      (role, term, leader, peers' lag)",
+        node.api_url
+    );
+    println!(
+        "   medledger node transfer-leader --node {} --to node@hospital-b",
+        node.api_url
+    );
+    println!("   curl {}/v1/audit/patients/{}", node.api_url, maria.id);
+    println!("   curl {}/v1/patients/{}/records", node.api_url, maria.id);
     println!(
         "   medledger audit patient {} --node {}",
-        jonas.id, node.url
+        jonas.id, node.api_url
     );
     println!(
         "   medledger tx --node {} --as {} grant --grantee org:hospital-b --categories diagnostics",
-        node.url,
+        node.api_url,
         people.join("maria.identity.json").display()
     );
     println!("   (everyone's keys are in {})", people.display());

@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod commands;
 mod demo;
+mod local;
 mod node_runner;
 
 use std::path::PathBuf;

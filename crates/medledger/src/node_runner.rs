@@ -1,11 +1,18 @@
-//! Starting a node: opening its store, loading its identity, serving its API.
+//! Starting a node: opening its store, loading its identity, joining its consortium,
+//! serving its API.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
+use medledger_node::cluster::ClusterNode;
+use medledger_node::config::NodeConfig;
+use medledger_node::consensus::NodeInfo;
 use medledger_node::consortium::Identity;
 use medledger_node::ledger::{Ledger, NodeIdentity, OrderingConfig};
+use medledger_node::store::Store;
 use tokio::sync::oneshot;
 
 /// The node's identity file inside its data directory.
@@ -60,6 +67,146 @@ pub fn start(data_dir: &Path, listen: &str, config: OrderingConfig) -> Result<Ru
 }
 
 impl Drop for RunningNode {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A consortium member's node (Raft over mutual TLS) running in a background thread with its
+/// own runtime; stopped when dropped.
+pub struct RunningMember {
+    pub api_url: String,
+    pub peer_addr: String,
+    pub ledger: Arc<Ledger>,
+    pub node: Arc<ClusterNode>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts the node a configuration describes: founders start the Raft group with the other
+/// founders, other nodes ask their peers to be let in (and keep asking until they are).
+pub fn start_member(config: &NodeConfig) -> Result<RunningMember, String> {
+    let identity = Identity::load(&config.identity).map_err(|e| e.to_string())?;
+    let identity = NodeIdentity::from_member(&identity).map_err(|e| e.to_string())?;
+    let store = Arc::new(Store::open(&config.data_dir).map_err(|e| e.to_string())?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("medledger-member")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let config = config.clone();
+    let (ready, started) = std::sync::mpsc::channel();
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("medledger-member".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let api = match tokio::net::TcpListener::bind(&config.api_listen).await {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        let _ =
+                            ready.send(Err(format!("cannot listen on {}: {e}", config.api_listen)));
+                        return;
+                    }
+                };
+                let peer = match tokio::net::TcpListener::bind(&config.peer_listen).await {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        let _ = ready
+                            .send(Err(format!("cannot listen on {}: {e}", config.peer_listen)));
+                        return;
+                    }
+                };
+                let api_addr = api.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let peer_addr = peer.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let info = NodeInfo {
+                    node: identity.id.clone(),
+                    peer_addr: config.peer_advertise.clone().unwrap_or(peer_addr.clone()),
+                    api_url: config
+                        .api_advertise
+                        .clone()
+                        .unwrap_or(format!("http://{api_addr}")),
+                };
+                let node = match ClusterNode::start(
+                    store,
+                    identity,
+                    info.clone(),
+                    peer,
+                    config.settings(),
+                )
+                .await
+                {
+                    Ok(node) => Arc::new(node),
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                if config.founder {
+                    let mut founders: BTreeMap<u64, NodeInfo> = config
+                        .peers
+                        .iter()
+                        .map(|peer| (node_id_of(peer), peer.clone()))
+                        .collect();
+                    founders.insert(node.id, info.clone());
+                    if let Err(e) = node.bootstrap(founders).await {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                } else {
+                    let joining = node.clone();
+                    let seeds = config.peers.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            match joining.join(&seeds, Duration::from_secs(30)).await {
+                                Ok(()) => return,
+                                Err(e) => {
+                                    eprintln!("medledger: joining the consortium: {e}; retrying")
+                                }
+                            }
+                        }
+                    });
+                }
+                let ledger = node.ledger.clone();
+                let _ = ready.send(Ok((info, node.clone())));
+                let served = medledger_node::api::serve(ledger, api, async {
+                    let _ = stop.await;
+                })
+                .await;
+                if let Err(error) = served {
+                    eprintln!("medledger: the API server stopped: {error}");
+                }
+                node.shutdown().await;
+            });
+        })
+        .map_err(|e| e.to_string())?;
+    let (info, node) = started
+        .recv()
+        .map_err(|_| "the node thread ended while starting".to_string())??;
+    Ok(RunningMember {
+        api_url: info.api_url,
+        peer_addr: info.peer_addr,
+        ledger: node.ledger.clone(),
+        node,
+        shutdown: Some(shutdown),
+        thread: Some(thread),
+    })
+}
+
+fn node_id_of(peer: &NodeInfo) -> u64 {
+    let org = medledger_core::identity::split_user_id(&peer.node)
+        .map(|(org, _)| org)
+        .unwrap_or(&peer.node);
+    medledger_node::consensus::raft_id(org)
+}
+
+impl Drop for RunningMember {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());

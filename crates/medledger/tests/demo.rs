@@ -36,8 +36,9 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn the_demo_plays_every_flow_and_leaves_a_ledger_that_verifies_without_phi() {
     // Goal: `demo --once` exits 0 after showing consent, denial, grant, revoke and
-    // break-glass; its node's store passes `verify`; the synthetic names and birth dates
-    // (in every spelling we can think of) appear in no ledger byte.
+    // break-glass on a three-node consortium; every node's store passes `verify` with the
+    // same head; the synthetic names and birth dates (in every spelling we can think of)
+    // appear in no ledger byte of any node.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
     let output = medledger(&["demo", "--once", "--data-dir", data.to_str().unwrap()]);
@@ -52,6 +53,7 @@ fn the_demo_plays_every_flow_and_leaves_a_ledger_that_verifies_without_phi() {
         "bad_signature",
         "is already on the ledger",
         "the log extends its size-1 head",
+        "All 3 nodes hold the same chain",
     ] {
         assert!(
             shown.contains(expected),
@@ -59,12 +61,19 @@ fn the_demo_plays_every_flow_and_leaves_a_ledger_that_verifies_without_phi() {
         );
     }
 
-    let node_dir = data.join("node-hospital-a");
-    let verified = medledger(&["verify", "--data-dir", node_dir.to_str().unwrap()]);
+    let node_dir = data.join("nodes").join("hospital-a");
+    let mut heads = Vec::new();
+    for org in ["hospital-a", "hospital-b", "lab-x"] {
+        let dir = data.join("nodes").join(org);
+        let verified = medledger(&["verify", "--data-dir", dir.to_str().unwrap()]);
+        let said = text(&verified);
+        assert!(verified.status.success(), "verify of {org} failed:\n{said}");
+        let head = said.split("; head ").nth(1).unwrap_or_default().to_string();
+        heads.push(head);
+    }
     assert!(
-        verified.status.success(),
-        "verify failed:\n{}",
-        text(&verified)
+        heads.windows(2).all(|pair| pair[0] == pair[1]) && !heads[0].is_empty(),
+        "the nodes' heads differ: {heads:?}"
     );
 
     let ledger = std::fs::read(node_dir.join("ledger.redb")).unwrap();
@@ -81,8 +90,10 @@ fn the_demo_plays_every_flow_and_leaves_a_ledger_that_verifies_without_phi() {
         needles.push(born.replace('-', "/"));
     }
     let mut searched = 0;
-    for path in std::iter::once(node_dir.join("ledger.redb")).chain(files(&data.join("blobs"))) {
-        let bytes = if path.ends_with("ledger.redb") {
+    let stores = ["hospital-a", "hospital-b", "lab-x"]
+        .map(|org| data.join("nodes").join(org).join("ledger.redb"));
+    for path in stores.into_iter().chain(files(&data.join("blobs"))) {
+        let bytes = if path == node_dir.join("ledger.redb") {
             ledger.clone()
         } else {
             std::fs::read(&path).unwrap()
@@ -120,13 +131,13 @@ fn verify_refuses_a_missing_store_and_a_truncated_one() {
             .status
             .success()
     );
-    let file = data.join("node-hospital-a").join("ledger.redb");
+    let file = data.join("nodes").join("hospital-a").join("ledger.redb");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let cut = medledger(&[
         "verify",
         "--data-dir",
-        data.join("node-hospital-a").to_str().unwrap(),
+        data.join("nodes").join("hospital-a").to_str().unwrap(),
     ]);
     assert!(!cut.status.success(), "a truncated store verified");
     assert!(!text(&cut).contains("panicked"), "{}", text(&cut));
@@ -147,7 +158,7 @@ fn verify_against_a_tree_head_held_elsewhere_catches_rollback_and_rewrite() {
             .status
             .success()
     );
-    let node_dir = data.join("node-hospital-a");
+    let node_dir = data.join("nodes").join("hospital-a");
     let root = data.join("keys").join("root.cert.pem");
     let verify_with = |head: &SignedTreeHead| {
         let file = dir.path().join("head.json");
