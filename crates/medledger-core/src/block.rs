@@ -11,10 +11,13 @@ use serde::{Deserialize, Serialize};
 use crate::canonical::to_canonical_bytes;
 use crate::contracts::{self, Candidate, ChainConfig, Rejection, TxOutcome};
 use crate::hash::Hash;
+use crate::identity::split_user_id;
 use crate::identity::OrgKind;
 use crate::merkle::{self, NodeSource};
+use crate::model::Contribution;
 use crate::state::{keys, next_state_hash, Overlay, StateRead, WriteSet};
-use crate::tx::SignedTx;
+use crate::tx::{SignedTx, TxBody};
+use std::collections::BTreeMap;
 
 /// Most transactions in one block.
 pub const BLOCK_TXS_MAX: usize = 8192;
@@ -337,6 +340,55 @@ pub fn genesis<S: StateRead + ?Sized>(
     })
 }
 
+/// Adds the block's contributions to each organisation's counters: the proposer's
+/// organisation led it; custodians hold the record versions and served the granted
+/// accesses that committed in it. One write per organisation touched.
+fn count_contributions<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    proposer: &str,
+    txs: &[SignedTx],
+    outcomes: &[TxOutcome],
+) {
+    let org_of = |id: &str| split_user_id(id).map(|(org, _)| org.to_string());
+    fn entry(counts: &mut BTreeMap<String, Contribution>, org: String) -> &mut Contribution {
+        counts.entry(org.clone()).or_insert_with(|| Contribution {
+            org,
+            ..Contribution::default()
+        })
+    }
+    let mut counts: BTreeMap<String, Contribution> = BTreeMap::new();
+    if let Some(org) = org_of(proposer) {
+        entry(&mut counts, org).blocks_led += 1;
+    }
+    for (tx, outcome) in txs.iter().zip(outcomes) {
+        let TxOutcome::Committed { access } = outcome else {
+            continue;
+        };
+        let Some(org) = org_of(&tx.payload.signer) else {
+            continue;
+        };
+        match (&tx.payload.body, access) {
+            (TxBody::CreateRecord { .. }, _) => entry(&mut counts, org).records_held += 1,
+            (TxBody::LogAccess { .. }, Some(decision)) if decision.is_granted() => {
+                entry(&mut counts, org).accesses_served += 1
+            }
+            _ => {}
+        }
+    }
+    for (org, add) in counts {
+        let key = keys::contribution(&org);
+        let mut total: Contribution = state.get_value(&key).unwrap_or(Contribution {
+            org: org.clone(),
+            ..Contribution::default()
+        });
+        total.blocks_led += add.blocks_led;
+        total.records_held += add.records_held;
+        total.accesses_served += add.accesses_served;
+        state.put(key, &total);
+    }
+    state.commit_tx();
+}
+
 /// Orders `candidates` into the next block at `time_ms` (which must not go back in time).
 pub fn execute_block<S: StateRead + ?Sized>(
     base: &S,
@@ -379,6 +431,7 @@ pub fn execute_block<S: StateRead + ?Sized>(
         txs.push(executed.tx);
         outcomes.push(executed.outcome);
     }
+    count_contributions(&mut state, proposer, &txs, &outcomes);
     let root = log_root(&state, size);
     let writes = state.into_writes();
     let header = BlockHeader {

@@ -417,3 +417,15 @@ pub struct AuditEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected: Option<String>,
 }
+
+/// An organisation's contribution to the consortium, counted by the ledger itself (the
+/// incentive without tokens): blocks its node led, record versions it holds as custodian,
+/// and accesses to its records it served (granted access entries it logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contribution {
+    pub org: String,
+    pub blocks_led: u64,
+    pub records_held: u64,
+    pub accesses_served: u64,
+}

@@ -152,6 +152,10 @@ pub mod keys {
     pub fn patient(patient: &str) -> String {
         format!("patient/{patient}")
     }
+    /// What an organisation has contributed (blocks led, records held, accesses served).
+    pub fn contribution(org: &str) -> String {
+        format!("contribution/{org}")
+    }
     pub fn nonce(signer: &str) -> String {
         format!("nonce/{signer}")
     }

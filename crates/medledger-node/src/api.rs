@@ -19,8 +19,8 @@ use medledger_core::audit::{ConsistencyProof, InclusionProof, SignedTreeHead};
 use medledger_core::block::{tx_leaf_bytes, Block};
 use medledger_core::contracts::{decide, AccessQuery, TxOutcome};
 use medledger_core::model::{
-    AccessDecision, AccessRequest, Action, AuditEvent, BreakGlass, Consent, Org, Patient, Purpose,
-    Record, User,
+    AccessDecision, AccessRequest, Action, AuditEvent, BreakGlass, Consent, Contribution, Org,
+    Patient, Purpose, Record, User,
 };
 use medledger_core::state::{keys, Overlay};
 use medledger_core::tx::SignedTx;
@@ -71,6 +71,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         )
         .route("/v1/access-decision", get(access_decision))
         .route("/v1/health", get(health))
+        .route("/v1/contributions", get(contributions))
         .route("/v1/consensus/transfer-leader", post(transfer_leader))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -543,6 +544,24 @@ async fn orgs(State(ledger): State<Arc<Ledger>>) -> ApiResult<Vec<Org>> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         out.push(required(&snapshot, &keys::org(&id), "organisation")?);
+    }
+    Ok(Json(out))
+}
+
+/// Every organisation's contribution as the ledger counted it, in organisation order.
+async fn contributions(State(ledger): State<Arc<Ledger>>) -> ApiResult<Vec<Contribution>> {
+    let snapshot = snapshot(&ledger)?;
+    let ids: Vec<String> = snapshot.value(keys::ORGS)?.unwrap_or_default();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(
+            snapshot
+                .value(&keys::contribution(&id))?
+                .unwrap_or(Contribution {
+                    org: id,
+                    ..Contribution::default()
+                }),
+        );
     }
     Ok(Json(out))
 }

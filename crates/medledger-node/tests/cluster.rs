@@ -119,3 +119,236 @@ async fn a_transaction_submitted_at_a_follower_commits_on_every_node() {
     }
     panic!("not every node applied block {height}");
 }
+
+// ---- the node-to-node transport -------------------------------------------------------
+
+use medledger_core::contracts::{Rejection, TxOutcome};
+use medledger_node::ledger::SubmitError;
+use medledger_node::rpc::{Request, Response};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A client that trusts any server, so that only the server's judgement of the client is
+/// under test.
+#[derive(Debug)]
+struct TrustAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for TrustAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Calls `Status` on a node's peer port presenting `member`'s certificate chain; returns the
+/// answer, or why there was none.
+async fn call_as(member: &Identity, peer_addr: &str) -> Result<Response, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = vec![
+        CertificateDer::from(member.certificate.as_ref().unwrap().der.clone()),
+        CertificateDer::from(member.ca_certificate.as_ref().unwrap().der.clone()),
+    ];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(member.key.pkcs8_der().to_vec()));
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TrustAnyServer(provider)))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(peer_addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("hospital-a".to_string()).unwrap();
+    let exchange = async {
+        let mut stream = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = serde_json::to_vec(&Request::Status).unwrap();
+        stream
+            .write_all(&(request.len() as u32).to_be_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())?;
+        let mut len = [0u8; 4];
+        stream
+            .read_exact(&mut len)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        stream
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice::<Response>(&body).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+}
+
+/// Sends raw bytes to a peer port and returns whatever comes back before it closes.
+async fn raw_exchange(peer_addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut tcp = tokio::net::TcpStream::connect(peer_addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_a_members_node_certificate_plaintext_and_old_tls_are_refused() {
+    // Proves that the peer port answers only a TLS 1.2+ client presenting the enrolled node
+    // certificate of an active member: a node certificate from a CA the ledger does not
+    // know, a member's non-node certificate, a plaintext request and a TLS 1.1 hello all
+    // get no answer, while the genuine node certificate does.
+    let cluster = start_cluster(&["hospital-a", "hospital-b", "lab-x"]).await;
+    wait_for_leader(&cluster).await;
+    let target = cluster.nodes[0].info.peer_addr.clone();
+
+    let genuine = &cluster.consortium.org("hospital-b").unwrap().node;
+    let answer = call_as(genuine, &target).await;
+    assert!(
+        matches!(answer, Ok(Response::Done(_))),
+        "the genuine node certificate must be served: {answer:?}"
+    );
+
+    // The same organisation names under another root: an unknown CA.
+    let now = now_ms();
+    let validity = Validity {
+        not_before_ms: now - DAY_MS,
+        not_after_ms: now + DAY_MS,
+    };
+    let impostors =
+        Consortium::create(CHAIN, &[("hospital-b", OrgKind::Hospital)], now, validity).unwrap();
+    let impostor = &impostors.org("hospital-b").unwrap().node;
+    let answer = call_as(impostor, &target).await;
+    assert!(
+        answer.is_err(),
+        "a foreign CA's node was served: {answer:?}"
+    );
+
+    let admin = &cluster.consortium.org("hospital-b").unwrap().admin;
+    let answer = call_as(admin, &target).await;
+    assert!(
+        answer.is_err(),
+        "a non-node certificate was served: {answer:?}"
+    );
+
+    let request = serde_json::to_vec(&Request::Status).unwrap();
+    let mut frame = (request.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&request);
+    let answer = raw_exchange(&target, &frame).await;
+    assert!(
+        serde_json::from_slice::<Response>(answer.get(4..).unwrap_or_default()).is_err(),
+        "a plaintext request got an answer"
+    );
+
+    // A TLS 1.1 ClientHello (record and hello version 3.2, one TLS 1.1 cipher suite).
+    let mut hello = vec![0x03, 0x02];
+    hello.extend_from_slice(&[0x11; 32]); // random
+    hello.push(0); // no session id
+    hello.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // TLS_RSA_WITH_AES_128_CBC_SHA
+    hello.extend_from_slice(&[0x01, 0x00]); // null compression
+    let mut handshake = vec![0x01, 0x00, 0x00, hello.len() as u8];
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x02, 0x00, handshake.len() as u8];
+    record.extend_from_slice(&handshake);
+    let answer = raw_exchange(&target, &record).await;
+    assert!(
+        answer.first() != Some(&0x16),
+        "a TLS 1.1 hello got a handshake answer: {answer:02x?}"
+    );
+    assert!(
+        answer.is_empty() || answer[0] == 0x15,
+        "expected an alert or a closed connection, got {answer:02x?}"
+    );
+
+    for node in &cluster.nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_replayed_at_another_node_is_refused_and_a_forgery_never_orders() {
+    // Proves that replay protection holds across nodes (the same signed bytes sent to a
+    // second node are refused by the ledger as a duplicate, changing nothing but a leaf)
+    // and that a forged signature is refused at admission, before any ordering.
+    let cluster = start_cluster(&["hospital-a", "hospital-b", "lab-x"]).await;
+    wait_for_leader(&cluster).await;
+    let patient = Identity::new_patient().unwrap();
+    let tx = patient.sign(
+        CHAIN,
+        1,
+        now_ms() + 60_000,
+        TxBody::RegisterPatient {
+            public_key: patient.key.public_key(),
+        },
+    );
+    let first = cluster.nodes[0].ledger.submit(tx.clone()).await.unwrap();
+    assert!(first.outcome.is_committed());
+    let again = cluster.nodes[1].ledger.submit(tx.clone()).await.unwrap();
+    assert!(
+        matches!(
+            &again.outcome,
+            TxOutcome::Rejected { rejection: Rejection::Duplicate { tx_id } } if *tx_id == first.tx_id
+        ),
+        "{:?}",
+        again.outcome
+    );
+
+    let mut forged = tx.clone();
+    forged.payload.nonce = 2;
+    // At the node that has applied the registration, so the signer is known there.
+    let refused = cluster.nodes[1].ledger.submit(forged).await;
+    assert_eq!(refused.unwrap_err(), SubmitError::BadSignature);
+
+    for node in &cluster.nodes {
+        node.shutdown().await;
+    }
+}

@@ -12,7 +12,7 @@ use medledger_core::crypto::base64url;
 use medledger_core::hash::Hash;
 use medledger_core::identity::{OrgKind, Role};
 use medledger_core::model::{
-    Action, AuditEvent, BreakGlassVerdict, Category, DenialReason, EmergencyReason,
+    Action, AuditEvent, BreakGlassVerdict, Category, Contribution, DenialReason, EmergencyReason,
     GovernanceAction, Grantee, Purpose, RevocationReason, Scope,
 };
 use medledger_core::tx::{SignedTx, TxBody};
@@ -982,6 +982,31 @@ pub fn describe_event(event: &AuditEvent) -> String {
         line.push_str(&format!(" → REJECTED ({code})"));
     }
     line
+}
+
+pub fn contributions(node: &str) -> CliResult {
+    let all: Vec<Contribution> = Client::new(node)
+        .get("/v1/contributions")
+        .map_err(|e| e.to_string())?;
+    for line in contribution_lines(&all) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// A table of contributions, one organisation per line.
+pub fn contribution_lines(all: &[Contribution]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<14} {:>10} {:>12} {:>15}",
+        "organisation", "blocks_led", "records_held", "accesses_served"
+    )];
+    for c in all {
+        lines.push(format!(
+            "{:<14} {:>10} {:>12} {:>15}",
+            c.org, c.blocks_led, c.records_held, c.accesses_served
+        ));
+    }
+    lines
 }
 
 pub fn query(node: &str, path: &str) -> CliResult {

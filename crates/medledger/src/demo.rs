@@ -548,6 +548,14 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         short(&agreed.block_hash.to_hex()),
         short(&agreed.state_hash.to_hex())
     );
+    let contributions: Vec<medledger_core::model::Contribution> = story
+        .client
+        .get("/v1/contributions")
+        .map_err(|e| e.to_string())?;
+    println!("What each member contributed, as the ledger counts it:");
+    for line in crate::commands::contribution_lines(&contributions) {
+        println!("   {line}");
+    }
     let status: serde_json::Value = story.client.get("/v1/status").map_err(|e| e.to_string())?;
     // A tree head held outside the node lets anyone later catch a rewrite or a rollback.
     let last_head: SignedTreeHead = story

@@ -69,6 +69,11 @@ enum Command {
     /// Fetch and verify proofs without trusting the node.
     #[command(subcommand)]
     Proof(commands::ProofCommand),
+    /// What each organisation contributed: blocks led, records held, accesses served.
+    Contributions {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        node: String,
+    },
     /// GET any API path and print the JSON.
     Query {
         #[arg(long, default_value = "http://127.0.0.1:7400")]
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => commands::audit(args),
         Command::Proof(command) => commands::proof(command),
         Command::Query { node, path } => commands::query(&node, &path),
+        Command::Contributions { node } => commands::contributions(&node),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -61,6 +61,31 @@ fn the_demo_plays_every_flow_and_leaves_a_ledger_that_verifies_without_phi() {
         );
     }
 
+    // The ledger's contribution counters: custodians hold the records written there and
+    // served the granted reads; every block after genesis was led by some member's node.
+    let counters = |org: &str| -> Vec<u64> {
+        let table = shown
+            .split("contributed, as the ledger counts it")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no contributions shown:\n{shown}"));
+        let line = table
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{org} ")))
+            .unwrap_or_else(|| panic!("no contribution line for {org}:\n{shown}"));
+        line.split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(counters("hospital-a")[1..], [2, 2]);
+    assert_eq!(counters("lab-x")[1..], [1, 1]);
+    assert_eq!(counters("regulator")[1..], [0, 0]);
+    let led: u64 = ["hospital-a", "hospital-b", "lab-x", "regulator"]
+        .iter()
+        .map(|org| counters(org)[0])
+        .sum();
+    assert!(led > 20, "blocks led: {led}");
+
     let node_dir = data.join("nodes").join("hospital-a");
     let mut heads = Vec::new();
     for org in ["hospital-a", "hospital-b", "lab-x"] {
