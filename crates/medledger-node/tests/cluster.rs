@@ -8,7 +8,7 @@ use std::time::Duration;
 use medledger_core::identity::OrgKind;
 use medledger_core::tx::TxBody;
 use medledger_node::cluster::{ClusterNode, ClusterSettings};
-use medledger_node::consensus::{raft_id, NodeInfo};
+use medledger_node::consensus::NodeInfo;
 use medledger_node::consortium::{Consortium, Identity};
 use medledger_node::ledger::{initialise, now_ms, NodeIdentity};
 use medledger_node::pki::Validity;
@@ -23,47 +23,89 @@ struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
 }
 
-async fn start_cluster(orgs: &[&str]) -> Cluster {
+impl Cluster {
+    /// Signs `body` as `who` with the next nonce and commits it through node `at`.
+    async fn commit(&self, at: usize, who: &Identity, nonce: u64, body: TxBody) {
+        let tx = who.sign(CHAIN, nonce, now_ms() + 60_000, body);
+        let committed = self.nodes[at].ledger.submit(tx).await.expect("committed");
+        assert!(
+            committed.outcome.is_committed(),
+            "{}: {:?}",
+            who.id,
+            committed.outcome
+        );
+        // Every node applies it before the next step, which may go through any of them.
+        for _ in 0..500 {
+            if self
+                .nodes
+                .iter()
+                .all(|node| node.ledger.store().head().unwrap().unwrap().height >= committed.height)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not every node applied block {}", committed.height);
+    }
+}
+
+fn settings() -> ClusterSettings {
+    ClusterSettings {
+        heartbeat_ms: 50,
+        election_timeout_min_ms: 300,
+        election_timeout_max_ms: 600,
+        // Small, so that tests see snapshots taken and logs purged.
+        snapshot_every_entries: 10,
+        ..ClusterSettings::default()
+    }
+}
+
+fn validity() -> Validity {
     let now = now_ms();
-    let validity = Validity {
+    Validity {
         not_before_ms: now - DAY_MS,
         not_after_ms: now + 365 * DAY_MS,
-    };
-    let kinds: Vec<(&str, OrgKind)> = orgs.iter().map(|org| (*org, OrgKind::Hospital)).collect();
-    let consortium = Consortium::create(CHAIN, &kinds, now - 1000, validity).unwrap();
-    let mut listeners = Vec::new();
-    let mut infos = BTreeMap::new();
-    for org in orgs {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let info = NodeInfo {
-            node: format!("node@{org}"),
-            peer_addr: listener.local_addr().unwrap().to_string(),
-            api_url: String::new(),
-        };
-        infos.insert(raft_id(org), info.clone());
-        listeners.push((org.to_string(), listener, info));
     }
+}
+
+/// Starts `member`'s node on a fresh store holding the consortium's genesis.
+async fn start_node(
+    consortium: &Consortium,
+    member: &Identity,
+    listener: tokio::net::TcpListener,
+    dirs: &mut Vec<tempfile::TempDir>,
+) -> ClusterNode {
+    let dir = tempfile::tempdir().unwrap();
+    initialise(dir.path(), &consortium.genesis).unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let identity = NodeIdentity::from_member(member).unwrap();
+    let info = NodeInfo {
+        node: member.id.clone(),
+        peer_addr: listener.local_addr().unwrap().to_string(),
+        api_url: String::new(),
+    };
+    dirs.push(dir);
+    ClusterNode::start(store, identity, info, listener, settings())
+        .await
+        .unwrap()
+}
+
+async fn start_cluster(orgs: &[&str]) -> Cluster {
+    let kinds: Vec<(&str, OrgKind)> = orgs.iter().map(|org| (*org, OrgKind::Hospital)).collect();
+    let consortium = Consortium::create(CHAIN, &kinds, now_ms() - 1000, validity()).unwrap();
     let mut nodes = Vec::new();
     let mut dirs = Vec::new();
-    for (org, listener, info) in listeners {
-        let dir = tempfile::tempdir().unwrap();
-        initialise(dir.path(), &consortium.genesis).unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let identity = NodeIdentity::from_member(&consortium.org(&org).unwrap().node).unwrap();
-        let settings = ClusterSettings {
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
-            ..ClusterSettings::default()
-        };
-        let node = ClusterNode::start(store, identity, info, listener, settings)
-            .await
-            .unwrap();
-        nodes.push(node);
-        dirs.push(dir);
+    for org in orgs {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let member = &consortium.org(org).unwrap().node;
+        nodes.push(start_node(&consortium, member, listener, &mut dirs).await);
     }
+    let founders: BTreeMap<u64, NodeInfo> = nodes
+        .iter()
+        .map(|node| (node.id, node.info.clone()))
+        .collect();
     for node in &nodes {
-        node.bootstrap(infos.clone()).await.unwrap();
+        node.bootstrap(founders.clone()).await.unwrap();
     }
     Cluster {
         consortium,
@@ -332,6 +374,17 @@ async fn a_transaction_replayed_at_another_node_is_refused_and_a_forgery_never_o
     );
     let first = cluster.nodes[0].ledger.submit(tx.clone()).await.unwrap();
     assert!(first.outcome.is_committed());
+    wait_until("node 1 applied the registration", || {
+        cluster.nodes[1]
+            .ledger
+            .store()
+            .head()
+            .unwrap()
+            .unwrap()
+            .height
+            >= first.height
+    })
+    .await;
     let again = cluster.nodes[1].ledger.submit(tx.clone()).await.unwrap();
     assert!(
         matches!(
@@ -348,6 +401,174 @@ async fn a_transaction_replayed_at_another_node_is_refused_and_a_forgery_never_o
     let refused = cluster.nodes[1].ledger.submit(forged).await;
     assert_eq!(refused.unwrap_err(), SubmitError::BadSignature);
 
+    for node in &cluster.nodes {
+        node.shutdown().await;
+    }
+}
+
+// ---- membership follows governance ----------------------------------------------------
+
+use medledger_core::model::GovernanceAction;
+use medledger_node::consortium::OrgAuthority;
+
+fn copy(identity: &Identity) -> Identity {
+    Identity {
+        id: identity.id.clone(),
+        key: medledger_node::pki::KeyPair::from_pkcs8_der(identity.key.pkcs8_der()).unwrap(),
+        certificate: identity.certificate.clone(),
+        ca_certificate: identity.ca_certificate.clone(),
+    }
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_members_node_joins_by_snapshot_and_a_suspended_one_is_dropped() {
+    // Proves that membership follows the ledger's governance: the node of an organisation
+    // admitted by vote joins as a learner, catches up by snapshot (the leader's log was
+    // already purged) plus log, becomes a voter with the same chain; once the organisation
+    // is suspended by vote, its node is removed from the voters and refused by its peers.
+    let mut cluster = start_cluster(&["hospital-a", "hospital-b", "lab-x"]).await;
+    wait_for_leader(&cluster).await;
+    // Enough blocks that snapshots are taken and the log before them purged.
+    for _ in 0..30 {
+        let patient = Identity::new_patient().unwrap();
+        let body = TxBody::RegisterPatient {
+            public_key: patient.key.public_key(),
+        };
+        cluster.commit(0, &patient, 1, body).await;
+    }
+    let leader = wait_for_leader(&cluster).await;
+    let leader_node = cluster.nodes.iter().find(|n| n.id == leader).unwrap();
+    wait_until("the leader purged its log", || {
+        leader_node.raft.metrics().borrow().purged.is_some()
+    })
+    .await;
+
+    let clinic = OrgAuthority::create(
+        &cluster.consortium.root,
+        "clinic-c",
+        OrgKind::Clinic,
+        validity(),
+    )
+    .unwrap();
+    let clinic_admin = clinic
+        .issue(
+            "admin",
+            medledger_core::identity::Role::OrgAdmin,
+            validity(),
+        )
+        .unwrap();
+    let clinic_node = clinic
+        .issue("node", medledger_core::identity::Role::Node, validity())
+        .unwrap();
+    let admin_a = copy(&cluster.consortium.org("hospital-a").unwrap().admin);
+    let admin_b = copy(&cluster.consortium.org("hospital-b").unwrap().admin);
+    let admit = GovernanceAction::AdmitOrg {
+        org: "clinic-c".into(),
+        org_kind: OrgKind::Clinic,
+        ca_certificate: medledger_core::crypto::base64url(&clinic.ca_certificate.der),
+        admin_certificate: clinic_admin.certificate_text().unwrap(),
+    };
+    cluster
+        .commit(0, &admin_a, 1, TxBody::ProposeGovernance { action: admit })
+        .await;
+    cluster
+        .commit(
+            1,
+            &admin_b,
+            1,
+            TxBody::VoteGovernance {
+                proposal_id: 1,
+                approve: true,
+            },
+        )
+        .await;
+    let enroll = TxBody::EnrollUser {
+        certificate: clinic_node.certificate_text().unwrap(),
+    };
+    cluster.commit(2, &clinic_admin, 1, enroll).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut dirs = Vec::new();
+    let newcomer = start_node(&cluster.consortium, &clinic_node, listener, &mut dirs).await;
+    let seeds: Vec<NodeInfo> = cluster.nodes.iter().map(|n| n.info.clone()).collect();
+    newcomer
+        .join(&seeds, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let newcomer_id = newcomer.id;
+    wait_until("the newcomer is a voter", || {
+        leader_node
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == newcomer_id)
+    })
+    .await;
+    let head = cluster.nodes[0].ledger.store().head().unwrap().unwrap();
+    wait_until("the newcomer holds the chain", || {
+        newcomer.ledger.store().head().unwrap().unwrap().height >= head.height
+    })
+    .await;
+    let block = |node: &ClusterNode| node.ledger.store().block(head.height).unwrap().unwrap();
+    assert_eq!(block(&newcomer), block(&cluster.nodes[0]));
+    // The newcomer orders too: a transaction sent to it commits everywhere.
+    cluster.nodes.push(newcomer);
+    let patient = Identity::new_patient().unwrap();
+    let body = TxBody::RegisterPatient {
+        public_key: patient.key.public_key(),
+    };
+    cluster.commit(3, &patient, 1, body).await;
+
+    let suspend = GovernanceAction::SuspendOrg {
+        org: "clinic-c".into(),
+    };
+    cluster
+        .commit(
+            0,
+            &admin_a,
+            2,
+            TxBody::ProposeGovernance { action: suspend },
+        )
+        .await;
+    cluster
+        .commit(
+            1,
+            &admin_b,
+            2,
+            TxBody::VoteGovernance {
+                proposal_id: 2,
+                approve: true,
+            },
+        )
+        .await;
+    let leader = wait_for_leader(&cluster).await;
+    let leader_node = cluster.nodes.iter().find(|n| n.id == leader).unwrap();
+    wait_until("the suspended member's node is no voter", || {
+        let metrics = leader_node.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        !membership.voter_ids().any(|id| id == newcomer_id)
+            && membership.get_node(&newcomer_id).is_none()
+    })
+    .await;
+    let answer = call_as(&clinic_node, &cluster.nodes[0].info.peer_addr).await;
+    assert!(
+        matches!(&answer, Err(_))
+            || matches!(&answer, Ok(Response::Done(Err(reason))) if reason.starts_with("peer refused")),
+        "a suspended member's node was served: {answer:?}"
+    );
     for node in &cluster.nodes {
         node.shutdown().await;
     }
