@@ -354,7 +354,7 @@ impl ClusterNode {
             id,
             Arc::new(config),
             peers.clone(),
-            LogStore::new(store.clone(), settings.offload_io),
+            LogStore::new(store.clone(), settings.offload_io).with_stats(stats.clone()),
             StateMachine::new(shared.clone(), settings.offload_io),
         )
         .await

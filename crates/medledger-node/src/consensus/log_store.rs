@@ -13,6 +13,7 @@ use openraft::{ErrorSubject, ErrorVerb, RaftLogReader};
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::{storage_error, Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::ledger::LedgerStats;
 use crate::store::{Store, RAFT_LOG, RAFT_META};
 
 const VOTE_KEY: &str = "vote";
@@ -26,6 +27,8 @@ pub struct LogStore {
     /// Run blocking IO on tokio's blocking pool (nodes) or inline (single-threaded
     /// simulations, where the store is in memory).
     offload: bool,
+    /// Counts the fsyncs (durable log commits), when given.
+    stats: Option<Arc<LedgerStats>>,
 }
 
 fn read_error(detail: impl std::fmt::Display) -> StorageError {
@@ -38,7 +41,25 @@ fn write_error(detail: impl std::fmt::Display) -> StorageError {
 
 impl LogStore {
     pub fn new(store: Arc<Store>, offload: bool) -> LogStore {
-        LogStore { store, offload }
+        LogStore {
+            store,
+            offload,
+            stats: None,
+        }
+    }
+
+    /// Counts this log's durable commits in `stats.fsyncs`.
+    pub fn with_stats(mut self, stats: Arc<LedgerStats>) -> LogStore {
+        self.stats = Some(stats);
+        self
+    }
+
+    fn synced(&self) {
+        if let Some(stats) = &self.stats {
+            stats
+                .fsyncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Runs `work` against the database, off the async threads when offloading.
@@ -153,6 +174,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let vote = *vote;
+        self.synced();
         self.run(move |store| LogStore::put_meta(store, VOTE_KEY, &vote, true))
             .await
     }
@@ -203,6 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await;
         match result {
             Ok(()) => {
+                self.synced();
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
