@@ -3,10 +3,19 @@
 //! Every append, vote, truncation and purge is an fsynced redb commit before openraft hears
 //! it is done. Because the state machine's commits share the file and skip their own fsync
 //! (see `StateMachine`), each of these commits also makes every earlier block durable.
+//!
+//! On a node, appends do not hold up Raft: `append` puts the entries where reads see them
+//! (`pending`) and hands them to the log's writer thread, which commits whatever appends
+//! have queued in one fsynced transaction (group commit) and then reports each as flushed.
+//! The leader thus replicates an entry while its own fsync runs. Truncations, purges and
+//! votes go through the same thread, in order, and are awaited.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
+
+use tokio::sync::oneshot;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader};
@@ -17,18 +26,107 @@ use crate::ledger::LedgerStats;
 use crate::store::{Store, RAFT_LOG, RAFT_META};
 
 const VOTE_KEY: &str = "vote";
-const COMMITTED_KEY: &str = "committed";
 const PURGED_KEY: &str = "last_purged";
 
 /// Raft's log store over the node's `Store`. Cheap to clone: clones share the database.
 #[derive(Clone)]
 pub struct LogStore {
     store: Arc<Store>,
-    /// Run blocking IO on tokio's blocking pool (nodes) or inline (single-threaded
-    /// simulations, where the store is in memory).
+    /// Run blocking IO on a writer thread and tokio's blocking pool (nodes) or inline
+    /// (single-threaded simulations, where the store is in memory).
     offload: bool,
     /// Counts the fsyncs (durable log commits), when given.
     stats: Option<Arc<LedgerStats>>,
+    /// Entries appended but not yet durable, by index; reads see them.
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    writer: Option<mpsc::Sender<Job>>,
+}
+
+/// Work for the log's writer thread.
+enum Job {
+    Append(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>),
+    /// Anything else that must be durable in order: done, then answered.
+    Other(LogWork, oneshot::Sender<Result<(), StorageError>>),
+}
+
+type LogWork = Box<dyn FnOnce(&Store) -> Result<(), StorageError> + Send>;
+
+/// The writer thread: commits queued appends together, other jobs one by one, in order.
+fn write_log(
+    store: Arc<Store>,
+    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    stats: Option<Arc<LedgerStats>>,
+    jobs: mpsc::Receiver<Job>,
+) {
+    let synced = || {
+        if let Some(stats) = &stats {
+            stats
+                .fsyncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let mut next = jobs.recv().ok();
+    while let Some(job) = next.take() {
+        match job {
+            Job::Other(work, reply) => {
+                let _ = reply.send(work(&store));
+                synced();
+                next = jobs.recv().ok();
+            }
+            Job::Append(entries, callback) => {
+                let mut batch = vec![(entries, callback)];
+                // Group commit: every append already queued goes into this transaction.
+                loop {
+                    match jobs.try_recv() {
+                        Ok(Job::Append(entries, callback)) => batch.push((entries, callback)),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = append_durably(&store, batch.iter().flat_map(|(e, _)| e.iter()));
+                synced();
+                if result.is_ok() {
+                    let mut pending = pending.lock().expect("pending lock");
+                    for (entries, _) in &batch {
+                        for (log_id, _) in entries {
+                            if pending.get(&log_id.index).map(|e| e.log_id) == Some(*log_id) {
+                                pending.remove(&log_id.index);
+                            }
+                        }
+                    }
+                }
+                for (_, callback) in batch {
+                    callback.log_io_completed(
+                        result
+                            .clone()
+                            .map_err(|e| std::io::Error::other(e.to_string())),
+                    );
+                }
+                if next.is_none() {
+                    next = jobs.recv().ok();
+                }
+            }
+        }
+    }
+}
+
+fn append_durably<'a>(
+    store: &Store,
+    entries: impl Iterator<Item = &'a (LogId, Vec<u8>)>,
+) -> Result<(), StorageError> {
+    let txn = store.database().begin_write().map_err(write_error)?;
+    {
+        let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+        for (log_id, bytes) in entries {
+            table
+                .insert(log_id.index, bytes.as_slice())
+                .map_err(write_error)?;
+        }
+    }
+    txn.commit().map_err(write_error)
 }
 
 fn read_error(detail: impl std::fmt::Display) -> StorageError {
@@ -41,17 +139,55 @@ fn write_error(detail: impl std::fmt::Display) -> StorageError {
 
 impl LogStore {
     pub fn new(store: Arc<Store>, offload: bool) -> LogStore {
-        LogStore {
-            store,
-            offload,
-            stats: None,
-        }
+        LogStore::build(store, offload, None)
     }
 
     /// Counts this log's durable commits in `stats.fsyncs`.
-    pub fn with_stats(mut self, stats: Arc<LedgerStats>) -> LogStore {
-        self.stats = Some(stats);
-        self
+    pub fn with_stats(self, stats: Arc<LedgerStats>) -> LogStore {
+        LogStore::build(self.store, self.offload, Some(stats))
+    }
+
+    fn build(store: Arc<Store>, offload: bool, stats: Option<Arc<LedgerStats>>) -> LogStore {
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let writer = offload.then(|| {
+            let (jobs, queue) = mpsc::channel();
+            let (store, pending, stats) = (store.clone(), pending.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("medledger-raft-log".into())
+                .spawn(move || write_log(store, pending, stats, queue))
+                .expect("spawn the log writer");
+            jobs
+        });
+        LogStore {
+            store,
+            offload,
+            stats,
+            pending,
+            writer,
+        }
+    }
+
+    /// Runs `work` durably, in order with the appends before it.
+    async fn in_order(
+        &self,
+        work: impl FnOnce(&Store) -> Result<(), StorageError> + Send + 'static,
+    ) -> Result<(), StorageError> {
+        match &self.writer {
+            Some(writer) => {
+                let (reply, answer) = oneshot::channel();
+                writer
+                    .send(Job::Other(Box::new(work), reply))
+                    .map_err(|_| write_error("the log writer has stopped"))?;
+                answer
+                    .await
+                    .map_err(|_| write_error("the log writer has stopped"))?
+            }
+            None => {
+                let result = work(&self.store);
+                self.synced();
+                result
+            }
+        }
     }
 
     fn synced(&self) {
@@ -139,8 +275,23 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        self.run(move |store| LogStore::entries(store, start, end))
-            .await
+        // Pending first: an entry leaves `pending` only once it is in the table.
+        let pending: Vec<Entry> = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .range((start, end))
+            .map(|(_, entry)| entry.clone())
+            .collect();
+        let mut entries = self
+            .run(move |store| LogStore::entries(store, start, end))
+            .await?;
+        if !pending.is_empty() {
+            let first = pending[0].log_id.index;
+            entries.retain(|entry| entry.log_id.index < first);
+            entries.extend(pending);
+        }
+        Ok(entries)
     }
 }
 
@@ -166,6 +317,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
         })
         .await
+        .map(|mut state| {
+            let pending = self.pending.lock().expect("pending lock");
+            if let Some((_, entry)) = pending.last_key_value() {
+                state.last_log_id = Some(entry.log_id);
+            }
+            state
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -174,25 +332,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let vote = *vote;
-        self.synced();
-        self.run(move |store| LogStore::put_meta(store, VOTE_KEY, &vote, true))
+        self.in_order(move |store| LogStore::put_meta(store, VOTE_KEY, &vote, true))
             .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
         self.run(|store| LogStore::meta(store, VOTE_KEY)).await
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // A hint that lets a restarted node apply what it knows committed before it hears
-        // from a leader; losing it in a crash loses nothing, so no fsync of its own.
-        self.run(move |store| LogStore::put_meta(store, COMMITTED_KEY, &committed, false))
-            .await
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.run(|store| Ok(LogStore::meta::<Option<LogId>>(store, COMMITTED_KEY)?.flatten()))
-            .await
     }
 
     async fn append<I>(
@@ -205,39 +350,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut encoded = Vec::new();
+        let mut appended = Vec::new();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry).map_err(write_error)?;
-            encoded.push((entry.log_id.index, bytes));
+            encoded.push((entry.log_id, bytes));
+            appended.push(entry);
         }
-        let result = self
-            .run(move |store| {
-                let txn = store.database().begin_write().map_err(write_error)?;
-                {
-                    let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-                    for (index, bytes) in &encoded {
-                        table
-                            .insert(*index, bytes.as_slice())
-                            .map_err(write_error)?;
-                    }
-                }
-                txn.commit().map_err(write_error)
-            })
-            .await;
-        match result {
-            Ok(()) => {
-                self.synced();
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
-                Err(error)
+        let Some(writer) = &self.writer else {
+            let result = append_durably(&self.store, encoded.iter());
+            self.synced();
+            callback.log_io_completed(
+                result
+                    .clone()
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
+            return result;
+        };
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            for entry in appended {
+                pending.insert(entry.log_id.index, entry);
             }
         }
+        writer
+            .send(Job::Append(encoded, callback))
+            .map_err(|_| write_error("the log writer has stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.run(move |store| {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .retain(|index, _| *index < log_id.index);
+        self.in_order(move |store| {
             let txn = store.database().begin_write().map_err(write_error)?;
             {
                 let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
@@ -251,7 +396,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.run(move |store| {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .retain(|index, _| *index > log_id.index);
+        self.in_order(move |store| {
             let bytes = serde_json::to_vec(&Some(log_id)).map_err(write_error)?;
             // Durable, like every log commit: it also makes the blocks applied so far durable,
             // which must hold before the entries that produced them are gone.
