@@ -573,3 +573,86 @@ async fn an_admitted_members_node_joins_by_snapshot_and_a_suspended_one_is_dropp
         node.shutdown().await;
     }
 }
+
+// ---- divergence ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_chain_differs_from_the_leaders_stops_instead_of_serving() {
+    // Proves the divergence stop: a committed proposal whose checkpoint names a block this
+    // node does not hold makes the state machine fail with a "state diverged" fatal error,
+    // store nothing, and refuse every later entry.
+    use medledger_node::consensus::state_machine::{AdmittedCache, Shared};
+    use medledger_node::consensus::{Checkpoint, Proposal, StateMachine};
+    use medledger_node::ledger::{LedgerStats, Waiters};
+    use openraft::storage::RaftStateMachine;
+    use std::sync::{Mutex, RwLock};
+
+    let consortium = Consortium::create(
+        CHAIN,
+        &[("hospital-a", OrgKind::Hospital)],
+        now_ms(),
+        validity(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let head = initialise(dir.path(), &consortium.genesis).unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let identity =
+        Arc::new(NodeIdentity::from_member(&consortium.org("hospital-a").unwrap().node).unwrap());
+    let placeholder = Arc::new(medledger_core::audit::SignedTreeHead {
+        tree_head: medledger_core::audit::TreeHead {
+            chain_id: head.chain_id.clone(),
+            height: head.height,
+            log_size: head.log_size,
+            log_root: head.log_root,
+            time_ms: head.time_ms,
+        },
+        signature: identity.key.sign(b"placeholder"),
+        signer: identity.id.clone(),
+        certificate_chain: identity.certificate_chain.clone(),
+    });
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        identity: identity.clone(),
+        latest: Arc::new(RwLock::new(placeholder)),
+        stats: Arc::new(LedgerStats::default()),
+        waiters: Waiters::default(),
+        admitted: Mutex::new(AdmittedCache::default()),
+        fatal: Mutex::new(None),
+        head: tokio::sync::watch::channel(head.clone()).0,
+    });
+    let mut machine = StateMachine::new(shared.clone(), true);
+    let patient = Identity::new_patient().unwrap();
+    let tx = patient.sign(
+        CHAIN,
+        1,
+        now_ms() + 60_000,
+        TxBody::RegisterPatient {
+            public_key: patient.key.public_key(),
+        },
+    );
+    let entry = |index: u64, hash: medledger_core::Hash| openraft::Entry {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
+        payload: openraft::EntryPayload::Normal(Proposal {
+            proposer: "node@hospital-b".into(),
+            time_ms: now_ms(),
+            checkpoint: Some(Checkpoint {
+                height: 0,
+                block_hash: hash,
+            }),
+            txs: vec![tx.clone()],
+        }),
+    };
+    let wrong = medledger_core::Hash::digest_parts(&[b"another chain"]);
+    let error = machine.apply(vec![entry(1, wrong)]).await.unwrap_err();
+    assert!(error.to_string().contains("state diverged"), "{error}");
+    let reason = shared.fatal().expect("the node is stopped");
+    assert!(reason.contains("state diverged: block 0"), "{reason}");
+    assert_eq!(store.head().unwrap().unwrap(), head, "nothing was stored");
+    // Even a proposal that would fit is refused now.
+    assert!(machine
+        .apply(vec![entry(2, head.block_hash)])
+        .await
+        .is_err());
+    assert_eq!(store.head().unwrap().unwrap(), head);
+}

@@ -172,18 +172,21 @@ fn apply_proposal(
         .map_err(|e| shared.stop(format!("reading the head: {e}")))?
         .ok_or_else(|| shared.stop("the store has no genesis".into()))?;
     if let Some(checkpoint) = proposal.checkpoint {
-        let ours = store
-            .block(checkpoint.height)
-            .map_err(|e| shared.stop(format!("reading block {}: {e}", checkpoint.height)))?;
+        // Usually the block just before this one: the head names its hash.
+        let ours = if checkpoint.height == head.height {
+            Some(head.block_hash)
+        } else {
+            store
+                .block(checkpoint.height)
+                .map_err(|e| shared.stop(format!("reading block {}: {e}", checkpoint.height)))?
+                .map(|block| block.header.hash())
+        };
         match ours {
-            Some(block) if block.header.hash() == checkpoint.block_hash => {}
-            Some(block) => {
+            Some(hash) if hash == checkpoint.block_hash => {}
+            Some(hash) => {
                 return Err(shared.stop(format!(
-                    "state diverged: block {} here is {}, the leader {} has {}",
-                    checkpoint.height,
-                    block.header.hash(),
-                    proposal.proposer,
-                    checkpoint.block_hash
+                    "state diverged: block {} here is {hash}, the leader {} has {}",
+                    checkpoint.height, proposal.proposer, checkpoint.block_hash
                 )))
             }
             None => {
