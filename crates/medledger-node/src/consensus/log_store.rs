@@ -27,6 +27,8 @@ use crate::store::{Store, RAFT_LOG, RAFT_META};
 
 const VOTE_KEY: &str = "vote";
 const PURGED_KEY: &str = "last_purged";
+/// Longest a purge waits for the state machine to store what it would purge.
+const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Raft's log store over the node's `Store`. Cheap to clone: clones share the database.
 #[derive(Clone)]
@@ -396,6 +398,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Never purge entries the state machine has not stored: after a snapshot arrives,
+        // openraft 0.9 asks for the purge while the snapshot is still being installed, and
+        // a crash in between would leave a node that has neither the entries nor the blocks
+        // (and cannot start). Wait for the install; give up (the node stops) if it never
+        // lands.
+        let started = std::time::Instant::now();
+        loop {
+            let store = self.store.clone();
+            let applied = self
+                .run(move |_| super::state_machine::applied_index(&store))
+                .await?;
+            if applied.is_some_and(|index| index >= log_id.index) {
+                break;
+            }
+            if started.elapsed() > PURGE_WAIT_MAX {
+                return Err(write_error(format!(
+                    "the state machine did not reach entry {} within {PURGE_WAIT_MAX:?}; not purging",
+                    log_id.index
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         self.pending
             .lock()
             .expect("pending lock")

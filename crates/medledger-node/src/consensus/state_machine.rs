@@ -112,6 +112,16 @@ fn read_sm(detail: impl std::fmt::Display) -> StorageError {
     storage_error(ErrorSubject::StateMachine, ErrorVerb::Read, detail)
 }
 
+/// The index of the last entry the state machine has stored as applied, if any.
+pub(crate) fn applied_index(store: &Store) -> Result<Option<u64>, StorageError> {
+    match store.applied_bytes().map_err(read_sm)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice::<Position>(&bytes)
+            .map(|position| position.last_applied.map(|log_id| log_id.index))
+            .map_err(|e| read_sm(format!("the applied position does not decode: {e}"))),
+    }
+}
+
 impl StateMachine {
     pub fn new(shared: Arc<Shared>, offload: bool) -> StateMachine {
         StateMachine { shared, offload }
