@@ -194,7 +194,6 @@ pub fn signer_key<S: StateRead + ?Sized>(
     tx: &SignedTx,
 ) -> Result<PublicKey, SubmitError> {
     let signer = &tx.payload.signer;
-    let decode = |key: String| -> Result<Option<Vec<u8>>, SubmitError> { Ok(state.get(&key)) };
     if let TxBody::RegisterPatient { public_key } = &tx.payload.body {
         if &patient_pseudonym(public_key) != signer {
             return Err(SubmitError::Invalid(
@@ -204,13 +203,15 @@ pub fn signer_key<S: StateRead + ?Sized>(
         return Ok(public_key.clone());
     }
     if is_patient_pseudonym(signer) {
-        let bytes = decode(keys::patient(signer))?
+        let bytes = state
+            .get(&keys::patient(signer))
             .ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?;
         let patient: Patient = serde_json::from_slice(&bytes)
             .map_err(|e| SubmitError::Stopped(format!("stored patient does not decode: {e}")))?;
         Ok(patient.public_key)
     } else {
-        let bytes = decode(keys::user(signer))?
+        let bytes = state
+            .get(&keys::user(signer))
             .ok_or_else(|| SubmitError::UnknownSigner(signer.clone()))?;
         let user: User = serde_json::from_slice(&bytes)
             .map_err(|e| SubmitError::Stopped(format!("stored user does not decode: {e}")))?;
