@@ -599,7 +599,16 @@ async fn handle(
             }
             done(Ok(serde_json::Value::Null))
         }
-        Request::Status => done(Err("status is served by the client API".into())),
+        Request::Status => {
+            let metrics = raft.metrics().borrow().clone();
+            done(Ok(serde_json::json!({
+                "raft_id": metrics.id,
+                "role": role_name(metrics.state),
+                "term": metrics.current_term,
+                "leader": metrics.current_leader,
+                "last_applied_index": metrics.last_applied.map(|log_id| log_id.index),
+            })))
+        }
     }
 }
 

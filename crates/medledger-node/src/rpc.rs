@@ -61,7 +61,7 @@ pub enum Request {
         elect: bool,
         window_ms: u64,
     },
-    /// Status of the called node.
+    /// The called node's Raft role, term, leader and applied position.
     Status,
 }
 
