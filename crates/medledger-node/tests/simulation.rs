@@ -17,9 +17,8 @@
 //! acknowledged proposal is the block its leader named. Then the faults stop, and a proposal
 //! must commit and every node reach the same head, each within a bound of simulated time.
 //!
-//! Simulated time is tokio's paused clock, which needs tokio's `test-util` feature. While the
-//! crate's dev-dependencies do not enable it, run with `--features tokio/test-util`; without
-//! it the tests say so and run nothing.
+//! Simulated time is tokio's paused clock (its `test-util` feature, which the crate's
+//! dev-dependencies enable).
 //!
 //! `MEDLEDGER_SIM_STALE_ACROSS_RESTARTS=1` also delivers messages sent to a node's previous
 //! incarnation to its restarted one (no connection-based transport does that);
@@ -82,31 +81,14 @@ const FULL_CHECK_EVERY: usize = 8;
 // ---------------------------------------------------------------------------------------------
 // Simulated time.
 
-/// Stands in for `tokio::runtime::Builder::start_paused` when tokio is built without its
-/// `test-util` feature: the inherent method, when it exists, takes precedence over this one.
-#[allow(dead_code)]
-trait StartPausedFallback {
-    fn start_paused(&mut self, start_paused: bool) -> &mut Self;
-}
-
-static TIME_NOT_PAUSABLE: AtomicBool = AtomicBool::new(false);
-
-impl StartPausedFallback for tokio::runtime::Builder {
-    fn start_paused(&mut self, _start_paused: bool) -> &mut Self {
-        TIME_NOT_PAUSABLE.store(true, Ordering::SeqCst);
-        self
-    }
-}
-
-/// A current-thread runtime whose clock is paused (it jumps to the next timer whenever every
-/// task waits), or None when this tokio cannot pause time.
-fn simulated_runtime() -> Option<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_time().start_paused(true);
-    if TIME_NOT_PAUSABLE.load(Ordering::SeqCst) {
-        return None;
-    }
-    Some(builder.build().expect("a current-thread runtime"))
+/// A current-thread runtime whose clock is paused: it jumps to the next timer whenever
+/// every task waits (tokio's `test-util`, enabled by the crate's dev-dependencies).
+fn simulated_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1661,7 +1643,7 @@ fn run_seed(
 ) -> Result<(Figures, u64), (String, Vec<String>)> {
     record_panics();
     PANICS.with(|panics| panics.borrow_mut().clear());
-    let runtime = simulated_runtime().expect("time can be paused");
+    let runtime = simulated_runtime();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(async {
             let sim = Sim::new(seed, n, verbose).await;
@@ -1693,14 +1675,6 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 fn simulate(n: usize, default_seeds: u64, steps: usize) {
-    if simulated_runtime().is_none() {
-        eprintln!(
-            "simulation skipped: tokio was built without its `test-util` feature, so time \
-             cannot be simulated; run with `--features tokio/test-util` (or enable it in \
-             medledger-node's dev-dependencies)"
-        );
-        return;
-    }
     let started = std::time::Instant::now();
     let (seeds, verbose): (Vec<u64>, bool) = match env_u64("MEDLEDGER_SIM_SEED") {
         Some(seed) => (vec![seed], true),
@@ -1779,8 +1753,7 @@ fn simulate(n: usize, default_seeds: u64, steps: usize) {
         }
         eprintln!(
             "replay: MEDLEDGER_SIM_SEED={seed} cargo test -p medledger-node --test simulation \
-             -- --nocapture\n  (add --features tokio/test-util while medledger-node's \
-             dev-dependencies do not enable it)"
+             -- --nocapture"
         );
     }
     panic!(
