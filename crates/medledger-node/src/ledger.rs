@@ -177,14 +177,6 @@ impl Waiters {
             }
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.waiting.lock().expect("waiters lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The key a transaction must verify under, as `state` knows its signer: a registering

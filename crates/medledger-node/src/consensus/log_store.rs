@@ -56,6 +56,15 @@ enum Job {
 
 type LogWork = Box<dyn FnOnce(&Store) -> Result<(), StorageError> + Send>;
 
+/// Counts one durable log commit, when counting.
+fn count_fsync(stats: &Option<Arc<LedgerStats>>) {
+    if let Some(stats) = stats {
+        stats
+            .fsyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The writer thread: commits queued appends together, other jobs one by one, in order.
 fn write_log(
     store: Arc<Store>,
@@ -63,13 +72,7 @@ fn write_log(
     stats: Option<Arc<LedgerStats>>,
     jobs: mpsc::Receiver<Job>,
 ) {
-    let synced = || {
-        if let Some(stats) = &stats {
-            stats
-                .fsyncs
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    };
+    let synced = || count_fsync(&stats);
     let mut next = jobs.recv().ok();
     while let Some(job) = next.take() {
         match job {
@@ -197,11 +200,7 @@ impl LogStore {
     }
 
     fn synced(&self) {
-        if let Some(stats) = &self.stats {
-            stats
-                .fsyncs
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        count_fsync(&self.stats);
     }
 
     /// Runs `work` against the database, off the async threads when offloading.

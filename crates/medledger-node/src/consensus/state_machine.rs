@@ -114,12 +114,22 @@ fn read_sm(detail: impl std::fmt::Display) -> StorageError {
 
 /// The index of the last entry the state machine has stored as applied, if any.
 pub(crate) fn applied_index(store: &Store) -> Result<Option<u64>, StorageError> {
+    Ok(read_position(store)?
+        .last_applied
+        .map(|log_id| log_id.index))
+}
+
+/// The state machine's stored position (nothing applied yet: the default).
+fn read_position(store: &Store) -> Result<Position, StorageError> {
     match store.applied_bytes().map_err(read_sm)? {
-        None => Ok(None),
-        Some(bytes) => serde_json::from_slice::<Position>(&bytes)
-            .map(|position| position.last_applied.map(|log_id| log_id.index))
-            .map_err(|e| read_sm(format!("the applied position does not decode: {e}"))),
+        None => Ok(Position::default()),
+        Some(bytes) => decode_position(&bytes),
     }
+}
+
+fn decode_position(bytes: &[u8]) -> Result<Position, StorageError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| read_sm(format!("the applied position does not decode: {e}")))
 }
 
 impl StateMachine {
@@ -128,20 +138,12 @@ impl StateMachine {
     }
 
     fn position(&self) -> Result<Position, StorageError> {
-        match self.shared.store.applied_bytes().map_err(read_sm)? {
-            None => Ok(Position::default()),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| read_sm(format!("the applied position does not decode: {e}"))),
-        }
+        read_position(&self.shared.store)
     }
 
     /// Applies entries in order; runs on a blocking thread when offloading.
     fn apply_all(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<Applied>, StorageError> {
-        let mut position = match shared.store.applied_bytes().map_err(read_sm)? {
-            None => Position::default(),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| read_sm(format!("the applied position does not decode: {e}")))?,
-        };
+        let mut position = read_position(&shared.store)?;
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             position.last_applied = Some(entry.log_id);
@@ -333,8 +335,8 @@ impl StateMachine {
         let Some(position) = position else {
             return Ok(None);
         };
-        let position: Position = serde_json::from_slice(&position)
-            .map_err(|e| read_sm(format!("the applied position does not decode: {e}")))?;
+        // Read with the blocks, in one transaction: the position the blocks reach.
+        let position = decode_position(&position)?;
         let Some(last) = position.last_applied else {
             return Ok(None);
         };
