@@ -3922,3 +3922,60 @@ fn consents_and_break_glass_no_longer_in_force_leave_the_lists_the_policy_reads(
     let open: Vec<Hash> = ledger.must(&keys::patient_break_glass(&world.p.id));
     assert_eq!(open, [next]);
 }
+
+// ---- contribution counters ------------------------------------------------------------
+
+#[test]
+fn contributions_count_led_blocks_held_records_and_granted_accesses_only() {
+    // Proves what the ledger's contribution counters count: the proposer's organisation
+    // leads each block; a custodian holds each committed record version and serves each
+    // granted access; a refused record, a denied access and an unauthenticated transaction
+    // count for nobody.
+    let (mut ledger, w) = world();
+    let counters = |l: &Ledger, org: &str| -> (u64, u64, u64) {
+        let c: medledger_core::model::Contribution =
+            l.value(&keys::contribution(org)).unwrap_or_default();
+        (c.blocks_led, c.records_held, c.accesses_served)
+    };
+    let (led_a, held_a, served_a) = counters(&ledger, "hospital-a");
+    let before_b = counters(&ledger, "hospital-b");
+    // The world was built one transaction per block, every block led by hospital-a's node,
+    // with three record versions written at hospital-a.
+    assert_eq!(led_a, ledger.head.height);
+    assert_eq!(held_a, 3);
+
+    // A forged access entry: signed, then altered, so its signature fails.
+    let mut forged = ledger.sign(
+        w.node("hospital-a"),
+        read(&w.alice.id, &w.p.id, &["obs-1"], Purpose::Treatment),
+    );
+    forged.payload.expires_at_ms += 1;
+    let txs = vec![
+        ledger.sign(&w.alice, create(&w.p.id, "obs-2", 1, "Observation")),
+        // The same version again: refused.
+        ledger.sign(&w.alice, create(&w.p.id, "obs-1", 1, "Observation")),
+        ledger.sign(
+            w.node("hospital-a"),
+            read(&w.alice.id, &w.p.id, &["obs-1"], Purpose::Treatment),
+        ),
+        // hospital-b's clinician has no consent: denied, logged by hospital-a.
+        ledger.sign(
+            w.node("hospital-a"),
+            read(&w.bob.id, &w.p.id, &["obs-1"], Purpose::Treatment),
+        ),
+        forged,
+    ];
+    let outcomes = ledger.run(txs);
+    let codes: Vec<String> = outcomes.iter().map(outcome_code).collect();
+    assert_eq!(codes[0], "committed");
+    assert_ne!(codes[1], "committed");
+    assert_eq!(codes[2], "committed");
+    assert_eq!(codes[3], "committed", "a denial is logged, and commits");
+    assert_eq!(codes[4], "bad_signature");
+
+    assert_eq!(
+        counters(&ledger, "hospital-a"),
+        (led_a + 1, held_a + 1, served_a + 1)
+    );
+    assert_eq!(counters(&ledger, "hospital-b"), before_b);
+}
