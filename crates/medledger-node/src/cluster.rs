@@ -29,11 +29,11 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::consensus::network::Peers;
-use crate::consensus::state_machine::{AdmittedCache, Shared};
+use crate::consensus::state_machine::{self, Shared};
 use crate::consensus::{raft_id, Checkpoint, LogStore, NodeInfo, Proposal, Raft, StateMachine};
 use crate::ledger::{
     now_ms, sign_tree_head, Ledger, LedgerStats, NodeIdentity, Orderer, OrderingConfig, Pending,
-    SubmitError, Waiters,
+    SubmitError,
 };
 use crate::rpc::{self, Handler, Request, Response};
 use crate::store::{Store, StoreError};
@@ -115,6 +115,7 @@ struct Control {
     /// Set while the leader hands over: it proposes nothing meanwhile.
     paused: AtomicBool,
     outbox: mpsc::Sender<(SignedTx, bool)>,
+    shared: Arc<Shared>,
 }
 
 /// Ordering through Raft, seen by the ledger.
@@ -324,16 +325,13 @@ impl ClusterNode {
         let latest = Arc::new(RwLock::new(Arc::new(sign_tree_head(&identity, &head))));
         let stats = Arc::new(LedgerStats::default());
         let (head_tx, _) = watch::channel(head.clone());
-        let shared = Arc::new(Shared {
-            store: store.clone(),
-            identity: identity.clone(),
-            latest: latest.clone(),
-            stats: stats.clone(),
-            waiters: Waiters::default(),
-            admitted: Mutex::new(AdmittedCache::default()),
-            fatal: Mutex::new(None),
-            head: head_tx,
-        });
+        let shared = Arc::new(Shared::new(
+            store.clone(),
+            identity.clone(),
+            latest.clone(),
+            stats.clone(),
+            head_tx,
+        ));
         let check = Arc::new(LedgerPeerCheck::new(store.clone()));
         let tls = tls::configs(&identity, check.clone()).map_err(|e| e.to_string())?;
         let peers = Peers::new(tls.clone());
@@ -366,6 +364,7 @@ impl ClusterNode {
             settings,
             paused: AtomicBool::new(false),
             outbox,
+            shared: shared.clone(),
         });
         let orderer = RaftOrderer {
             shared: shared.clone(),
@@ -529,12 +528,16 @@ async fn handle(
     request: Request,
 ) -> Response {
     match request {
-        Request::AppendEntries(rpc) => Response::AppendEntries(raft.append_entries(rpc).await),
+        Request::AppendEntries(rpc) => {
+            state_machine::verify_ahead(&control.shared, state_machine::entry_txs(&rpc.entries));
+            Response::AppendEntries(raft.append_entries(rpc).await)
+        }
         Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
         Request::InstallSnapshot(rpc) => {
             Response::InstallSnapshot(raft.install_snapshot(rpc).await)
         }
         Request::Forward { txs, urgent } => {
+            state_machine::verify_ahead(&control.shared, &txs);
             for tx in txs {
                 if control.outbox.try_send((tx, urgent)).is_err() {
                     return done(Err("overloaded: the ordering queue is full".into()));

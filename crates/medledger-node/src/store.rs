@@ -3,6 +3,10 @@
 //! A block, its state changes and the new head are written in one redb transaction that is
 //! fsynced before `commit_block` returns, so after a crash the store holds every block it
 //! acknowledged and never half of one. The same file is all `verify` needs.
+//!
+//! A consortium node keeps Raft's log and vote in a second redb file beside it
+//! (`RAFT_FILE`): the log's fsynced appends and the state machine's commits then never wait
+//! for each other's write lock, and each file's commits stay small.
 
 use std::path::Path;
 
@@ -19,9 +23,9 @@ const HEAD_KEY: &str = "head";
 /// Where the Raft state machine stands (last applied log id and membership); written with
 /// the block it applied.
 const APPLIED_KEY: &str = "raft_applied";
-/// Raft's log: index → encoded entry.
+/// Raft's log (in the Raft file): index → encoded entry.
 pub(crate) const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// Raft's vote, committed position and purge point.
+/// Raft's vote and purge point (in the Raft file).
 pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 /// The state machine's stored position and every stored block.
@@ -29,6 +33,8 @@ pub(crate) type AppliedAndBlocks = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
 /// The file name of the ledger store inside a node's data directory.
 pub const LEDGER_FILE: &str = "ledger.redb";
+/// The file name of Raft's log and vote inside a node's data directory.
+pub const RAFT_FILE: &str = "raft.redb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -68,6 +74,8 @@ enum Db {
 
 pub struct Store {
     db: Db,
+    /// Raft's log and vote; absent in a store opened from a copy (for `verify`).
+    raft: Option<redb::Database>,
 }
 
 impl Store {
@@ -75,33 +83,52 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Storage(e.to_string()))?;
         let db = redb::Database::create(data_dir.join(LEDGER_FILE))?;
-        Store::with_tables(db)
+        let raft = redb::Database::create(data_dir.join(RAFT_FILE))?;
+        Store::with_tables(db, raft)
     }
 
     /// An empty store in memory (simulations and tests of whole clusters).
     pub fn open_memory() -> Result<Store, StoreError> {
-        let db = redb::Builder::new()
-            .create_with_backend(MemoryBackend(std::sync::RwLock::new(Vec::new())))?;
-        Store::with_tables(db)
+        let memory = || {
+            redb::Builder::new()
+                .create_with_backend(MemoryBackend(std::sync::RwLock::new(Vec::new())))
+        };
+        Store::with_tables(memory()?, memory()?)
     }
 
-    fn with_tables(db: redb::Database) -> Result<Store, StoreError> {
+    fn with_tables(db: redb::Database, raft: redb::Database) -> Result<Store, StoreError> {
         let txn = db.begin_write()?;
         txn.open_table(BLOCKS)?;
         txn.open_table(STATE)?;
         txn.open_table(META)?;
+        txn.commit()?;
+        let txn = raft.begin_write()?;
         txn.open_table(RAFT_LOG)?;
         txn.open_table(RAFT_META)?;
         txn.commit()?;
         Ok(Store {
             db: Db::Writable(db),
+            raft: Some(raft),
         })
     }
 
-    /// The database, for the Raft log store that shares it.
-    pub(crate) fn database(&self) -> &redb::Database {
+    /// The Raft file, for the Raft log store.
+    ///
+    /// # Panics
+    /// On a store opened from a copy, which no log store is ever built on.
+    pub(crate) fn raft_database(&self) -> &redb::Database {
+        self.raft
+            .as_ref()
+            .expect("a store opened from a copy has no Raft log")
+    }
+
+    /// Makes every commit so far durable (an fsynced empty commit of the ledger file):
+    /// before Raft purges the entries that produced them, and from time to time so that a
+    /// restart re-applies little.
+    pub(crate) fn make_durable(&self) -> Result<(), StoreError> {
         let Db::Writable(db) = &self.db;
-        db
+        db.begin_write()?.commit()?;
+        Ok(())
     }
 
     /// Opens a copy of the store at `path`, in memory, so that nothing in the file changes,
@@ -124,6 +151,7 @@ impl Store {
             .create_with_backend(MemoryBackend(std::sync::RwLock::new(bytes)))?;
         Ok(Store {
             db: Db::Writable(db),
+            raft: None,
         })
     }
 
@@ -156,8 +184,8 @@ impl Store {
 
     /// Writes what applying one Raft entry did (a block, or nothing) with the state machine's
     /// new position, atomically. `durable = false` skips the fsync: the entry is in Raft's
-    /// fsynced log, from which a crash re-applies it, and the next durable commit (a log
-    /// append, a purge) makes this one durable too.
+    /// fsynced log, from which a crash re-applies it, and the next durable commit
+    /// (`make_durable`, before a purge and from time to time) makes this one durable too.
     pub(crate) fn commit_applied(
         &self,
         executed: Option<&ExecutedBlock>,

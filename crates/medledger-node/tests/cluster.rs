@@ -581,11 +581,11 @@ async fn a_node_whose_chain_differs_from_the_leaders_stops_instead_of_serving() 
     // Proves the divergence stop: a committed proposal whose checkpoint names a block this
     // node does not hold makes the state machine fail with a "state diverged" fatal error,
     // store nothing, and refuse every later entry.
-    use medledger_node::consensus::state_machine::{AdmittedCache, Shared};
+    use medledger_node::consensus::state_machine::Shared;
     use medledger_node::consensus::{Checkpoint, Proposal, StateMachine};
-    use medledger_node::ledger::{LedgerStats, Waiters};
+    use medledger_node::ledger::LedgerStats;
     use openraft::storage::RaftStateMachine;
-    use std::sync::{Mutex, RwLock};
+    use std::sync::RwLock;
 
     let consortium = Consortium::create(
         CHAIN,
@@ -611,16 +611,13 @@ async fn a_node_whose_chain_differs_from_the_leaders_stops_instead_of_serving() 
         signer: identity.id.clone(),
         certificate_chain: identity.certificate_chain.clone(),
     });
-    let shared = Arc::new(Shared {
-        store: store.clone(),
-        identity: identity.clone(),
-        latest: Arc::new(RwLock::new(placeholder)),
-        stats: Arc::new(LedgerStats::default()),
-        waiters: Waiters::default(),
-        admitted: Mutex::new(AdmittedCache::default()),
-        fatal: Mutex::new(None),
-        head: tokio::sync::watch::channel(head.clone()).0,
-    });
+    let shared = Arc::new(Shared::new(
+        store.clone(),
+        identity.clone(),
+        Arc::new(RwLock::new(placeholder)),
+        Arc::new(LedgerStats::default()),
+        tokio::sync::watch::channel(head.clone()).0,
+    ));
     let mut machine = StateMachine::new(shared.clone(), true);
     let patient = Identity::new_patient().unwrap();
     let tx = patient.sign(

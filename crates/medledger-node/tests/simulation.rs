@@ -38,13 +38,13 @@ use medledger_core::block::{genesis, ChainHead, ExecutedBlock};
 use medledger_core::identity::OrgKind;
 use medledger_core::tx::{SignedTx, TxBody, TxId};
 use medledger_core::Hash;
-use medledger_node::consensus::state_machine::{AdmittedCache, Shared};
+use medledger_node::consensus::state_machine::Shared;
 use medledger_node::consensus::{
     raft_id, Applied, Checkpoint, Entry, LogId, LogStore, NodeInfo, Proposal, Raft, SnapshotMeta,
     StateMachine, StorageError, StoredMembership, TypeConfig, Vote,
 };
 use medledger_node::consortium::{Consortium, Identity};
-use medledger_node::ledger::{LedgerStats, NodeIdentity, Waiters};
+use medledger_node::ledger::{LedgerStats, NodeIdentity};
 use medledger_node::pki::Validity;
 use medledger_node::store::Store;
 use openraft::error::{
@@ -1072,16 +1072,13 @@ impl Sim {
             signer: node.identity.id.clone(),
             certificate_chain: node.identity.certificate_chain.clone(),
         };
-        let shared = Arc::new(Shared {
-            store: node.store.clone(),
-            identity: node.identity.clone(),
-            latest: Arc::new(RwLock::new(Arc::new(latest))),
-            stats: Arc::new(LedgerStats::default()),
-            waiters: Waiters::default(),
-            admitted: Mutex::new(AdmittedCache::default()),
-            fatal: Mutex::new(None),
-            head: watch::channel(head).0,
-        });
+        let shared = Arc::new(Shared::new(
+            node.store.clone(),
+            node.identity.clone(),
+            Arc::new(RwLock::new(Arc::new(latest))),
+            Arc::new(LedgerStats::default()),
+            watch::channel(head).0,
+        ));
         let gate = Gate::open();
         let network = SimNetwork {
             source: node.id,

@@ -1,19 +1,22 @@
-//! Raft's log and vote, durable in the node's redb file.
+//! Raft's log and vote, durable in the node's Raft file (`store::RAFT_FILE`).
 //!
 //! Every append, vote, truncation and purge is an fsynced redb commit before openraft hears
-//! it is done. Because the state machine's commits share the file and skip their own fsync
-//! (see `StateMachine`), each of these commits also makes every earlier block durable.
+//! it is done. The state machine's commits to the ledger file skip their own fsync (see
+//! `StateMachine`): a purge first makes them durable (`Store::make_durable`), and the
+//! writer thread does so at most once a second while entries arrive.
 //!
-//! On a node, appends do not hold up Raft: `append` puts the entries where reads see them
-//! (`pending`) and hands them to the log's writer thread, which commits whatever appends
-//! have queued in one fsynced transaction (group commit) and then reports each as flushed.
-//! The leader thus replicates an entry while its own fsync runs. Truncations, purges and
-//! votes go through the same thread, in order, and are awaited.
+//! On a node, `append` puts the entries where reads see them (`pending`) and hands them to
+//! the log's writer thread, which commits whatever appends have queued in one fsynced
+//! transaction (group commit) and then reports each as flushed. (openraft 0.9's core still
+//! waits for that report before it sends the entries to followers, so on the leader the
+//! fsync precedes replication; a Raft engine with asynchronous log IO would overlap them.)
+//! Truncations, purges and votes go through the same thread, in order, and are awaited.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -29,6 +32,8 @@ const VOTE_KEY: &str = "vote";
 const PURGED_KEY: &str = "last_purged";
 /// Longest a purge waits for the state machine to store what it would purge.
 const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often the log writer makes the state machine's commits durable while entries arrive.
+const LEDGER_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Raft's log store over the node's `Store`. Cheap to clone: clones share the database.
 #[derive(Clone)]
@@ -73,13 +78,19 @@ fn write_log(
     jobs: mpsc::Receiver<Job>,
 ) {
     let synced = || count_fsync(&stats);
-    let mut next = jobs.recv().ok();
+    let mut ledger = LedgerSync {
+        store: &store,
+        last: Instant::now(),
+        appended: false,
+    };
+    let mut next = ledger.next_job(&jobs);
     while let Some(job) = next.take() {
+        ledger.maybe_sync();
         match job {
             Job::Other(work, reply) => {
                 let _ = reply.send(work(&store));
                 synced();
-                next = jobs.recv().ok();
+                next = ledger.next_job(&jobs);
             }
             Job::Append(entries, callback) => {
                 let mut batch = vec![(entries, callback)];
@@ -94,6 +105,7 @@ fn write_log(
                         Err(_) => break,
                     }
                 }
+                ledger.appended = true;
                 let result = append_durably(&store, batch.iter().flat_map(|(e, _)| e.iter()));
                 synced();
                 if result.is_ok() {
@@ -114,8 +126,40 @@ fn write_log(
                     );
                 }
                 if next.is_none() {
-                    next = jobs.recv().ok();
+                    next = ledger.next_job(&jobs);
                 }
+            }
+        }
+    }
+}
+
+/// The state machine commits without fsync (a crash re-applies from this log); the writer
+/// makes those commits durable now and then, so that a restart has little to re-apply.
+struct LedgerSync<'a> {
+    store: &'a Store,
+    last: Instant,
+    /// Whether entries were appended (and so may have been applied) since the last sync.
+    appended: bool,
+}
+
+impl LedgerSync<'_> {
+    fn maybe_sync(&mut self) {
+        if self.appended && self.last.elapsed() >= LEDGER_SYNC_INTERVAL {
+            if let Err(error) = self.store.make_durable() {
+                eprintln!("medledger: making the ledger durable: {error}");
+            }
+            self.last = Instant::now();
+            self.appended = false;
+        }
+    }
+
+    /// The next job; syncs the ledger while waiting for one.
+    fn next_job(&mut self, jobs: &mpsc::Receiver<Job>) -> Option<Job> {
+        loop {
+            match jobs.recv_timeout(LEDGER_SYNC_INTERVAL) {
+                Ok(job) => return Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => self.maybe_sync(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
         }
     }
@@ -125,7 +169,7 @@ fn append_durably<'a>(
     store: &Store,
     entries: impl Iterator<Item = &'a (LogId, Vec<u8>)>,
 ) -> Result<(), StorageError> {
-    let txn = store.database().begin_write().map_err(write_error)?;
+    let txn = store.raft_database().begin_write().map_err(write_error)?;
     {
         let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
         for (log_id, bytes) in entries {
@@ -222,7 +266,7 @@ impl LogStore {
         store: &Store,
         key: &str,
     ) -> Result<Option<T>, StorageError> {
-        let txn = store.database().begin_read().map_err(read_error)?;
+        let txn = store.raft_database().begin_read().map_err(read_error)?;
         let table = txn.open_table(RAFT_META).map_err(read_error)?;
         match table.get(key).map_err(read_error)? {
             None => Ok(None),
@@ -239,7 +283,7 @@ impl LogStore {
         durable: bool,
     ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(write_error)?;
-        let mut txn = store.database().begin_write().map_err(write_error)?;
+        let mut txn = store.raft_database().begin_write().map_err(write_error)?;
         if !durable {
             txn.set_durability(redb::Durability::None)
                 .map_err(write_error)?;
@@ -256,7 +300,7 @@ impl LogStore {
         start: Bound<u64>,
         end: Bound<u64>,
     ) -> Result<Vec<Entry>, StorageError> {
-        let txn = store.database().begin_read().map_err(read_error)?;
+        let txn = store.raft_database().begin_read().map_err(read_error)?;
         let table = txn.open_table(RAFT_LOG).map_err(read_error)?;
         let mut out = Vec::new();
         for item in table.range::<u64>((start, end)).map_err(read_error)? {
@@ -335,7 +379,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         self.run(|store| {
             let last_purged_log_id: Option<LogId> = LogStore::meta(store, PURGED_KEY)?;
-            let txn = store.database().begin_read().map_err(read_error)?;
+            let txn = store.raft_database().begin_read().map_err(read_error)?;
             let table = txn.open_table(RAFT_LOG).map_err(read_error)?;
             let last = match table.last().map_err(read_error)? {
                 None => None,
@@ -427,7 +471,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .expect("pending lock")
             .retain(|index, _| *index < log_id.index);
         self.in_order(move |store| {
-            let txn = store.database().begin_write().map_err(write_error)?;
+            let txn = store.raft_database().begin_write().map_err(write_error)?;
             {
                 let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
                 table
@@ -468,9 +512,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .retain(|index, _| *index > log_id.index);
         self.in_order(move |store| {
             let bytes = serde_json::to_vec(&Some(log_id)).map_err(write_error)?;
-            // Durable, like every log commit: it also makes the blocks applied so far durable,
-            // which must hold before the entries that produced them are gone.
-            let txn = store.database().begin_write().map_err(write_error)?;
+            // The blocks applied so far must be durable before the entries that produced
+            // them are gone.
+            store.make_durable().map_err(write_error)?;
+            let txn = store.raft_database().begin_write().map_err(write_error)?;
             {
                 let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
                 table

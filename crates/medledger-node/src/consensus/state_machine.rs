@@ -3,13 +3,14 @@
 //! Applying an entry executes its proposal on top of this node's head and commits the block,
 //! its state changes and "applied up to this log id" in one redb transaction. The commit
 //! skips its own fsync: the entry is already in Raft's fsynced log on a quorum, a crash
-//! re-applies it from there, and the next log commit makes it durable (`LogStore`).
+//! re-applies it from there, and the log store makes it durable before purging (`LogStore`).
 //!
 //! A snapshot is the chain itself: every block, which the receiving node re-executes and
 //! checks (signatures, links, roots and state hashes) before it takes any of it, in one
 //! write transaction, so that a crash mid-install leaves the store as it was.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
 
 use medledger_core::audit::SignedTreeHead;
 use medledger_core::block::{execute_block, replay, Block, ChainHead, BLOCK_TXS_MAX};
@@ -52,6 +53,8 @@ pub struct Shared {
     pub waiters: Waiters,
     /// Transactions this node admitted (signature already checked), by id, until applied.
     pub admitted: Mutex<AdmittedCache>,
+    /// Signalled whenever checks started by `verify_ahead` finish.
+    pub verified_ahead: Condvar,
     /// Set once this node found itself diverged or its store failed: it then serves nothing.
     pub fatal: Mutex<Option<String>>,
     /// The head after the last applied block.
@@ -59,6 +62,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A node's shared state: no clients waiting, nothing verified ahead, not stopped.
+    pub fn new(
+        store: Arc<Store>,
+        identity: Arc<NodeIdentity>,
+        latest: Arc<RwLock<Arc<SignedTreeHead>>>,
+        stats: Arc<LedgerStats>,
+        head: watch::Sender<ChainHead>,
+    ) -> Shared {
+        Shared {
+            store,
+            identity,
+            latest,
+            stats,
+            waiters: Waiters::default(),
+            admitted: Mutex::new(AdmittedCache::default()),
+            verified_ahead: Condvar::new(),
+            fatal: Mutex::new(None),
+            head,
+        }
+    }
+
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().expect("fatal lock").clone()
     }
@@ -80,9 +104,13 @@ impl Shared {
 pub struct AdmittedCache {
     by_id: std::collections::HashMap<TxId, medledger_core::tx::VerifiedTx>,
     order: std::collections::VecDeque<TxId>,
+    /// Transactions whose signatures `verify_ahead` is checking now.
+    checking: std::collections::HashSet<TxId>,
 }
 
 const ADMITTED_MAX: usize = 65_536;
+/// How long applying a block waits for signature checks `verify_ahead` started.
+const VERIFY_AHEAD_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl AdmittedCache {
     pub fn insert(&mut self, tx: medledger_core::tx::VerifiedTx) {
@@ -95,6 +123,10 @@ impl AdmittedCache {
                 self.by_id.remove(&old);
             }
         }
+    }
+
+    fn known(&self, id: &TxId) -> bool {
+        self.by_id.contains_key(id) || self.checking.contains(id)
     }
 
     fn take(&mut self, id: &TxId) -> Option<medledger_core::tx::VerifiedTx> {
@@ -239,6 +271,63 @@ fn apply_proposal(
     Ok(Some(executed.head.height))
 }
 
+/// Checks the signatures of transactions this node will apply but did not admit itself
+/// (in entries from the leader; forwarded to the leader by a follower) on a blocking thread,
+/// off the node's serial apply: applying them later finds them verified (`candidates` waits
+/// for checks under way rather than repeating them). A transaction whose signer is not yet
+/// known here (registered in an entry not yet applied) is left to be checked when applied.
+pub(crate) fn verify_ahead<'a>(shared: &Arc<Shared>, txs: impl IntoIterator<Item = &'a SignedTx>) {
+    let txs: Vec<(TxId, SignedTx)> = {
+        let mut admitted = shared.admitted.lock().expect("admitted lock");
+        let mut fresh = Vec::new();
+        for tx in txs {
+            if let Ok(id) = tx.id() {
+                if !admitted.known(&id) {
+                    admitted.checking.insert(id);
+                    fresh.push((id, tx.clone()));
+                }
+            }
+        }
+        fresh
+    };
+    if txs.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let ids: Vec<TxId> = txs.iter().map(|(id, _)| *id).collect();
+        let verified = match shared.store.snapshot() {
+            Ok(snapshot) => preverify(
+                &snapshot,
+                txs.into_iter().map(|(_, tx)| tx).enumerate().collect(),
+            ),
+            Err(_) => Vec::new(),
+        };
+        let mut admitted = shared.admitted.lock().expect("admitted lock");
+        for id in &ids {
+            admitted.checking.remove(id);
+        }
+        for (_, candidate) in verified {
+            if let Candidate::Verified(tx) = candidate {
+                admitted.insert(tx);
+            }
+        }
+        drop(admitted);
+        shared.verified_ahead.notify_all();
+    });
+}
+
+/// The transactions of entries that arrived from the leader.
+pub(crate) fn entry_txs(entries: &[Entry]) -> impl Iterator<Item = &SignedTx> {
+    entries
+        .iter()
+        .filter_map(|entry| match &entry.payload {
+            EntryPayload::Normal(proposal) => Some(proposal.txs.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
 /// The block's transactions as candidates: those this node admitted are already verified;
 /// the others are verified here, in parallel, before the (serial) execution.
 fn candidates<S: StateRead + ?Sized>(
@@ -250,6 +339,20 @@ fn candidates<S: StateRead + ?Sized>(
     let mut unknown = Vec::new();
     {
         let mut admitted = shared.admitted.lock().expect("admitted lock");
+        // Checks under way finish within milliseconds; should one never report (its thread
+        // died), the transactions are checked here after a while.
+        let ids: Vec<TxId> = txs.iter().filter_map(|tx| tx.id().ok()).collect();
+        let give_up = Instant::now() + VERIFY_AHEAD_WAIT_MAX;
+        while ids.iter().any(|id| admitted.checking.contains(id)) {
+            let Some(left) = give_up.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            admitted = shared
+                .verified_ahead
+                .wait_timeout(admitted, left)
+                .expect("admitted lock")
+                .0;
+        }
         for (position, tx) in txs.into_iter().enumerate() {
             match tx.id().ok().and_then(|id| admitted.take(&id)) {
                 Some(verified) if verified.tx() == &tx => {
