@@ -113,6 +113,11 @@ impl<'a, S: StateRead + ?Sized> Overlay<'a, S> {
         self.tx.insert(key, Some(value));
     }
 
+    /// Removes `key`: the write set carries the deletion, and the state hash with it.
+    pub fn delete(&mut self, key: String) {
+        self.tx.insert(key, None);
+    }
+
     /// Keeps the current transaction's writes.
     pub fn commit_tx(&mut self) {
         let writes = std::mem::take(&mut self.tx);
@@ -172,10 +177,21 @@ pub mod keys {
     pub fn consent(id: &Hash) -> String {
         format!("consent/{id}")
     }
-    /// Ids of the patient's consents that may still be in force: the policy reads them on
-    /// every decision, so revoked and expired ones are pruned from it.
-    pub fn patient_consents(patient: &str) -> String {
-        format!("patient_consents/{patient}")
+    /// How many of the patient's consent slots are in use (absent when none). Slots `0..count`
+    /// hold the ids of the patient's consents that may still be in force, in no particular
+    /// order: the policy reads them on every decision, a revoke frees its slot at once, and
+    /// expired consents are pruned when the slots are full. One key per consent keeps the
+    /// writes of a grant and of a revoke constant, whatever the patient holds.
+    pub fn patient_consent_count(patient: &str) -> String {
+        format!("patient_consent_count/{patient}")
+    }
+    /// One of the patient's consent slots: the id of a consent that may still be in force.
+    pub fn patient_consent_slot(patient: &str, slot: u64) -> String {
+        format!("patient_consent_slot/{patient}/{slot:016x}")
+    }
+    /// The slot a consent occupies, while it occupies one: how a revoke finds it.
+    pub fn consent_slot(id: &Hash) -> String {
+        format!("consent_slot/{id}")
     }
     /// History index of every consent a patient granted; the value is empty.
     pub fn patient_consent(patient: &str, id: &Hash) -> String {

@@ -10,17 +10,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use medledger_core::block::{self, Block, ChainHead, GenesisConfig};
-use medledger_core::contracts::{decide, is_valid_record_id, AccessQuery, Candidate, TxOutcome};
+use medledger_core::contracts::{
+    decide, is_valid_record_id, AccessQuery, Candidate, Rejection, TxOutcome,
+};
 use medledger_core::crypto::base64url;
 use medledger_core::hash::Hash;
 use medledger_core::identity::{is_patient_pseudonym, is_valid_name, split_user_id, OrgKind, Role};
 use medledger_core::model::{
-    AccessDecision, AccessRequest, Action, AuditEvent, BreakGlass, BreakGlassVerdict, Category,
-    Consent, DenialReason, EmergencyReason, GovernanceAction, Grantee, Org, OrgStatus, Patient,
-    Proposal, ProposalStatus, Purpose, Record, RequestStatus, RevocationReason, Scope, User,
-    UserStatus,
+    AccessBasis, AccessDecision, AccessDenial, AccessRequest, Action, AuditEvent, BreakGlass,
+    BreakGlassVerdict, Category, Consent, DenialReason, EmergencyReason, GovernanceAction, Grantee,
+    Org, OrgStatus, Patient, Proposal, ProposalStatus, Purpose, Record, RequestStatus,
+    RevocationReason, Scope, User, UserStatus,
 };
-use medledger_core::state::{apply_writes, keys, Overlay};
+use medledger_core::state::{apply_writes, keys, Overlay, WriteSet};
 use medledger_core::tx::{SignedTx, TxBody, TxPayload, ACCESS_RECORDS_MAX, TX_LIFETIME_MS_MAX};
 use medledger_node::consortium::{
     sign, Consortium, FoundingOrg, Identity, OrgAuthority, RootAuthority,
@@ -130,6 +132,11 @@ impl Ledger {
 
     /// Executes one block at the current time and keeps it.
     fn run(&mut self, txs: Vec<SignedTx>) -> Vec<TxOutcome> {
+        self.run_with_writes(txs).0
+    }
+
+    /// Executes one block at the current time and keeps it; returns its write set too.
+    fn run_with_writes(&mut self, txs: Vec<SignedTx>) -> (Vec<TxOutcome>, WriteSet) {
         let candidates = txs.into_iter().map(Candidate::Unverified).collect();
         let executed =
             block::execute_block(&self.state, &self.head, PROPOSER, self.now_ms, candidates)
@@ -145,7 +152,7 @@ impl Ledger {
         }
         let outcomes = block.outcomes.clone();
         self.blocks.push(block);
-        outcomes
+        (outcomes, executed.writes)
     }
 
     fn run1(&mut self, tx: SignedTx) -> TxOutcome {
@@ -197,6 +204,41 @@ impl Ledger {
     }
     fn request(&self, id: &Hash) -> AccessRequest {
         self.must(&keys::request(id))
+    }
+
+    /// The ids in the patient's consent slots, the ones the policy reads, after checking
+    /// that the layout holds together: a count that is absent rather than zero, one slot
+    /// per id below it and none elsewhere, and for each of the patient's consents a record
+    /// of its slot exactly when it occupies one.
+    fn consents_in_force(&self, patient: &str) -> Vec<Hash> {
+        let count: Option<u64> = self.value(&keys::patient_consent_count(patient));
+        assert_ne!(count, Some(0), "a count of zero is deleted, not stored");
+        let count = count.unwrap_or(0);
+        let ids: Vec<Hash> = (0..count)
+            .map(|slot| {
+                let id: Hash = self.must(&keys::patient_consent_slot(patient, slot));
+                assert_eq!(
+                    self.value::<u64>(&keys::consent_slot(&id)),
+                    Some(slot),
+                    "consent {id} does not know its slot"
+                );
+                id
+            })
+            .collect();
+        // Prefixes of the slot keys, from the layout itself: the numbers and ids are hex.
+        let slot_key = keys::patient_consent_slot(patient, 0);
+        let slot_prefix = slot_key.trim_end_matches('0');
+        let slots = self.state.keys().filter(|k| k.starts_with(slot_prefix));
+        assert_eq!(slots.count() as u64, count, "slots outside 0..count");
+        let back_key = keys::consent_slot(&Hash::ZERO);
+        let back_prefix = back_key.trim_end_matches('0');
+        for key in self.state.keys().filter(|k| k.starts_with(back_prefix)) {
+            let id = Hash::from_hex(&key[back_prefix.len()..]).expect("a consent id");
+            if self.consent(&id).patient == patient {
+                assert!(ids.contains(&id), "consent {id} records a slot it lost");
+            }
+        }
+        ids
     }
     fn break_glass(&self, id: &Hash) -> BreakGlass {
         self.must(&keys::break_glass(id))
@@ -1099,9 +1141,7 @@ fn every_transaction_kind_commits_and_makes_its_state_change() {
                 (consent.granted_at_ms, consent.revoked_at_ms),
                 (l.now_ms, None)
             );
-            assert!(l
-                .must::<Vec<Hash>>(&keys::patient_consents(&w.p.id))
-                .contains(&id));
+            assert!(l.consents_in_force(&w.p.id).contains(&id));
         }),
         case("the patient revokes it", Committed, |l, w| {
             let id = l.last("grant");
@@ -2600,7 +2640,7 @@ fn a_transaction_repeated_within_one_block_commits_once() {
     let outcomes = ledger.run(vec![tx.clone(), tx.clone()]);
     let codes: Vec<String> = outcomes.iter().map(outcome_code).collect();
     assert_eq!(codes, ["committed", "duplicate"]);
-    let consents: Vec<Hash> = ledger.must(&keys::patient_consents(&world.p.id));
+    let consents = ledger.consents_in_force(&world.p.id);
     assert_eq!(
         consents
             .iter()
@@ -3872,10 +3912,10 @@ fn random_sequences_execute_and_replay_to_the_same_hashes() {
 fn consents_and_break_glass_no_longer_in_force_leave_the_lists_the_policy_reads() {
     // Proves that the bound on consents (and on break-glass windows) counts only what is in
     // force: a patient who granted and revoked more than the bound over the years can still
-    // grant, the policy's list holds only live ids, and the history index keeps them all.
+    // grant, the policy's slots hold only live ids, and the history index keeps them all.
     use medledger_core::contracts::{BREAK_GLASS_PER_PATIENT_MAX, CONSENTS_PER_PATIENT_MAX};
     let (mut ledger, world) = world();
-    let in_force_at_start: Vec<Hash> = ledger.must(&keys::patient_consents(&world.p.id));
+    let in_force_at_start = ledger.consents_in_force(&world.p.id);
     let rounds = CONSENTS_PER_PATIENT_MAX + 8;
     let mut granted = Vec::new();
     for chunk in 0..rounds.div_ceil(256) {
@@ -3893,7 +3933,7 @@ fn consents_and_break_glass_no_longer_in_force_leave_the_lists_the_policy_reads(
         granted.extend(ids);
     }
     let last = ledger.commit(&world.p, grant_observations(to_user(&world.bob.id)));
-    let in_force: Vec<Hash> = ledger.must(&keys::patient_consents(&world.p.id));
+    let in_force = ledger.consents_in_force(&world.p.id);
     assert_eq!(in_force, [in_force_at_start, vec![last]].concat());
     for id in granted.iter().chain([&last]) {
         assert!(
@@ -3921,6 +3961,334 @@ fn consents_and_break_glass_no_longer_in_force_leave_the_lists_the_policy_reads(
     let next = ledger.commit(&world.alice, open_break_glass(&world.p.id, 1000));
     let open: Vec<Hash> = ledger.must(&keys::patient_break_glass(&world.p.id));
     assert_eq!(open, [next]);
+}
+
+// ---- consents in force: one slot per consent ------------------------------------------
+
+/// The policy's answer, now, to `actor` reading `resource_type` of `patient` for treatment.
+fn decide_read(ledger: &Ledger, actor: &str, patient: &str, resource_type: &str) -> AccessDecision {
+    let resource_types = [resource_type.to_string()];
+    decide(
+        &Overlay::new(&ledger.state),
+        &AccessQuery {
+            actor,
+            patient,
+            action: Action::Read,
+            resource_types: &resource_types,
+            purpose: Some(Purpose::Treatment),
+            time_ms: ledger.now_ms,
+        },
+    )
+}
+
+fn granted_by(consent_id: Hash) -> AccessDecision {
+    AccessDecision::Granted {
+        basis: AccessBasis::Consent { consent_id },
+    }
+}
+
+fn no_consent(resource_type: &str) -> AccessDecision {
+    AccessDecision::Denied {
+        denial: AccessDenial::NoConsent {
+            resource_type: resource_type.to_string(),
+        },
+    }
+}
+
+/// Runs `tx` alone in a block and returns the keys it wrote with their sizes in bytes (0
+/// for a deletion), leaving out the Merkle log's nodes, which depend only on the log's size.
+fn writes_alone(ledger: &mut Ledger, tx: SignedTx) -> BTreeMap<String, usize> {
+    let (outcomes, writes) = ledger.run_with_writes(vec![tx]);
+    expect_all_committed(&outcomes, "the transaction measured");
+    writes
+        .into_iter()
+        .filter(|(key, _)| !key.starts_with("merkle/"))
+        .map(|(key, value)| (key, value.map_or(0, |v| v.len())))
+        .collect()
+}
+
+#[test]
+fn a_grant_and_a_revoke_write_as_much_whatever_the_consents_in_force() {
+    // Proves that a patient's consents in force cost a grant or a revoke nothing: the 1st
+    // and the 500th grant write the same number of keys, of the same sizes but for a few
+    // digits of growing counters, and so does a revoke with 2 or with 500 in force.
+    let (mut ledger, w) = world();
+    let q = &w.q.id;
+    assert!(ledger.consents_in_force(q).is_empty());
+    let bob_reads_observations = || grant_observations(to_user(&w.bob.id));
+
+    let tx = ledger.sign(&w.q, bob_reads_observations());
+    let first = tx.id().unwrap();
+    let first_writes = writes_alone(&mut ledger, tx);
+    for key in [
+        keys::patient_consent_count(q),
+        keys::patient_consent_slot(q, 0),
+        keys::consent_slot(&first),
+        keys::consent(&first),
+        keys::patient_consent(q, &first),
+    ] {
+        assert!(first_writes.contains_key(&key), "the grant wrote no {key}");
+    }
+    let second = ledger.commit(&w.q, bob_reads_observations());
+    // With 2 in force, revoking the first moves the second into its slot.
+    let mut small = ledger.clone();
+    let tx = small.sign(&w.q, revoke(first));
+    let small_revoke_writes = writes_alone(&mut small, tx);
+    assert_eq!(small.consents_in_force(q), [second]);
+
+    let mut ids = vec![first, second];
+    while ids.len() < 499 {
+        let txs: Vec<SignedTx> = (0..256.min(499 - ids.len()))
+            .map(|_| ledger.sign(&w.q, bob_reads_observations()))
+            .collect();
+        ids.extend(txs.iter().map(|tx| tx.id().unwrap()));
+        expect_all_committed(&ledger.run(txs), "grants");
+    }
+    let tx = ledger.sign(&w.q, bob_reads_observations());
+    let last = tx.id().unwrap();
+    let last_writes = writes_alone(&mut ledger, tx);
+    ids.push(last);
+    assert_eq!(ledger.consents_in_force(q), ids);
+    assert!(last_writes.contains_key(&keys::patient_consent_slot(q, 499)));
+    // A revoke from the middle with 500 in force: the last slot's consent moves into it.
+    let tx = ledger.sign(&w.q, revoke(ids[250]));
+    let big_revoke_writes = writes_alone(&mut ledger, tx);
+    ids.swap_remove(250);
+    assert_eq!(ledger.consents_in_force(q), ids);
+
+    for (what, few, many) in [
+        ("grant", &first_writes, &last_writes),
+        ("revoke", &small_revoke_writes, &big_revoke_writes),
+    ] {
+        assert_eq!(
+            few.len(),
+            many.len(),
+            "{what}: keys written with few and many in force\n{few:?}\n{many:?}"
+        );
+        let bytes = |writes: &BTreeMap<String, usize>| writes.values().sum::<usize>();
+        // Leaf indexes, heights and nonces gain a digit or two in a few values; a list of
+        // 500 ids would be over 30,000 bytes.
+        assert!(
+            bytes(many) <= bytes(few) + 64,
+            "{what}: {} bytes written with many in force, {} with few",
+            bytes(many),
+            bytes(few)
+        );
+    }
+}
+
+#[test]
+fn revoking_the_middle_last_and_first_slots_keeps_every_other_consent_in_force() {
+    // Proves that a revoke frees exactly its own consent's slot: after revoking the consent
+    // in a middle slot, then the one in the last slot, then the one in the first, every
+    // other consent still grants what it covers and no revoked one does, the oldest
+    // covering consent stays the basis wherever the slots moved the others, and the count,
+    // the slots and each consent's record of its slot agree after every step.
+    let (mut ledger, w) = world();
+    let q = &w.q.id;
+    const TYPES: [&str; 6] = [
+        "Observation",
+        "Condition",
+        "Procedure",
+        "Encounter",
+        "Claim",
+        "Immunization",
+    ];
+    // Consent i covers TYPES[i]; the last one also covers TYPES[3], which consent 3 did first.
+    let txs: Vec<SignedTx> = (0..TYPES.len())
+        .map(|i| {
+            let scope = match i {
+                5 => types(&[TYPES[5], TYPES[3]]),
+                _ => types(&[TYPES[i]]),
+            };
+            let body = grant(
+                to_user(&w.bob.id),
+                scope,
+                &[Action::Read],
+                &[Purpose::Treatment],
+                None,
+            );
+            ledger.sign(&w.q, body)
+        })
+        .collect();
+    let c: Vec<Hash> = txs.iter().map(|tx| tx.id().unwrap()).collect();
+    expect_all_committed(&ledger.run(txs), "grants");
+    assert_eq!(ledger.consents_in_force(q), c);
+
+    let mut revoked = Vec::new();
+    for (what, consent, slots_after) in [
+        ("middle", 2, vec![c[0], c[1], c[5], c[3], c[4]]),
+        ("last", 4, vec![c[0], c[1], c[5], c[3]]),
+        ("first", 0, vec![c[3], c[1], c[5]]),
+    ] {
+        ledger.advance(1_000);
+        ledger.commit(&w.q, revoke(c[consent]));
+        revoked.push(consent);
+        assert_eq!(
+            ledger.consents_in_force(q),
+            slots_after,
+            "slots after revoking the {what} one"
+        );
+        for (i, resource_type) in TYPES.iter().enumerate() {
+            let expected = if revoked.contains(&i) {
+                no_consent(resource_type)
+            } else {
+                granted_by(c[i])
+            };
+            assert_eq!(
+                decide_read(&ledger, &w.bob.id, q, resource_type),
+                expected,
+                "bob reads {resource_type} after revoking the {what} one"
+            );
+        }
+    }
+    assert_eq!(
+        ledger.value::<u64>(&keys::patient_consent_count(q)),
+        Some(3)
+    );
+    for consent in [c[0], c[2], c[4]] {
+        assert_eq!(ledger.value::<u64>(&keys::consent_slot(&consent)), None);
+        assert!(ledger.consent(&consent).revoked_at_ms.is_some());
+    }
+
+    // Revoking the rest empties the slots: no count, no slot, nothing granted.
+    for consent in [c[1], c[3], c[5]] {
+        ledger.commit(&w.q, revoke(consent));
+    }
+    assert!(ledger.consents_in_force(q).is_empty());
+    assert_eq!(ledger.value::<u64>(&keys::patient_consent_count(q)), None);
+    for resource_type in TYPES {
+        assert_eq!(
+            decide_read(&ledger, &w.bob.id, q, resource_type),
+            no_consent(resource_type)
+        );
+    }
+}
+
+#[test]
+fn a_grant_at_the_bound_prunes_only_expired_consents_and_the_rest_keep_working() {
+    // Proves that a grant finding the patient's slots full frees exactly the slots of
+    // consents no longer in force and commits, that the consents it keeps still grant and
+    // can still be revoked (whichever slot the pruning moved them to), that an expired
+    // consent it pruned can still be revoked, and that with nothing to prune a grant at
+    // the bound is refused as a conflict that changes no slot.
+    use medledger_core::contracts::CONSENTS_PER_PATIENT_MAX;
+    let (mut ledger, w) = world();
+    let q = &w.q.id;
+    let ends_at_ms = ledger.now_ms + HOUR_MS;
+    // Every third consent covers conditions until `ends_at_ms`; the others, observations
+    // with no end.
+    let expiring = |i: usize| i % 3 == 0;
+    let mut ids = Vec::new();
+    while ids.len() < CONSENTS_PER_PATIENT_MAX {
+        let txs: Vec<SignedTx> = (ids.len()..CONSENTS_PER_PATIENT_MAX.min(ids.len() + 256))
+            .map(|i| {
+                let body = if expiring(i) {
+                    grant(
+                        to_user(&w.bob.id),
+                        types(&["Condition"]),
+                        &[Action::Read],
+                        &[Purpose::Treatment],
+                        Some(ends_at_ms),
+                    )
+                } else {
+                    grant_observations(to_user(&w.bob.id))
+                };
+                ledger.sign(&w.q, body)
+            })
+            .collect();
+        ids.extend(txs.iter().map(|tx| tx.id().unwrap()));
+        expect_all_committed(&ledger.run(txs), "grants");
+    }
+    assert_eq!(ledger.consents_in_force(q), ids);
+    let of_kind = |expires: bool| -> Vec<Hash> {
+        (0..ids.len())
+            .filter(|i| expiring(*i) == expires)
+            .map(|i| ids[i])
+            .collect()
+    };
+    let (expired, lasting) = (of_kind(true), of_kind(false));
+
+    // Full, and everything still in force: refused, and the slots are as they were.
+    let refuse_at_bound = |ledger: &mut Ledger| {
+        let in_force = ledger.consents_in_force(q);
+        let tx = ledger.sign(&w.q, grant_observations(to_user(&w.alice.id)));
+        let outcome = ledger.run1(tx);
+        match &outcome {
+            TxOutcome::Rejected {
+                rejection: Rejection::Conflict { detail },
+            } => assert_eq!(detail, "the patient has the most consents in force at once"),
+            _ => panic!("a grant at the bound should be refused as a conflict: {outcome:?}"),
+        }
+        assert_eq!(ledger.consents_in_force(q), in_force);
+    };
+    refuse_at_bound(&mut ledger);
+    assert_eq!(
+        decide_read(&ledger, &w.bob.id, q, "Condition"),
+        granted_by(ids[0])
+    );
+
+    // At their end the expiring consents are pruned, and only they.
+    ledger.set_time(ends_at_ms);
+    let next = ledger.commit(&w.q, grant_observations(to_user(&w.alice.id)));
+    let in_force: BTreeSet<Hash> = ledger.consents_in_force(q).into_iter().collect();
+    let expected: BTreeSet<Hash> = lasting.iter().copied().chain([next]).collect();
+    assert_eq!(in_force, expected);
+    for id in &expired {
+        assert_eq!(ledger.value::<u64>(&keys::consent_slot(id)), None);
+        assert_eq!(
+            ledger.consent(id).revoked_at_ms,
+            None,
+            "pruning is no revoke"
+        );
+        assert!(ledger.state.contains_key(&keys::patient_consent(q, id)));
+    }
+    assert_eq!(
+        decide_read(&ledger, &w.bob.id, q, "Observation"),
+        granted_by(lasting[0])
+    );
+    assert_eq!(
+        decide_read(&ledger, &w.bob.id, q, "Condition"),
+        no_consent("Condition")
+    );
+    assert_eq!(
+        decide_read(&ledger, &w.alice.id, q, "Observation"),
+        granted_by(next)
+    );
+
+    // The oldest lasting consent, one the pruning moved to the first slot, and a pruned one
+    // are revoked: the first two leave the slots, the pruned one changes none.
+    let moved = ledger.consents_in_force(q)[0];
+    assert_ne!(
+        moved, ids[0],
+        "the pruning moved a later consent into the first slot"
+    );
+    assert!(lasting.contains(&moved) && moved != lasting[0]);
+    let txs = [lasting[0], moved, expired[0]]
+        .map(|id| ledger.sign(&w.q, revoke(id)))
+        .to_vec();
+    expect_all_committed(&ledger.run(txs), "revokes");
+    let in_force: BTreeSet<Hash> = ledger.consents_in_force(q).into_iter().collect();
+    let expected: BTreeSet<Hash> = lasting[1..]
+        .iter()
+        .copied()
+        .filter(|id| *id != moved)
+        .chain([next])
+        .collect();
+    assert_eq!(in_force, expected);
+    assert_eq!(
+        decide_read(&ledger, &w.bob.id, q, "Observation"),
+        granted_by(lasting[1])
+    );
+
+    // Filled again with consents that do not end: the bound holds as before.
+    let missing = CONSENTS_PER_PATIENT_MAX - in_force.len();
+    let txs: Vec<SignedTx> = (0..missing)
+        .map(|_| ledger.sign(&w.q, grant_observations(to_user(&w.bob.id))))
+        .collect();
+    expect_all_committed(&ledger.run(txs), "grants up to the bound");
+    assert_eq!(ledger.consents_in_force(q).len(), CONSENTS_PER_PATIENT_MAX);
+    refuse_at_bound(&mut ledger);
 }
 
 // ---- contribution counters ------------------------------------------------------------

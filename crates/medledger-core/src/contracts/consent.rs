@@ -73,10 +73,10 @@ pub(super) fn execute<S: StateRead + ?Sized>(
             }
             consent.revoked_at_ms = Some(context.time_ms);
             state.put(keys::consent(grant_id), &consent);
-            let list = keys::patient_consents(&patient.id);
-            let mut ids: Vec<Hash> = state.get_value(&list).unwrap_or_default();
-            ids.retain(|id| id != grant_id);
-            state.put(list, &ids);
+            // A consent pruned once it expired holds no slot any more.
+            if let Some(slot) = state.get_value::<u64>(&keys::consent_slot(grant_id)) {
+                free_consent_slot(state, &patient.id, slot, grant_id);
+            }
             Ok(())
         }
         TxBody::RequestAccess {
@@ -228,37 +228,124 @@ pub(super) fn execute<S: StateRead + ?Sized>(
     }
 }
 
-/// Stores a new consent: in the patient's history, and in the list the policy reads, which
-/// holds at most `CONSENTS_PER_PATIENT_MAX` consents that may be in force at `time_ms`.
+/// Stores a new consent: in the patient's history, and in a slot the policy reads. At most
+/// `CONSENTS_PER_PATIENT_MAX` slots hold consents that may be in force at `time_ms`.
 fn store_consent<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     consent: Consent,
     time_ms: u64,
 ) -> Result<(), Rejection> {
-    let key = keys::patient_consents(&consent.patient);
-    let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
-    // Revokes remove their ids at once; expired ones are pruned only when the list is full,
-    // so that storing a consent stays cheap.
-    if ids.len() >= CONSENTS_PER_PATIENT_MAX {
-        ids.retain(|id| {
-            state
-                .get_value::<Consent>(&keys::consent(id))
-                .is_some_and(|c| c.is_active_at(time_ms))
-        });
+    let bound = CONSENTS_PER_PATIENT_MAX as u64;
+    let mut count = consent_slot_count(state, &consent.patient);
+    // Revokes free their slots at once; expired consents are pruned only when the slots are
+    // full, so that storing a consent stays cheap.
+    if count >= bound {
+        prune_consent_slots(state, &consent.patient, time_ms);
+        count = consent_slot_count(state, &consent.patient);
     }
-    if ids.len() >= CONSENTS_PER_PATIENT_MAX {
+    if count >= bound {
         return Err(Rejection::conflict(
             "the patient has the most consents in force at once",
         ));
     }
-    ids.push(consent.id);
-    state.put(key, &ids);
+    state.put(
+        keys::patient_consent_slot(&consent.patient, count),
+        &consent.id,
+    );
+    state.put(keys::consent_slot(&consent.id), &count);
+    state.put(keys::patient_consent_count(&consent.patient), &(count + 1));
     state.put_raw(
         keys::patient_consent(&consent.patient, &consent.id),
         Vec::new(),
     );
     state.put(keys::consent(&consent.id), &consent);
     Ok(())
+}
+
+/// How many consent slots of the patient are in use.
+fn consent_slot_count<S: StateRead + ?Sized>(state: &Overlay<'_, S>, patient: &str) -> u64 {
+    state
+        .get_value(&keys::patient_consent_count(patient))
+        .unwrap_or(0)
+}
+
+/// The consent in one of the patient's slots in use. Every slot below the count holds one:
+/// a missing slot is a bug or a corrupt store, and nothing can be decided on it.
+fn consent_in_slot<S: StateRead + ?Sized>(
+    state: &Overlay<'_, S>,
+    patient: &str,
+    slot: u64,
+) -> Hash {
+    state
+        .get_value(&keys::patient_consent_slot(patient, slot))
+        .unwrap_or_else(|| panic!("consent slot {slot} of {patient} is in use but empty"))
+}
+
+/// The ids of the patient's consents that may still be in force, in slot order.
+pub(super) fn consents_in_slots<S: StateRead + ?Sized>(
+    state: &Overlay<'_, S>,
+    patient: &str,
+) -> Vec<Hash> {
+    (0..consent_slot_count(state, patient))
+        .map(|slot| consent_in_slot(state, patient, slot))
+        .collect()
+}
+
+/// Frees the patient's slot that holds consent `freed`: the last slot's consent moves into
+/// it, so the slots in use stay `0..count` and the change is the same few keys whatever the
+/// count.
+fn free_consent_slot<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    patient: &str,
+    slot: u64,
+    freed: &Hash,
+) {
+    let count = consent_slot_count(state, patient);
+    assert!(
+        slot < count,
+        "consent slot {slot} of {patient} is not below the count {count}"
+    );
+    assert_eq!(
+        consent_in_slot(state, patient, slot),
+        *freed,
+        "consent slot {slot} of {patient} does not hold the consent that names it"
+    );
+    state.delete(keys::consent_slot(freed));
+    let last = count - 1;
+    if slot != last {
+        let moved = consent_in_slot(state, patient, last);
+        state.put(keys::patient_consent_slot(patient, slot), &moved);
+        state.put(keys::consent_slot(&moved), &slot);
+    }
+    state.delete(keys::patient_consent_slot(patient, last));
+    let count_key = keys::patient_consent_count(patient);
+    if last == 0 {
+        state.delete(count_key);
+    } else {
+        state.put(count_key, &last);
+    }
+}
+
+/// Frees the slots of the patient's consents that are no longer in force at `time_ms`.
+/// Slots are visited in ascending order and a freed slot is looked at again (it now holds
+/// what was the last), so every node prunes the same slots in the same way.
+fn prune_consent_slots<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    patient: &str,
+    time_ms: u64,
+) {
+    let mut slot = 0;
+    while slot < consent_slot_count(state, patient) {
+        let id = consent_in_slot(state, patient, slot);
+        let in_force = state
+            .get_value::<Consent>(&keys::consent(&id))
+            .is_some_and(|consent| consent.is_active_at(time_ms));
+        if in_force {
+            slot += 1;
+        } else {
+            free_consent_slot(state, patient, slot, &id);
+        }
+    }
 }
 
 /// A pending request of the signing patient.

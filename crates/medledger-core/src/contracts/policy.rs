@@ -11,6 +11,7 @@ use crate::model::{
 };
 use crate::state::{keys, Overlay, StateRead};
 
+use super::consent::consents_in_slots;
 use super::{chain_config, check_member_in_force, Rejection};
 
 /// One question to the policy.
@@ -67,20 +68,26 @@ pub fn decide<S: StateRead + ?Sized>(
     if user.role == Role::Node {
         return denied(AccessDenial::RoleNotPermitted);
     }
-    let consents: Vec<Consent> = state
-        .get_value::<Vec<crate::hash::Hash>>(&keys::patient_consents(query.patient))
-        .unwrap_or_default()
+    let mut consents: Vec<(u64, Consent)> = consents_in_slots(state, query.patient)
         .iter()
         .filter_map(|id| state.get_value::<Consent>(&keys::consent(id)))
         .filter(|consent| consent.is_active_at(query.time_ms))
         .filter(|consent| grantee_matches(&consent.grantee, &user))
         .filter(|consent| covers_action(&consent.actions, query.action))
         .filter(|consent| query.purpose.is_none_or(|p| consent.purposes.contains(&p)))
+        .map(|consent| (granted_leaf_index(state, &consent), consent))
         .collect();
+    // Slots are in no particular order (a revoke moves the last slot into the one it frees);
+    // the basis of a grant is the oldest consent that covers it, so order them as granted.
+    consents.sort_by_key(|(leaf_index, _)| *leaf_index);
     let break_glass = open_break_glass(state, query);
     let mut basis = None;
     for resource_type in query.resource_types {
-        match consents.iter().find(|c| c.scope.covers(resource_type)) {
+        match consents
+            .iter()
+            .map(|(_, consent)| consent)
+            .find(|c| c.scope.covers(resource_type))
+        {
             Some(consent) => {
                 basis.get_or_insert(AccessBasis::Consent {
                     consent_id: consent.id,
@@ -106,6 +113,13 @@ pub fn decide<S: StateRead + ?Sized>(
             resource_type: String::new(),
         }),
     }
+}
+
+/// Where the transaction that granted a consent sits in the log: a consent's id is that
+/// transaction's id, and every transaction that reached a contract has its place recorded.
+/// (Were one missing, the consent sorts last, the same on every node.)
+fn granted_leaf_index<S: StateRead + ?Sized>(state: &Overlay<'_, S>, consent: &Consent) -> u64 {
+    state.get_value(&keys::tx(&consent.id)).unwrap_or(u64::MAX)
 }
 
 fn grantee_matches(grantee: &Grantee, user: &User) -> bool {
