@@ -8,7 +8,6 @@ use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::hash::Hash;
 
@@ -105,16 +104,22 @@ impl fmt::Debug for Signature {
     }
 }
 
+/// Serde for a binary value as unpadded base64url text, through the type's own
+/// `to_base64url` and `from_base64url` (whose error is `Display`).
+#[macro_export]
 macro_rules! base64url_serde {
     ($type:ty) => {
-        impl Serialize for $type {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.serialize_str(&self.to_base64url())
             }
         }
-        impl<'de> Deserialize<'de> for $type {
-            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<$type, D::Error> {
-                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                deserializer: D,
+            ) -> Result<$type, D::Error> {
+                let text =
+                    <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
                 <$type>::from_base64url(&text).map_err(serde::de::Error::custom)
             }
         }

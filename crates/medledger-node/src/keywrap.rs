@@ -15,7 +15,6 @@ use hpke::aead::AesGcm256;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::DhP256HkdfSha256;
 use hpke::{Deserializable, Kem, OpModeR, OpModeS, Serializable};
-use serde::{Deserialize, Serialize};
 
 type Suite = DhP256HkdfSha256;
 type PrivateKey = <Suite as Kem>::PrivateKey;
@@ -146,8 +145,7 @@ impl EncryptionKeyPair {
 }
 
 /// An encryption public key: a SEC1 uncompressed P-256 point, base64url in JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncryptionPublicKey(Vec<u8>);
 
 impl EncryptionPublicKey {
@@ -162,6 +160,16 @@ impl EncryptionPublicKey {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    pub fn to_base64url(&self) -> String {
+        medledger_core::crypto::base64url(&self.0)
+    }
+
+    pub fn from_base64url(text: &str) -> Result<EncryptionPublicKey, WrapError> {
+        let bytes =
+            medledger_core::crypto::from_base64url(text).map_err(|_| WrapError::BadPublicKey)?;
+        EncryptionPublicKey::from_bytes(&bytes)
     }
 
     /// Wraps `data_key` so that only the holder of this key's pair opens it, in `context`.
@@ -186,26 +194,11 @@ impl EncryptionPublicKey {
     }
 }
 
-impl TryFrom<String> for EncryptionPublicKey {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Self, String> {
-        let bytes = medledger_core::crypto::from_base64url(&text)
-            .map_err(|_| "an encryption public key is base64url".to_string())?;
-        EncryptionPublicKey::from_bytes(&bytes).map_err(|e| e.to_string())
-    }
-}
-
-impl From<EncryptionPublicKey> for String {
-    fn from(key: EncryptionPublicKey) -> String {
-        medledger_core::crypto::base64url(&key.0)
-    }
-}
+medledger_core::base64url_serde!(EncryptionPublicKey);
 
 /// A data key wrapped for one recipient: the HPKE encapsulated key, then the sealed data key
 /// (base64url in JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedKey(Vec<u8>);
 
 impl WrappedKey {
@@ -219,23 +212,19 @@ impl WrappedKey {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
-}
 
-impl TryFrom<String> for WrappedKey {
-    type Error = String;
+    pub fn to_base64url(&self) -> String {
+        medledger_core::crypto::base64url(&self.0)
+    }
 
-    fn try_from(text: String) -> Result<Self, String> {
-        let bytes = medledger_core::crypto::from_base64url(&text)
-            .map_err(|_| "a wrapped key is base64url".to_string())?;
-        WrappedKey::from_bytes(&bytes).map_err(|e| e.to_string())
+    pub fn from_base64url(text: &str) -> Result<WrappedKey, WrapError> {
+        let bytes =
+            medledger_core::crypto::from_base64url(text).map_err(|_| WrapError::BadWrappedKey)?;
+        WrappedKey::from_bytes(&bytes)
     }
 }
 
-impl From<WrappedKey> for String {
-    fn from(key: WrappedKey) -> String {
-        medledger_core::crypto::base64url(&key.0)
-    }
-}
+medledger_core::base64url_serde!(WrappedKey);
 
 #[cfg(test)]
 mod tests {

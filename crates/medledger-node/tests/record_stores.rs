@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use medledger_node::keywrap::{EncryptionKeyPair, WrapContext, WrappedKey};
 use medledger_node::records::{
-    EmbeddedStore, PostgresStore, RecordStore, RecordStoreError, BLOB_BYTES_MAX, LIST_MAX,
+    EmbeddedStore, PostgresStore, RecordStore, RecordStoreError, BLOB_BYTES_MAX, CONNECTIONS_MAX,
+    LIST_MAX,
 };
 use medledger_node::sealing::{content_id, seal};
 
@@ -195,7 +196,8 @@ fn malformed_names_never_reach_the_store(open: Opener<'_>) {
 fn concurrent_writers_lose_nothing(open: Opener<'_>) {
     let store: Arc<dyn RecordStore> = Arc::from(open());
     let written: Vec<Vec<(String, Vec<u8>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..8u32)
+        // More writers than a pooled store opens connections, so some wait for one.
+        let handles: Vec<_> = (0..CONNECTIONS_MAX as u32 + 4)
             .map(|writer| {
                 let store = store.clone();
                 scope.spawn(move || {

@@ -22,12 +22,12 @@ pub const CONNECTIONS_MAX: usize = 8;
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS medledger_blobs (
-        cid TEXT PRIMARY KEY,
+        cid TEXT COLLATE \"C\" PRIMARY KEY,
         bytes BYTEA NOT NULL
     );
     CREATE TABLE IF NOT EXISTS medledger_envelopes (
-        cid TEXT NOT NULL,
-        recipient TEXT NOT NULL,
+        cid TEXT COLLATE \"C\" NOT NULL,
+        recipient TEXT COLLATE \"C\" NOT NULL,
         wrapped BYTEA NOT NULL,
         PRIMARY KEY (cid, recipient)
     );
@@ -138,15 +138,15 @@ impl RecordStore for PostgresStore {
 
     fn blob_ids(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, RecordStoreError> {
         let limit = limit.min(LIST_MAX) as i64;
-        // Byte order, as the embedded store lists (content ids are ASCII).
+        // Byte order (the columns' collation is "C"), as the embedded store lists, read
+        // straight off the primary key's index.
         let rows = self.with_client(|client| match after {
             Some(after) => client.query(
-                "SELECT cid FROM medledger_blobs WHERE cid COLLATE \"C\" > $1
-                 ORDER BY cid COLLATE \"C\" LIMIT $2",
+                "SELECT cid FROM medledger_blobs WHERE cid > $1 ORDER BY cid LIMIT $2",
                 &[&after, &limit],
             ),
             None => client.query(
-                "SELECT cid FROM medledger_blobs ORDER BY cid COLLATE \"C\" LIMIT $1",
+                "SELECT cid FROM medledger_blobs ORDER BY cid LIMIT $1",
                 &[&limit],
             ),
         })?;
