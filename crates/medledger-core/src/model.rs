@@ -220,6 +220,21 @@ pub struct User {
     pub revocation: Option<RevocationReason>,
 }
 
+/// The public key a patient or an organisation receives wrapped record keys under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionKey {
+    /// The patient's pseudonym or the organisation's id.
+    pub party: String,
+    /// P-256 point, SEC1 uncompressed (65 bytes), base64url.
+    pub public_key: String,
+    /// SHA-256 of the point's bytes: names the key in envelopes and key files.
+    pub key_id: Hash,
+    /// Who published it: the patient, or an admin or node of the organisation.
+    pub set_by: String,
+    pub tx_id: TxRef,
+    pub height: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Patient {
     pub id: String,

@@ -157,6 +157,10 @@ pub mod keys {
     pub fn patient(patient: &str) -> String {
         format!("patient/{patient}")
     }
+    /// The encryption key a patient or an organisation publishes for wrapped record keys.
+    pub fn encryption_key(party: &str) -> String {
+        format!("encryption_key/{party}")
+    }
     /// What an organisation has contributed (blocks led, records held, accesses served).
     pub fn contribution(org: &str) -> String {
         format!("contribution/{org}")

@@ -68,6 +68,13 @@ pub enum TxBody {
     },
     /// A patient registers their own key; the signer is the key's pseudonym.
     RegisterPatient { public_key: PublicKey },
+    /// A patient (for themselves) or an organisation's admin or node (for the organisation)
+    /// publishes the public key that record keys are wrapped for. A later one replaces it:
+    /// that is how a key is rotated. Readers keep their old secrets for older versions.
+    SetEncryptionKey {
+        /// P-256 point, SEC1 uncompressed (65 bytes), base64url.
+        public_key: String,
+    },
     /// An author adds a version of a record held by their organisation (the custodian).
     CreateRecord {
         patient: String,
@@ -146,6 +153,7 @@ impl TxBody {
             TxBody::EnrollUser { .. } => "enroll_user",
             TxBody::RevokeUser { .. } => "revoke_user",
             TxBody::RegisterPatient { .. } => "register_patient",
+            TxBody::SetEncryptionKey { .. } => "set_encryption_key",
             TxBody::CreateRecord { .. } => "create_record",
             TxBody::Grant { .. } => "grant",
             TxBody::Revoke { .. } => "revoke",

@@ -19,8 +19,8 @@ use medledger_core::audit::{ConsistencyProof, InclusionProof, SignedTreeHead};
 use medledger_core::block::{tx_leaf_bytes, Block};
 use medledger_core::contracts::{decide, AccessQuery, TxOutcome};
 use medledger_core::model::{
-    AccessDecision, AccessRequest, Action, AuditEvent, BreakGlass, Consent, Contribution, Org,
-    Patient, Purpose, Record, User,
+    AccessDecision, AccessRequest, Action, AuditEvent, BreakGlass, Consent, Contribution,
+    EncryptionKey, Org, Patient, Purpose, Record, User,
 };
 use medledger_core::state::{keys, Overlay};
 use medledger_core::tx::SignedTx;
@@ -29,10 +29,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::ledger::{now_ms, Ledger, SubmitError};
+use crate::records::service::{History, OpenedVersion, PrepareRequest, Prepared, ReadRequest};
+use crate::records::{RecordError, RecordService};
 use crate::store::{Snapshot, StoreError};
 
 /// Largest request body accepted, in bytes.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
+/// Largest body of a record upload: a resource and its attachments, base64url.
+pub const RECORD_BODY_BYTES_MAX: usize = 48 * 1024 * 1024;
 /// Longest a request may take; above the ledger's commit wait, so a submission answers
 /// `outcome_unknown` itself before this cuts it off.
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
@@ -43,6 +47,23 @@ pub const PAGE_DEFAULT: usize = 100;
 pub const PAGE_MAX: usize = 1000;
 
 pub fn router(ledger: Arc<Ledger>) -> Router {
+    router_with_records(ledger, None)
+}
+
+/// The API, with the record endpoints when the node keeps records.
+pub fn router_with_records(ledger: Arc<Ledger>, records: Option<Arc<RecordService>>) -> Router {
+    let records = match records {
+        None => Router::new(),
+        Some(service) => Router::new()
+            .route("/v1/records", post(prepare_record))
+            .route(
+                "/v1/records/{custodian}/{record_id}/read",
+                post(read_record),
+            )
+            .route("/v1/patients/{patient}/history", post(patient_history))
+            .layer(DefaultBodyLimit::max(RECORD_BODY_BYTES_MAX))
+            .with_state(service),
+    };
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/transactions", post(submit))
@@ -55,6 +76,7 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .route("/v1/orgs", get(orgs))
         .route("/v1/users/{user}", get(user))
         .route("/v1/patients/{patient}", get(patient))
+        .route("/v1/encryption-keys/{party}", get(encryption_key))
         .route("/v1/patients/{patient}/records", get(patient_records))
         .route("/v1/patients/{patient}/consents", get(patient_consents))
         .route("/v1/patients/{patient}/requests", get(patient_requests))
@@ -73,6 +95,8 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/contributions", get(contributions))
         .route("/v1/consensus/transfer-leader", post(transfer_leader))
+        .with_state(ledger.clone())
+        .merge(records)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -87,7 +111,6 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
             ledger.clone(),
             refuse_when_fatal,
         ))
-        .with_state(ledger)
 }
 
 /// A node that stopped for good (a diverged state, a failed store) serves no ledger data,
@@ -216,7 +239,115 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<RecordError> for ApiError {
+    fn from(error: RecordError) -> ApiError {
+        let status = match &error {
+            RecordError::Invalid(_) => StatusCode::BAD_REQUEST,
+            RecordError::Fhir(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RecordError::NotFound(_) => StatusCode::NOT_FOUND,
+            RecordError::Conflict(_) | RecordError::NoEncryptionKey(_) => StatusCode::CONFLICT,
+            RecordError::Denied { .. } => StatusCode::FORBIDDEN,
+            RecordError::Integrity { .. } => StatusCode::BAD_GATEWAY,
+            RecordError::Unavailable { .. } | RecordError::Ledger(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RecordError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
+            RecordError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut api = ApiError::new(status, error.code(), error.to_string());
+        if let RecordError::Denied { access_tx: tx, .. } | RecordError::OutcomeUnknown(tx) = error {
+            api.tx_id = Some(tx);
+        }
+        api
+    }
+}
+
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A JSON body, or a typed refusal (too large, malformed).
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            rejection.body_text(),
+        )
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))
+}
+
+/// Seals and stores a new record version; answers with the `create_record` body its
+/// author signs and submits. The version exists once that transaction is committed.
+async fn prepare_record(
+    State(service): State<Arc<RecordService>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Prepared>), ApiError> {
+    let request: PrepareRequest = json_body(body)?;
+    Ok((StatusCode::CREATED, Json(service.prepare(request).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadBody {
+    /// The user reading, `name@org` of this node's organisation (authenticated by the
+    /// node's own login once the API has one).
+    actor: String,
+    version: Option<u64>,
+    purpose: Purpose,
+    #[serde(default)]
+    attachments: bool,
+}
+
+/// Reads a record version from its custodian (this node or another), checked against the
+/// ledger and decrypted; the custodian's access entry is on the ledger before it answers.
+async fn read_record(
+    State(service): State<Arc<RecordService>>,
+    Path((custodian, record_id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<OpenedVersion> {
+    let body: ReadBody = json_body(body)?;
+    let request = ReadRequest {
+        actor: own_user(&service, body.actor)?,
+        custodian,
+        record_id,
+        version: body.version,
+        purpose: body.purpose,
+        attachments: body.attachments,
+    };
+    Ok(Json(service.read(request).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryBody {
+    actor: String,
+    purpose: Purpose,
+}
+
+/// A patient's records across custodians, as far as the actor may see them.
+async fn patient_history(
+    State(service): State<Arc<RecordService>>,
+    Path(patient): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<History> {
+    let body: HistoryBody = json_body(body)?;
+    let actor = own_user(&service, body.actor)?;
+    Ok(Json(service.history(&actor, &patient, body.purpose).await?))
+}
+
+/// A node speaks only for users of its own organisation.
+fn own_user(service: &RecordService, actor: String) -> Result<String, ApiError> {
+    match medledger_core::identity::split_user_id(&actor) {
+        Some((org, _)) if org == service.org() => Ok(actor),
+        _ => Err(ApiError::bad_request(
+            "invalid_request",
+            format!("the actor must be a user of {}", service.org()),
+        )),
+    }
+}
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
@@ -585,6 +716,18 @@ async fn patient(
     )?))
 }
 
+/// The encryption key a patient or an organisation published.
+async fn encryption_key(
+    State(ledger): State<Arc<Ledger>>,
+    Path(party): Path<String>,
+) -> ApiResult<EncryptionKey> {
+    Ok(Json(required(
+        &snapshot(&ledger)?,
+        &keys::encryption_key(&party),
+        "encryption key",
+    )?))
+}
+
 async fn record(
     State(ledger): State<Arc<Ledger>>,
     Path((custodian, record_id)): Path<(String, String)>,
@@ -803,10 +946,11 @@ async fn access_decision(
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     ledger: Arc<Ledger>,
+    records: Option<Arc<RecordService>>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ledger))
+    axum::serve(listener, router_with_records(ledger, records))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -10,8 +10,10 @@
 //! here. A client whose wait ends first hears "outcome unknown" with its tx id.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use medledger_core::cert::{check_valid_at, parse_certificate, verify_issued_by};
@@ -35,6 +37,8 @@ use crate::ledger::{
     now_ms, sign_tree_head, Ledger, LedgerStats, NodeIdentity, Orderer, OrderingConfig, Pending,
     SubmitError,
 };
+use crate::records::service::{CustodianLink, FetchAnswer, FetchRequest, WireError};
+use crate::records::{RecordError, RecordService};
 use crate::rpc::{self, Handler, Request, Response};
 use crate::store::{Store, StoreError};
 use crate::tls::{self, PeerCheck, PeerIdentity, TlsConfigs};
@@ -116,6 +120,8 @@ struct Control {
     paused: AtomicBool,
     outbox: mpsc::Sender<(SignedTx, bool)>,
     shared: Arc<Shared>,
+    /// The record service peers fetch from (held weakly: the service holds the ledger).
+    records: RwLock<Option<Weak<RecordService>>>,
 }
 
 /// Ordering through Raft, seen by the ledger.
@@ -365,6 +371,7 @@ impl ClusterNode {
             paused: AtomicBool::new(false),
             outbox,
             shared: shared.clone(),
+            records: RwLock::new(None),
         });
         let orderer = RaftOrderer {
             shared: shared.clone(),
@@ -475,6 +482,19 @@ impl ClusterNode {
 
     pub fn status(&self) -> ConsensusStatus {
         consensus_status(&self.raft, &self.shared)
+    }
+
+    /// Serves peers' record fetches from `service` from now on.
+    pub fn attach_records(&self, service: &Arc<RecordService>) {
+        *self.control.records.write().expect("records lock") = Some(Arc::downgrade(service));
+    }
+
+    /// Calls to other custodians' nodes, for this node's record service.
+    pub fn custodian_link(&self) -> Arc<dyn CustodianLink> {
+        Arc::new(PeerLink {
+            raft: self.raft.clone(),
+            peers: self.peers.clone(),
+        })
     }
 
     /// Hands leadership to `to` (a voter): the leader stops proposing, waits until `to` has
@@ -602,6 +622,26 @@ async fn handle(
             }
             done(Ok(serde_json::Value::Null))
         }
+        Request::Fetch(fetch) => {
+            let service = control
+                .records
+                .read()
+                .expect("records lock")
+                .as_ref()
+                .and_then(Weak::upgrade);
+            let answer = match service {
+                None => Err(WireError {
+                    code: "custodian_unavailable".into(),
+                    message: "this node serves no records".into(),
+                    access_tx: None,
+                }),
+                Some(service) => service
+                    .serve(&peer.org, fetch)
+                    .await
+                    .map_err(|e| WireError::from(&e)),
+            };
+            Response::Fetched(answer)
+        }
         Request::Status => {
             let metrics = raft.metrics().borrow().clone();
             done(Ok(serde_json::json!({
@@ -612,6 +652,51 @@ async fn handle(
                 "last_applied_index": metrics.last_applied.map(|log_id| log_id.index),
             })))
         }
+    }
+}
+
+/// Record fetches to other custodians, over the same mutual TLS as Raft.
+struct PeerLink {
+    raft: Raft,
+    peers: Peers,
+}
+
+/// How long a fetch may take: the custodian's access entry must commit first.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl CustodianLink for PeerLink {
+    fn fetch<'a>(
+        &'a self,
+        custodian: &'a str,
+        request: &'a FetchRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchAnswer, RecordError>> + Send + 'a>> {
+        Box::pin(async move {
+            let unavailable = |detail: String| RecordError::Unavailable {
+                custodian: custodian.to_string(),
+                detail,
+            };
+            let id = raft_id(custodian);
+            let node = self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .cloned()
+                .ok_or_else(|| unavailable("no node of this organisation is a member".into()))?;
+            let client = self.peers.client(id, &node);
+            match client
+                .call(&Request::Fetch(request.clone()), FETCH_TIMEOUT)
+                .await
+            {
+                Ok(Response::Fetched(Ok(answer))) => Ok(answer),
+                Ok(Response::Fetched(Err(error))) => Err(error.into_error(custodian)),
+                Ok(Response::Done(Err(reason))) => Err(unavailable(reason)),
+                Ok(other) => Err(unavailable(format!("unexpected answer {other:?}"))),
+                Err(error) => Err(unavailable(error.to_string())),
+            }
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 //! api_listen = "127.0.0.1:7400"
 //! peer_listen = "127.0.0.1:7500"
 //! founder = true                    # founders start the Raft group; others ask to join
+//! # record_store = "host=db.internal user=medledger dbname=records"  # PostgreSQL; default: embedded
 //!
 //! [consensus]
 //! heartbeat_ms = 100
@@ -55,6 +56,11 @@ pub struct NodeConfig {
     pub ordering: OrderingSection,
     #[serde(default)]
     pub peers: Vec<NodeInfo>,
+    /// Where the organisation's encrypted records live: a PostgreSQL connection string
+    /// (keep passwords out of it: use a password file or peer authentication), or absent
+    /// for the embedded store (`records.redb` in `data_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_store: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +209,7 @@ mod tests {
                 peer_addr: "127.0.0.1:7501".into(),
                 api_url: "http://127.0.0.1:7401".into(),
             }],
+            record_store: Some("host=/run/postgresql dbname=records".into()),
         };
         let path = dir.path().join(NODE_CONFIG_FILE);
         std::fs::write(&path, config.to_toml()).unwrap();

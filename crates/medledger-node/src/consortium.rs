@@ -12,6 +12,7 @@ use medledger_core::identity::{patient_pseudonym, user_id, OrgKind, Role};
 use medledger_core::tx::{SignedTx, TxBody, TxPayload};
 use serde::{Deserialize, Serialize};
 
+use crate::keywrap::EncryptionKeyPair;
 use crate::pki::{issue_member, issue_org_ca, issue_root, IssuedCert, KeyPair, PkiError, Validity};
 
 /// Signs a payload: the signature covers exactly `payload.signing_bytes()`.
@@ -33,6 +34,9 @@ pub struct Identity {
     /// The member's certificate and their organisation's CA; None for patients.
     pub certificate: Option<IssuedCert>,
     pub ca_certificate: Option<IssuedCert>,
+    /// Key pairs that record keys are wrapped for (patients and nodes), oldest first. The
+    /// last is the one to publish; older ones stay to open what was wrapped for them.
+    pub encryption_keys: Vec<EncryptionKeyPair>,
 }
 
 /// The saved form of an identity.
@@ -46,6 +50,9 @@ struct IdentityFile {
     certificate: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ca_certificate: Option<String>,
+    /// P-256 secret scalars, base64url, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    encryption_keys: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +66,7 @@ pub enum IdentityError {
 }
 
 impl Identity {
-    /// A new patient with a fresh key.
+    /// A new patient with a fresh signing key and a fresh encryption key.
     pub fn new_patient() -> Result<Identity, PkiError> {
         let key = KeyPair::generate()?;
         Ok(Identity {
@@ -67,7 +74,20 @@ impl Identity {
             key,
             certificate: None,
             ca_certificate: None,
+            encryption_keys: vec![EncryptionKeyPair::generate()],
         })
+    }
+
+    /// The encryption key pair to publish, if this identity has one.
+    pub fn encryption_key(&self) -> Option<&EncryptionKeyPair> {
+        self.encryption_keys.last()
+    }
+
+    /// Adds a fresh encryption key pair, which becomes the one to publish. Older pairs stay:
+    /// versions wrapped for them before the new key is on the ledger still open.
+    pub fn rotate_encryption_key(&mut self) -> &EncryptionKeyPair {
+        self.encryption_keys.push(EncryptionKeyPair::generate());
+        self.encryption_keys.last().expect("just pushed")
     }
 
     /// Builds and signs a transaction from this identity.
@@ -95,6 +115,11 @@ impl Identity {
             private_key: base64url(self.key.pkcs8_der()),
             certificate: self.certificate_text(),
             ca_certificate: self.ca_certificate.as_ref().map(|c| base64url(&c.der)),
+            encryption_keys: self
+                .encryption_keys
+                .iter()
+                .map(|pair| base64url(&pair.secret_bytes()))
+                .collect(),
         };
         let text = serde_json::to_string_pretty(&file).expect("identity files encode");
         write_private(path, text.as_bytes())
@@ -113,11 +138,20 @@ impl Identity {
                 .map(|t| decode(t).map(|der| IssuedCert { der }))
                 .transpose()
         };
+        let encryption_keys = file
+            .encryption_keys
+            .iter()
+            .map(|text| {
+                EncryptionKeyPair::from_secret_bytes(&decode(text)?)
+                    .map_err(|e| error(format!("encryption key: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Identity {
             key: KeyPair::from_pkcs8_der(&decode(&file.private_key)?)?,
             certificate: cert(&file.certificate)?,
             ca_certificate: cert(&file.ca_certificate)?,
             id: file.id,
+            encryption_keys,
         })
     }
 }
@@ -167,7 +201,8 @@ impl OrgAuthority {
         })
     }
 
-    /// Issues a member with a fresh key.
+    /// Issues a member with a fresh key; a node also gets its organisation's encryption key
+    /// pair (one node per organisation; a second node of the organisation shares the file).
     pub fn issue(&self, name: &str, role: Role, validity: Validity) -> Result<Identity, PkiError> {
         let key = KeyPair::generate()?;
         let certificate = issue_member(
@@ -184,6 +219,11 @@ impl OrgAuthority {
             key,
             certificate: Some(certificate),
             ca_certificate: Some(self.ca_certificate.clone()),
+            encryption_keys: if role == Role::Node {
+                vec![EncryptionKeyPair::generate()]
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -194,6 +234,7 @@ impl OrgAuthority {
             key: KeyPair::from_pkcs8_der(self.ca_key.pkcs8_der()).expect("own key re-reads"),
             certificate: Some(self.ca_certificate.clone()),
             ca_certificate: None,
+            encryption_keys: Vec::new(),
         }
     }
 

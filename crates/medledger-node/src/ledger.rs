@@ -430,6 +430,12 @@ impl Ledger {
         if tx.payload.chain_id != self.chain_id {
             return Err(SubmitError::WrongChain(tx.payload.chain_id.clone()));
         }
+        // The contract checks a published key's form; a point off the curve could never
+        // be wrapped for, so it is refused before it reaches a block.
+        if let TxBody::SetEncryptionKey { public_key } = &tx.payload.body {
+            crate::keywrap::EncryptionPublicKey::from_base64url(public_key)
+                .map_err(|e| SubmitError::Invalid(format!("public_key: {e}")))?;
+        }
         let snapshot = self
             .store
             .snapshot()

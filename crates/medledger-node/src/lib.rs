@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod consensus;
 pub mod consortium;
+pub mod fhir;
 pub mod keywrap;
 pub mod ledger;
 pub mod pki;

@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::consensus::{NodeInfo, TypeConfig};
+use crate::records::service::{FetchAnswer, FetchRequest, WireError};
 use crate::tls::{server_name, PeerCheck, PeerIdentity, TlsConfigs};
 
 /// Largest frame either side sends or accepts.
@@ -63,6 +64,9 @@ pub enum Request {
     },
     /// The called node's Raft role, term, leader and applied position.
     Status,
+    /// A member's node asks this custodian for record versions on behalf of one of its
+    /// users; the custodian logs the access on the ledger before it answers.
+    Fetch(FetchRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,6 +76,8 @@ pub enum Response {
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// Anything else: done, or why not.
     Done(Result<serde_json::Value, String>),
+    /// A custodian's answer to `Fetch`.
+    Fetched(Result<FetchAnswer, WireError>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -33,18 +33,50 @@ pub enum SealError {
     Crypto,
 }
 
+/// What a sealed part is bound to: its custodian, record, version and, for an attachment,
+/// its position. A ciphertext opened under any other binding fails.
+pub fn associated_data(
+    custodian: &str,
+    record_id: &str,
+    version: u64,
+    attachment: Option<usize>,
+) -> Vec<u8> {
+    let mut out = format!("medledger record v1\n{custodian}/{record_id}/{version}");
+    if let Some(index) = attachment {
+        out.push_str(&format!("/attachment/{index}"));
+    }
+    out.into_bytes()
+}
+
+/// A fresh 256-bit data key.
+pub fn fresh_key() -> Result<[u8; 32], SealError> {
+    let mut key = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| SealError::Random)?;
+    Ok(key)
+}
+
 /// Encrypts `plaintext` under a fresh key; `associated` binds the ciphertext to its place
 /// (record id, version, custodian) so it cannot be passed off as another record.
 pub fn seal(plaintext: &[u8], associated: &[u8]) -> Result<Sealed, SealError> {
+    seal_with_key(&fresh_key()?, plaintext, associated)
+}
+
+/// Encrypts `plaintext` under `key` (a version's data key, shared by the version and its
+/// attachments, each under its own random nonce and associated data).
+pub fn seal_with_key(
+    key: &[u8; 32],
+    plaintext: &[u8],
+    associated: &[u8],
+) -> Result<Sealed, SealError> {
     let random = SystemRandom::new();
-    let mut key = [0u8; 32];
     let mut salt = [0u8; SALT_BYTES];
     let mut nonce = [0u8; NONCE_LEN];
-    random.fill(&mut key).map_err(|_| SealError::Random)?;
     random.fill(&mut salt).map_err(|_| SealError::Random)?;
     random.fill(&mut nonce).map_err(|_| SealError::Random)?;
     let cipher =
-        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).map_err(|_| SealError::Crypto)?);
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| SealError::Crypto)?);
     let mut buffer = Vec::with_capacity(SALT_BYTES + plaintext.len() + 16);
     buffer.extend_from_slice(&salt);
     buffer.extend_from_slice(plaintext);
@@ -61,9 +93,30 @@ pub fn seal(plaintext: &[u8], associated: &[u8]) -> Result<Sealed, SealError> {
         cid: content_id(&ciphertext),
         commitment: Hash::digest_parts(&[&salt, plaintext]),
         ciphertext,
-        key,
+        key: *key,
         salt,
     })
+}
+
+/// `salt || plaintext` of a sealed part; None when it does not open under `key` and
+/// `associated`.
+fn decrypt(ciphertext: &[u8], key: &[u8; 32], associated: &[u8]) -> Option<Vec<u8>> {
+    let (nonce, sealed) = ciphertext.split_at_checked(NONCE_LEN)?;
+    let cipher = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).ok()?);
+    let mut buffer = sealed.to_vec();
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let length = cipher
+        .open_in_place(nonce, Aad::from(associated), &mut buffer)
+        .ok()?
+        .len();
+    buffer.truncate(length);
+    (length >= SALT_BYTES).then_some(buffer)
+}
+
+/// Decrypts a sealed part without a commitment to check (an attachment, whose content id
+/// the checked resource names); None when it does not open under `key` and `associated`.
+pub fn open_part(ciphertext: &[u8], key: &[u8; 32], associated: &[u8]) -> Option<Vec<u8>> {
+    decrypt(ciphertext, key, associated).map(|mut plain| plain.split_off(SALT_BYTES))
 }
 
 /// Decrypts a sealed version and checks it against its commitment.
@@ -73,14 +126,8 @@ pub fn open(
     associated: &[u8],
     commitment: &Hash,
 ) -> Option<Vec<u8>> {
-    let (nonce, sealed) = ciphertext.split_at_checked(NONCE_LEN)?;
-    let cipher = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).ok()?);
-    let mut buffer = sealed.to_vec();
-    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-    let plain = cipher
-        .open_in_place(nonce, Aad::from(associated), &mut buffer)
-        .ok()?;
-    let (salt, plaintext) = plain.split_at_checked(SALT_BYTES)?;
+    let plain = decrypt(ciphertext, key, associated)?;
+    let (salt, plaintext) = plain.split_at(SALT_BYTES);
     (Hash::digest_parts(&[salt, plaintext]) == *commitment).then(|| plaintext.to_vec())
 }
 

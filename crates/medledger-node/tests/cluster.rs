@@ -417,6 +417,7 @@ fn copy(identity: &Identity) -> Identity {
         key: medledger_node::pki::KeyPair::from_pkcs8_der(identity.key.pkcs8_der()).unwrap(),
         certificate: identity.certificate.clone(),
         ca_certificate: identity.ca_certificate.clone(),
+        encryption_keys: identity.encryption_keys.clone(),
     }
 }
 

@@ -13,20 +13,21 @@ use medledger_core::block::{self, Block, ChainHead, GenesisConfig};
 use medledger_core::contracts::{
     decide, is_valid_record_id, AccessQuery, Candidate, Rejection, TxOutcome,
 };
-use medledger_core::crypto::base64url;
+use medledger_core::crypto::{base64url, from_base64url};
 use medledger_core::hash::Hash;
 use medledger_core::identity::{is_patient_pseudonym, is_valid_name, split_user_id, OrgKind, Role};
 use medledger_core::model::{
     AccessBasis, AccessDecision, AccessDenial, AccessRequest, Action, AuditEvent, BreakGlass,
-    BreakGlassVerdict, Category, Consent, DenialReason, EmergencyReason, GovernanceAction, Grantee,
-    Org, OrgStatus, Patient, Proposal, ProposalStatus, Purpose, Record, RequestStatus,
-    RevocationReason, Scope, User, UserStatus,
+    BreakGlassVerdict, Category, Consent, DenialReason, EmergencyReason, EncryptionKey,
+    GovernanceAction, Grantee, Org, OrgStatus, Patient, Proposal, ProposalStatus, Purpose, Record,
+    RequestStatus, RevocationReason, Scope, User, UserStatus,
 };
 use medledger_core::state::{apply_writes, keys, Overlay, WriteSet};
 use medledger_core::tx::{SignedTx, TxBody, TxPayload, ACCESS_RECORDS_MAX, TX_LIFETIME_MS_MAX};
 use medledger_node::consortium::{
     sign, Consortium, FoundingOrg, Identity, OrgAuthority, RootAuthority,
 };
+use medledger_node::keywrap::EncryptionKeyPair;
 use medledger_node::pki::Validity;
 use serde::de::DeserializeOwned;
 
@@ -494,6 +495,32 @@ fn register(patient: &Identity) -> TxBody {
     }
 }
 
+fn set_encryption_key(public_key: String) -> TxBody {
+    TxBody::SetEncryptionKey { public_key }
+}
+
+/// A fresh, valid encryption key: a SEC1 uncompressed P-256 point, unpadded base64url.
+fn fresh_encryption_key() -> String {
+    EncryptionKeyPair::generate().public_key().to_base64url()
+}
+
+/// The 65 bytes of a fresh, valid encryption key, for the tests that spoil them.
+fn fresh_encryption_key_bytes() -> Vec<u8> {
+    EncryptionKeyPair::generate()
+        .public_key()
+        .as_bytes()
+        .to_vec()
+}
+
+/// The encryption key of the secret scalar `[secret; 32]` (`secret` nonzero): the same on
+/// every run, so that a random sequence's seed names its keys too.
+fn fixed_encryption_key(secret: u8) -> String {
+    EncryptionKeyPair::from_secret_bytes(&[secret; 32])
+        .expect("a small nonzero scalar is a secret key")
+        .public_key()
+        .to_base64url()
+}
+
 fn to_user(id: &str) -> Grantee {
     Grantee::User {
         user: id.to_string(),
@@ -871,13 +898,42 @@ fn check(ledger: &mut Ledger, world: &World, case: &Case) {
 
 // ---- 1. every kind commits, with its state change -------------------------------------
 
+/// Checks that `party`'s stored encryption key is the one the last block published (its
+/// only transaction, a set_encryption_key signed by `set_by`): the same text, an
+/// uncompressed point named by SHA-256 of its 65 decoded bytes (not of the text), and the
+/// transaction and height that set it. Returns the stored value.
+fn assert_published_key(l: &Ledger, party: &str, set_by: &str) -> EncryptionKey {
+    let block = l.blocks.last().expect("the chain has blocks");
+    let [tx] = block.txs.as_slice() else {
+        panic!("the publication runs alone in its block")
+    };
+    let TxBody::SetEncryptionKey { public_key } = &tx.payload.body else {
+        panic!("the last block publishes an encryption key")
+    };
+    let stored: EncryptionKey = l.must(&keys::encryption_key(party));
+    let bytes = from_base64url(&stored.public_key).expect("a stored key is base64url");
+    assert_eq!((bytes.len(), bytes[0]), (65, 0x04), "an uncompressed point");
+    assert_eq!(stored.party, party);
+    assert_eq!(&stored.public_key, public_key);
+    assert_eq!(stored.key_id, Hash::digest(&bytes));
+    assert_ne!(stored.key_id, Hash::digest(public_key.as_bytes()));
+    assert_eq!(stored.set_by, set_by);
+    assert_eq!(
+        stored.tx_id,
+        tx.id().expect("committed transactions encode")
+    );
+    assert_eq!(stored.tx_id, l.last("set_encryption_key"));
+    assert_eq!(stored.height, l.head.height);
+    stored
+}
+
 #[test]
 fn every_transaction_kind_commits_and_makes_its_state_change() {
-    // Proves that each of the fourteen transaction kinds commits when it should, and that
+    // Proves that each of the fifteen transaction kinds commits when it should, and that
     // the state it leaves is the one its contract promises, read back from state: the
     // governance cycle admit, suspend, reinstate, remove (with a proposal rejected once
-    // approval is impossible), membership, patients, records, consents, requests,
-    // break-glass and access entries.
+    // approval is impossible), membership, patients, encryption keys, records, consents,
+    // requests, break-glass and access entries.
     let (mut ledger, world) = world();
     let cases = [
         case(
@@ -1093,6 +1149,71 @@ fn every_transaction_kind_commits_and_makes_its_state_change() {
             let patient: Patient = l.must(&keys::patient(&w.stranger.id));
             assert_eq!(patient.public_key, w.stranger.key.public_key());
             assert_eq!(patient.registered_height, l.head.height);
+        }),
+        // Encryption keys: a patient publishes their own, an admin and then a node their
+        // organisation's, the second replacing the first under the same key.
+        case(
+            "a patient publishes their encryption key",
+            Committed,
+            |l, w| l.sign(&w.p, set_encryption_key(fresh_encryption_key())),
+        )
+        .then(|l, w| {
+            assert_published_key(l, &w.p.id, &w.p.id);
+            assert_eq!(l.last_event().patient.as_deref(), Some(w.p.id.as_str()));
+        }),
+        case(
+            "an admin publishes their organisation's encryption key",
+            Committed,
+            |l, w| {
+                l.sign(
+                    w.admin("hospital-a"),
+                    set_encryption_key(fresh_encryption_key()),
+                )
+            },
+        )
+        .then(|l, w| {
+            assert_published_key(l, "hospital-a", &w.admin("hospital-a").id);
+            assert_eq!(l.last_event().patient, None);
+        }),
+        case(
+            "the organisation's node publishes a new key: it replaces the admin's",
+            Committed,
+            |l, w| {
+                l.sign(
+                    w.node("hospital-a"),
+                    set_encryption_key(fresh_encryption_key()),
+                )
+            },
+        )
+        .then(|l, w| {
+            let stored = assert_published_key(l, "hospital-a", &w.node("hospital-a").id);
+            let first = &l.blocks[l.blocks.len() - 2].txs[0];
+            assert_eq!(first.payload.signer, w.admin("hospital-a").id);
+            let TxBody::SetEncryptionKey {
+                public_key: first_key,
+            } = &first.payload.body
+            else {
+                panic!("the block before published the first key")
+            };
+            assert_ne!(
+                &stored.public_key, first_key,
+                "the second key replaces the first"
+            );
+            let published: Vec<&String> = l
+                .state
+                .keys()
+                .filter(|k| k.starts_with("encryption_key/"))
+                .collect();
+            assert_eq!(
+                published,
+                [
+                    &keys::encryption_key("hospital-a"),
+                    &keys::encryption_key(&w.p.id)
+                ],
+                "one key per party, the patient's untouched"
+            );
+            let patients: EncryptionKey = l.must(&keys::encryption_key(&w.p.id));
+            assert_eq!(patients.set_by, w.p.id);
         }),
         case(
             "a clinician with consent creates version 1 of a record",
@@ -1604,6 +1725,138 @@ fn membership_refuses_wrong_signers_and_bad_certificates() {
             Refused("not_permitted"),
             |l, w| l.sign(&w.alice, register(&w.stranger)),
         ),
+    ];
+    check_each(&base, &world, &cases);
+}
+
+#[test]
+fn encryption_keys_refuse_other_signers_and_malformed_points() {
+    // Proves that only a patient (for themselves) or an organisation's admin or node (for
+    // the organisation) publishes an encryption key, that the key must be an uncompressed
+    // P-256 point (65 bytes, first 0x04) in unpadded base64url, and that a refused
+    // publication leaves the key in force untouched.
+    let (base, world) = world();
+    let cases = [
+        case(
+            "a clinician publishes a key",
+            Refused("not_permitted"),
+            |l, w| l.sign(&w.alice, set_encryption_key(fresh_encryption_key())),
+        ),
+        case(
+            "a nurse publishes a key",
+            Refused("not_permitted"),
+            |l, w| l.sign(&w.ned, set_encryption_key(fresh_encryption_key())),
+        ),
+        case(
+            "a lab technician publishes a key",
+            Refused("not_permitted"),
+            |l, w| l.sign(&w.lee, set_encryption_key(fresh_encryption_key())),
+        ),
+        case(
+            "the regulator's auditor publishes a key",
+            Refused("not_permitted"),
+            |l, w| l.sign(&w.ann, set_encryption_key(fresh_encryption_key())),
+        ),
+        case(
+            "the lab's node publishes: the key is the lab's, no other party's",
+            Committed,
+            |l, w| l.sign(w.node("lab-x"), set_encryption_key(fresh_encryption_key())),
+        )
+        .then(|l, w| {
+            assert_published_key(l, "lab-x", &w.node("lab-x").id);
+            assert!(l
+                .value::<EncryptionKey>(&keys::encryption_key("hospital-a"))
+                .is_none());
+        }),
+        case("a 64-byte key", Refused("invalid"), |l, w| {
+            let bytes = fresh_encryption_key_bytes();
+            l.sign(
+                w.admin("hospital-a"),
+                set_encryption_key(base64url(&bytes[..64])),
+            )
+        }),
+        case(
+            "the point's two coordinates without the 0x04 tag (64 bytes)",
+            Refused("invalid"),
+            |l, w| {
+                let bytes = fresh_encryption_key_bytes();
+                l.sign(&w.p, set_encryption_key(base64url(&bytes[1..])))
+            },
+        ),
+        case("a 66-byte key", Refused("invalid"), |l, w| {
+            let mut bytes = fresh_encryption_key_bytes();
+            bytes.push(0);
+            l.sign(w.node("hospital-a"), set_encryption_key(base64url(&bytes)))
+        }),
+        case(
+            "a 65-byte key starting with 0x02",
+            Refused("invalid"),
+            |l, w| {
+                let mut bytes = fresh_encryption_key_bytes();
+                bytes[0] = 0x02;
+                l.sign(&w.p, set_encryption_key(base64url(&bytes)))
+            },
+        ),
+        case(
+            "the point compressed (33 bytes, 0x02 or 0x03)",
+            Refused("invalid"),
+            |l, w| {
+                let bytes = fresh_encryption_key_bytes();
+                let mut compressed = vec![0x02 | (bytes[64] & 1)];
+                compressed.extend_from_slice(&bytes[1..33]);
+                l.sign(
+                    w.admin("hospital-a"),
+                    set_encryption_key(base64url(&compressed)),
+                )
+            },
+        ),
+        case("text that is not base64url", Refused("invalid"), |l, w| {
+            l.sign(&w.p, set_encryption_key("not base64!".into()))
+        }),
+        case(
+            "a valid key with base64 padding",
+            Refused("invalid"),
+            |l, w| {
+                l.sign(
+                    &w.p,
+                    set_encryption_key(format!("{}=", fresh_encryption_key())),
+                )
+            },
+        ),
+        case(
+            "a valid key in the standard base64 alphabet (+ and /)",
+            Refused("invalid"),
+            |l, w| {
+                let standard = std::iter::repeat_with(fresh_encryption_key)
+                    .map(|key| key.replace('-', "+").replace('_', "/"))
+                    .find(|key| key.contains(['+', '/']))
+                    .expect("some key has a character the alphabets spell differently");
+                l.sign(&w.p, set_encryption_key(standard))
+            },
+        ),
+        case("an empty key", Refused("invalid"), |l, w| {
+            l.sign(w.admin("hospital-a"), set_encryption_key(String::new()))
+        }),
+        case(
+            "a malformed rotation leaves the published key in force",
+            Refused("invalid"),
+            |l, w| {
+                l.commit(
+                    w.admin("hospital-a"),
+                    set_encryption_key(fresh_encryption_key()),
+                );
+                let bytes = fresh_encryption_key_bytes();
+                l.sign(
+                    w.node("hospital-a"),
+                    set_encryption_key(base64url(&bytes[..64])),
+                )
+            },
+        )
+        .then(|l, w| {
+            let stored: EncryptionKey = l.must(&keys::encryption_key("hospital-a"));
+            assert_eq!(stored.set_by, w.admin("hospital-a").id);
+            assert_eq!(stored.height, l.head.height - 1);
+        }),
     ];
     check_each(&base, &world, &cases);
 }
@@ -3344,6 +3597,24 @@ fn every_authenticated_transaction_writes_an_indexed_audit_event() {
             ledger.sign(w.admin("hospital-b"), vote(ADMIT_CLINIC_PROPOSAL, true)),
             Some(event_of(None, None, &[])),
         ),
+        // An encryption key's event names the patient who publishes, even when refused,
+        // and no patient for an organisation's key.
+        (
+            ledger.sign(&w.q, set_encryption_key(fresh_encryption_key())),
+            Some(event_of(Some(&q), None, &[])),
+        ),
+        (
+            ledger.sign(admin_a, set_encryption_key(fresh_encryption_key())),
+            Some(event_of(None, None, &[])),
+        ),
+        (
+            ledger.sign(&w.p, set_encryption_key("not base64!".into())),
+            Some(rejected(event_of(Some(&p), None, &[]), "invalid")),
+        ),
+        (
+            ledger.sign(&w.alice, set_encryption_key(fresh_encryption_key())),
+            Some(rejected(event_of(None, None, &[]), "not_permitted")),
+        ),
         (
             ledger.sign_with(&w.p, grant_observations(to_user(&w.bob.id)), |t| {
                 t.chain_id = "other-chain".into()
@@ -3591,7 +3862,7 @@ fn random_body<'w>(
         categories: rng.some(&all_categories),
     };
     let orgs = ["hospital-a", "hospital-b", "lab-x", "regulator"];
-    match rng.below(14) {
+    match rng.below(15) {
         0 => {
             let grantee = match rng.below(7) {
                 0 => to_user(&w.alice.id),
@@ -3722,6 +3993,35 @@ fn random_body<'w>(
             } else {
                 (&w.p, register(&w.p))
             }
+        }
+        13 => {
+            // Mostly a patient, admin or node with one of a few fixed keys, so that keys
+            // are replaced; sometimes staff or a spoiled key, so that they are refused.
+            let signer = *rng.pick(&[
+                &w.p,
+                &w.q,
+                &w.stranger,
+                w.admin("hospital-a"),
+                w.node("hospital-b"),
+                w.node("lab-x"),
+                &w.alice,
+                &w.ann,
+            ]);
+            let key = fixed_encryption_key(1 + rng.below(3) as u8);
+            let public_key = match rng.below(8) {
+                0 => {
+                    let mut bytes = from_base64url(&key).expect("a fixed key is base64url");
+                    bytes[0] = 0x02;
+                    base64url(&bytes)
+                }
+                1 => {
+                    let bytes = from_base64url(&key).expect("a fixed key is base64url");
+                    base64url(&bytes[..64])
+                }
+                2 => "not base64!".to_string(),
+                _ => key,
+            };
+            (signer, set_encryption_key(public_key))
         }
         _ => (
             &w.alice,
@@ -3890,7 +4190,7 @@ fn random_sequences_execute_and_replay_to_the_same_hashes() {
     eprintln!("committed by kind: {committed:?}\nrefused by code: {refused:?}");
     // The generator must reach deep enough to matter: every kind commits somewhere and
     // refusals come from both authentication and the contracts.
-    assert_eq!(committed.len(), 14, "kinds that committed: {committed:?}");
+    assert_eq!(committed.len(), 15, "kinds that committed: {committed:?}");
     for code in [
         "duplicate",
         "bad_signature",

@@ -9,6 +9,9 @@ use medledger_node::records::{
 };
 use medledger_node::sealing::{content_id, seal};
 
+mod common;
+use common::TestPostgres;
+
 /// Opens the store under test; called again to check that what was written survives a
 /// reopen (the previous handle is dropped first).
 type Opener<'a> = &'a dyn Fn() -> Box<dyn RecordStore>;
@@ -237,55 +240,6 @@ fn the_embedded_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     conformance(&|| Box::new(EmbeddedStore::open(&path).unwrap()));
-}
-
-/// A PostgreSQL server for one test: `MEDLEDGER_TEST_POSTGRES` (a connection string) when
-/// set; otherwise one started by `scripts/test-postgres` (which installs PostgreSQL if
-/// missing) in a temporary directory, stopped on drop.
-struct TestPostgres {
-    connection: String,
-    started: Option<tempfile::TempDir>,
-}
-
-impl TestPostgres {
-    fn start() -> TestPostgres {
-        if let Ok(connection) = std::env::var("MEDLEDGER_TEST_POSTGRES") {
-            return TestPostgres {
-                connection,
-                started: None,
-            };
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let output = std::process::Command::new(script())
-            .arg("start")
-            .arg(dir.path())
-            .output()
-            .expect("scripts/test-postgres runs");
-        assert!(
-            output.status.success(),
-            "scripts/test-postgres start failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        TestPostgres {
-            connection: String::from_utf8(output.stdout).unwrap().trim().to_string(),
-            started: Some(dir),
-        }
-    }
-}
-
-impl Drop for TestPostgres {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.started {
-            let _ = std::process::Command::new(script())
-                .arg("stop")
-                .arg(dir.path())
-                .status();
-        }
-    }
-}
-
-fn script() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-postgres")
 }
 
 #[test]

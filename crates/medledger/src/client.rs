@@ -11,6 +11,8 @@ use serde_json::Value;
 
 /// How long a signed transaction stays valid.
 pub const TX_LIFETIME_MS: u64 = 5 * 60 * 1000;
+/// Largest answer read: a record version with its attachments, base64url.
+const RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Deadline of every request.
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
 
@@ -23,6 +25,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
+        /// The transaction the refusal is about (an access entry that denied, say).
+        tx_id: Option<String>,
     },
     #[error("unexpected answer from {url}: {detail}")]
     Decode { url: String, detail: String },
@@ -107,6 +111,8 @@ fn decode<T: DeserializeOwned>(
     let status = response.status().as_u16();
     let body: Value = response
         .into_body()
+        .with_config()
+        .limit(RESPONSE_BYTES_MAX)
         .read_json()
         .map_err(|e| ClientError::Decode {
             url: url.to_string(),
@@ -118,6 +124,7 @@ fn decode<T: DeserializeOwned>(
             status,
             code: error["code"].as_str().unwrap_or("unknown").to_string(),
             message: error["message"].as_str().unwrap_or_default().to_string(),
+            tx_id: error["tx_id"].as_str().map(str::to_string),
         });
     }
     serde_json::from_value(body).map_err(|e| ClientError::Decode {

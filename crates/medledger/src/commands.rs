@@ -21,7 +21,6 @@ use medledger_node::config::NodeConfig;
 use medledger_node::consortium::{Consortium, Identity, OrgAuthority, RootAuthority};
 use medledger_node::ledger::{initialise, now_ms, OrderingConfig};
 use medledger_node::pki::{IssuedCert, Validity};
-use medledger_node::sealing::seal;
 use medledger_node::store::{Store, LEDGER_FILE};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -165,6 +164,7 @@ pub fn write_consortium(layout: &ConsortiumLayout, consortium: &Consortium) -> C
             .map_err(|e| e.to_string())?,
         certificate: Some(consortium.root.certificate.clone()),
         ca_certificate: None,
+        encryption_keys: Vec::new(),
     };
     root.save(&layout.root_identity())
         .map_err(|e| e.to_string())?;
@@ -558,18 +558,12 @@ pub enum TxCommand {
         reason: String,
     },
     RegisterPatient,
-    /// Seal a FHIR resource file, keep its ciphertext in --blob-dir and index the version.
-    CreateRecord {
+    /// Publish the signer's encryption key (a patient's own, or an admin's or node's for the
+    /// organisation); with --rotate, first add a fresh key pair to the identity file.
+    /// Older pairs stay in the file: versions wrapped for them still open.
+    SetEncryptionKey {
         #[arg(long)]
-        patient: String,
-        #[arg(long)]
-        record_id: String,
-        #[arg(long, default_value_t = 1)]
-        version: u64,
-        #[arg(long)]
-        resource: PathBuf,
-        #[arg(long)]
-        blob_dir: PathBuf,
+        rotate: bool,
     },
     /// Grant a consent: grantee `user:NAME@ORG`, `role:ORG:ROLE` or `org:ORG`.
     Grant {
@@ -730,41 +724,13 @@ fn tx_body(command: TxCommand, signer: &Identity) -> Result<TxBody, String> {
         TxCommand::RegisterPatient => TxBody::RegisterPatient {
             public_key: signer.key.public_key(),
         },
-        TxCommand::CreateRecord {
-            patient,
-            record_id,
-            version,
-            resource,
-            blob_dir,
-        } => {
-            let bytes =
-                std::fs::read(&resource).map_err(|e| format!("{}: {e}", resource.display()))?;
-            let json: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: {e}", resource.display()))?;
-            let resource_type = json["resourceType"]
-                .as_str()
-                .ok_or("the resource has no resourceType")?
-                .to_string();
-            let custodian = signer
-                .id
-                .split_once('@')
-                .map(|(_, org)| org)
-                .unwrap_or_default();
-            let sealed = seal(
-                &bytes,
-                format!("{record_id}/{version}/{custodian}").as_bytes(),
-            )
-            .map_err(|e| e.to_string())?;
-            store_blob(&blob_dir, &sealed)?;
-            TxBody::CreateRecord {
-                patient,
-                record_id,
-                version,
-                resource_type,
-                cid: sealed.cid,
-                commitment: sealed.commitment,
-            }
-        }
+        TxCommand::SetEncryptionKey { .. } => TxBody::SetEncryptionKey {
+            public_key: signer
+                .encryption_key()
+                .ok_or("the identity file holds no encryption key: use --rotate to add one")?
+                .public_key()
+                .to_base64url(),
+        },
         TxCommand::Grant {
             grantee,
             scope,
@@ -847,19 +813,12 @@ fn tx_body(command: TxCommand, signer: &Identity) -> Result<TxBody, String> {
     })
 }
 
-/// Keeps a sealed version's ciphertext under its CID, and its key beside it (owner-only).
-pub fn store_blob(blob_dir: &Path, sealed: &medledger_node::sealing::Sealed) -> CliResult {
-    std::fs::create_dir_all(blob_dir).map_err(|e| e.to_string())?;
-    std::fs::write(blob_dir.join(&sealed.cid), &sealed.ciphertext).map_err(|e| e.to_string())?;
-    medledger_node::consortium::write_private(
-        &blob_dir.join(format!("{}.key", sealed.cid)),
-        hex::encode(sealed.key).as_bytes(),
-    )
-    .map_err(|e| e.to_string())
-}
-
 pub fn tx(args: TxArgs) -> CliResult {
-    let signer = load(&args.signer)?;
+    let mut signer = load(&args.signer)?;
+    if let TxCommand::SetEncryptionKey { rotate: true } = &args.command {
+        signer.rotate_encryption_key();
+        signer.save(&args.signer).map_err(|e| e.to_string())?;
+    }
     let body = tx_body(args.command, &signer)?;
     let client = Client::new(&args.node);
     let response = client.send(&signer, body).map_err(|e| e.to_string())?;

@@ -12,21 +12,18 @@ use medledger_core::audit::SignedTreeHead;
 use medledger_core::contracts::TxOutcome;
 use medledger_core::identity::{OrgKind, Role};
 use medledger_core::model::{
-    AccessDecision, Action, AuditEvent, BreakGlassVerdict, Category, EmergencyReason, Grantee,
-    Purpose, Scope,
+    Action, AuditEvent, BreakGlassVerdict, Category, EmergencyReason, Grantee, Purpose, Scope,
 };
 use medledger_core::tx::TxBody;
 use medledger_node::api::SubmitResponse;
 use medledger_node::consortium::Identity;
 use medledger_node::ledger::now_ms;
 use medledger_node::pki::IssuedCert;
-use medledger_node::sealing::seal;
+use medledger_node::records::service::{History, OpenedVersion, PrepareRequest, Prepared};
 use serde_json::json;
 
-use crate::client::{Client, TX_LIFETIME_MS};
-use crate::commands::{
-    commit_text, describe_event, store_blob, validity_days, verify_transaction_proof,
-};
+use crate::client::{Client, ClientError, TX_LIFETIME_MS};
+use crate::commands::{commit_text, describe_event, validity_days, verify_transaction_proof};
 use crate::local::{create_local, free_base_port, start_all, wait_for_agreement};
 
 pub const CHAIN_ID: &str = "medledger-demo";
@@ -41,7 +38,8 @@ pub const SYNTHETIC_PATIENTS: [(&str, &str); 2] = [
 
 struct Story {
     client: Client,
-    blob_dir: PathBuf,
+    /// Each organisation's node, by organisation id.
+    nodes: Vec<(String, Client)>,
     step: usize,
 }
 
@@ -73,103 +71,111 @@ impl Story {
         }
     }
 
-    /// Has a custodian record an access attempt and reports the ledger's decision.
-    fn access(
-        &self,
-        custodian: &Identity,
-        actor: &Identity,
-        patient: &Identity,
-        records: &[&str],
-        purpose: Purpose,
-    ) -> Result<(SubmitResponse, bool), String> {
-        let body = TxBody::LogAccess {
-            actor: actor.id.clone(),
-            patient: patient.id.clone(),
-            action: Action::Read,
-            records: records.iter().map(|r| r.to_string()).collect(),
-            resource_types: Vec::new(),
-            purpose,
-            custodian_denial: None,
-            query_commitment: commit_text(&format!("GET {}", records.join(","))),
-            answer_commitment: commit_text("bundle"),
-        };
-        let response = self.send(custodian, body)?;
-        let TxOutcome::Committed {
-            access: Some(decision),
-        } = &response.outcome
-        else {
-            return Err(format!(
-                "the access entry was not recorded: {:?}",
-                response.outcome
-            ));
-        };
-        let granted = decision.is_granted();
-        let text = match decision {
-            AccessDecision::Granted { basis } => format!(
-                "GRANTED on {}",
-                serde_json::to_value(basis).unwrap_or_default()["basis"]
-            ),
-            AccessDecision::Denied { denial } => format!(
-                "DENIED ({})",
-                serde_json::to_value(denial).unwrap_or_default()["reason"]
-            ),
-        };
-        println!(
-            "   {} {} reads {} at {} for {}: {text}  [audit leaf {}]",
-            if granted { "✓" } else { "✗" },
-            actor.id,
-            records.join(","),
-            custodian
-                .id
-                .split_once('@')
-                .map(|(_, o)| o)
-                .unwrap_or_default(),
-            serde_json::to_value(purpose)
-                .unwrap_or_default()
-                .as_str()
-                .unwrap_or_default(),
-            response.leaf_index
-        );
-        Ok((response, granted))
+    fn node_of(&self, org: &str) -> Result<&Client, String> {
+        self.nodes
+            .iter()
+            .find(|(id, _)| id == org)
+            .map(|(_, client)| client)
+            .ok_or_else(|| format!("{org} runs no node"))
     }
 
-    /// Seals a FHIR resource at the author's organisation and indexes the version.
+    /// A user asks their own organisation's node for a record held by `custodian`. The
+    /// custodian's node commits the access entry before anything leaves it; the reader's
+    /// node checks what arrives against its own copy of the ledger and decrypts it.
+    /// Returns the access entry's id and whether it was granted.
+    fn read(
+        &self,
+        actor: &Identity,
+        custodian: &str,
+        record_id: &str,
+        purpose: Purpose,
+    ) -> Result<(medledger_core::Hash, bool), String> {
+        let (_, own_org) = actor.id.split_once('@').ok_or("a member's id")?;
+        let purpose_text = serde_json::to_value(purpose).unwrap_or_default();
+        let answer: Result<OpenedVersion, ClientError> = self.node_of(own_org)?.post(
+            &format!("/v1/records/{custodian}/{record_id}/read"),
+            &json!({"actor": actor.id, "purpose": purpose}),
+        );
+        match answer {
+            Ok(opened) => {
+                println!(
+                    "   ✓ {} reads {custodian}/{record_id} for {}: GRANTED; its node checked the CID, the author's signature and the commitment, then decrypted {} v{} ({} bytes)  [access entry {}]",
+                    actor.id,
+                    purpose_text.as_str().unwrap_or_default(),
+                    opened.resource_type,
+                    opened.version,
+                    serde_json::to_vec(&opened.resource).map(|b| b.len()).unwrap_or(0),
+                    short(&opened.access_tx.to_hex())
+                );
+                Ok((opened.access_tx, true))
+            }
+            Err(ClientError::Api {
+                code,
+                message,
+                tx_id: Some(tx_id),
+                ..
+            }) if code == "access_denied" => {
+                println!(
+                    "   ✗ {} reads {custodian}/{record_id} for {}: DENIED by the ledger ({}); nothing left {custodian}  [access entry {}]",
+                    actor.id,
+                    purpose_text.as_str().unwrap_or_default(),
+                    message
+                        .split_once('(')
+                        .and_then(|(_, rest)| rest.split_once(')'))
+                        .map(|(reason, _)| reason)
+                        .unwrap_or("denied"),
+                    short(&tx_id)
+                );
+                let id = medledger_core::Hash::from_hex(&tx_id).map_err(|e| format!("{e:?}"))?;
+                Ok((id, false))
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// An author's node checks, seals and stores a FHIR resource; the author signs the
+    /// version's index entry, acknowledged once committed.
     fn write_record(
         &self,
         author: &Identity,
-        patient: &Identity,
         record_id: &str,
         resource: serde_json::Value,
     ) -> Result<SubmitResponse, String> {
-        let custodian = author
-            .id
-            .split_once('@')
-            .map(|(_, o)| o)
-            .unwrap_or_default();
-        let bytes = serde_json::to_vec(&resource).map_err(|e| e.to_string())?;
-        let sealed = seal(&bytes, format!("{record_id}/1/{custodian}").as_bytes())
-            .map_err(|e| e.to_string())?;
-        store_blob(&self.blob_dir.join(custodian), &sealed)?;
-        let resource_type = resource["resourceType"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        self.commit(
-            author,
-            TxBody::CreateRecord {
-                patient: patient.id.clone(),
-                record_id: record_id.to_string(),
-                version: 1,
-                resource_type: resource_type.clone(),
-                cid: sealed.cid.clone(),
-                commitment: sealed.commitment,
-            },
-            &format!(
-                "{} adds {resource_type} {custodian}/{record_id} (ciphertext {})",
-                author.id,
-                short(&sealed.cid)
-            ),
-        )
+        let (_, custodian) = author.id.split_once('@').ok_or("a member's id")?;
+        let node = self.node_of(custodian)?;
+        let mut prepared: Result<Prepared, ClientError> = Err(ClientError::Decode {
+            url: String::new(),
+            detail: String::new(),
+        });
+        // A node publishes its organisation's encryption key once it has joined; until
+        // that is committed it cannot seal for its own organisation.
+        for _ in 0..100 {
+            prepared = node.post(
+                "/v1/records",
+                &PrepareRequest {
+                    resource: resource.clone(),
+                    record_id: Some(record_id.to_string()),
+                    attachments: Vec::new(),
+                },
+            );
+            match &prepared {
+                Err(ClientError::Api { code, .. }) if code == "no_encryption_key" => {
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                }
+                _ => break,
+            }
+        }
+        let prepared = prepared.map_err(|e| e.to_string())?;
+        let TxBody::CreateRecord { resource_type, .. } = &prepared.body else {
+            return Err("the node prepared something else than a record version".into());
+        };
+        let what = format!(
+            "{} adds {resource_type} {custodian}/{record_id} v{}: encrypted at {custodian}, key wrapped for {custodian} and the patient (ciphertext {})",
+            author.id,
+            prepared.version,
+            short(&prepared.cid)
+        );
+        self.commit(author, prepared.body.clone(), &what)
     }
 }
 
@@ -238,7 +244,18 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     let node_dir = dir.join("nodes").join("hospital-a");
     let mut story = Story {
         client: Client::new(&node.api_url),
-        blob_dir: dir.join("blobs"),
+        nodes: nodes
+            .iter()
+            .map(|running| {
+                let org = running
+                    .ledger
+                    .node_id()
+                    .split_once('@')
+                    .map(|(_, org)| org.to_string())
+                    .unwrap_or_default();
+                (org, Client::new(&running.api_url))
+            })
+            .collect(),
         step: 0,
     };
     let first_head: SignedTreeHead = story
@@ -320,6 +337,19 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
             ),
         )?);
     }
+    for (patient, name) in [(&maria, "Maria"), (&jonas, "Jonas")] {
+        story.commit(
+            patient,
+            TxBody::SetEncryptionKey {
+                public_key: patient
+                    .encryption_key()
+                    .ok_or("a new patient has an encryption key")?
+                    .public_key()
+                    .to_base64url(),
+            },
+            &format!("{name} publishes the key her/his records' keys are wrapped for"),
+        )?;
+    }
     let maria_name = SYNTHETIC_PATIENTS[0].0;
     let jonas_name = SYNTHETIC_PATIENTS[1].0;
 
@@ -366,7 +396,6 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     );
     story.write_record(
         &alice,
-        &maria,
         "obs-bp-1",
         json!({"resourceType": "Observation", "status": "final",
                "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel"}]},
@@ -376,7 +405,6 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     )?;
     story.write_record(
         &carol,
-        &maria,
         "dr-lipids-1",
         json!({"resourceType": "DiagnosticReport", "status": "final",
                "code": {"coding": [{"system": "http://loinc.org", "code": "57698-3", "display": "Lipid panel"}]},
@@ -384,18 +412,16 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     )?;
     story.write_record(
         &alice,
-        &jonas,
         "cond-allergy-1",
         json!({"resourceType": "Condition",
                "code": {"text": "Penicillin allergy"},
                "subject": {"reference": format!("Patient/{}", jonas.id), "display": jonas_name}}),
     )?;
 
-    let node_a = &org("hospital-a").node;
     story.chapter(
-        "A clinician at another hospital asks for Maria's blood pressure: no consent, denied",
+        "A clinician at another hospital asks his node for Maria's blood pressure: no consent, denied",
     );
-    let (denied, _) = story.access(node_a, &bob, &maria, &["obs-bp-1"], Purpose::Treatment)?;
+    let (denied, _) = story.read(&bob, "hospital-a", "obs-bp-1", Purpose::Treatment)?;
 
     story.chapter("He requests access; Maria approves; the same read is now granted");
     let request = story.commit(
@@ -419,14 +445,37 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         },
         "Maria approves the request for 30 days",
     )?;
-    story.access(node_a, &bob, &maria, &["obs-bp-1"], Purpose::Treatment)?;
-    story.access(
-        &org("lab-x").node,
-        &bob,
-        &maria,
-        &["dr-lipids-1"],
-        Purpose::Treatment,
-    )?;
+    story.read(&bob, "hospital-a", "obs-bp-1", Purpose::Treatment)?;
+
+    story.chapter("Maria's history across custodians, as dr-bob may see it, in one call");
+    let history: History = story
+        .node_of("hospital-b")?
+        .post(
+            &format!("/v1/patients/{}/history", maria.id),
+            &json!({"actor": bob.id, "purpose": Purpose::Treatment}),
+        )
+        .map_err(|e| e.to_string())?;
+    for version in &history.versions {
+        println!(
+            "   ✓ {}/{} v{} {} by {}",
+            version.custodian,
+            version.record_id,
+            version.version,
+            version.resource_type,
+            version.author
+        );
+    }
+    println!(
+        "   {} versions from {} custodians; {} access entries on the ledger",
+        history.versions.len(),
+        history
+            .versions
+            .iter()
+            .map(|v| v.custodian.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        history.access.len()
+    );
 
     story.chapter("Maria revokes that consent; from its commit on, the same read is denied");
     story.commit(
@@ -436,16 +485,10 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         },
         "Maria revokes dr-bob's consent",
     )?;
-    story.access(node_a, &bob, &maria, &["obs-bp-1"], Purpose::Treatment)?;
+    story.read(&bob, "lab-x", "dr-lipids-1", Purpose::Treatment)?;
 
     story.chapter("Emergency: Jonas arrives unconscious at hospital-b; break-glass");
-    story.access(
-        node_a,
-        &bob,
-        &jonas,
-        &["cond-allergy-1"],
-        Purpose::Treatment,
-    )?;
+    story.read(&bob, "hospital-a", "cond-allergy-1", Purpose::Treatment)?;
     let glass = story.commit(
         &bob,
         TxBody::BreakGlass {
@@ -456,13 +499,7 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         },
         "dr-bob@hospital-b breaks the glass for Jonas: unconscious patient, 30 minutes (flagged for review)",
     )?;
-    story.access(
-        node_a,
-        &bob,
-        &jonas,
-        &["cond-allergy-1"],
-        Purpose::Emergency,
-    )?;
+    story.read(&bob, "hospital-a", "cond-allergy-1", Purpose::Emergency)?;
     story.commit(
         &dan,
         TxBody::ReviewBreakGlass {
@@ -532,7 +569,7 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     story.chapter("Anyone with the root certificate verifies the audit trail, trusting no node");
     let root_text = std::fs::read_to_string(keys.root_certificate()).map_err(|e| e.to_string())?;
     let root = IssuedCert::from_pem(&root_text).map_err(|e| e.to_string())?;
-    let report = verify_transaction_proof(&story.client, &denied.tx_id, &root, Some(&first_head))?;
+    let report = verify_transaction_proof(&story.client, &denied, &root, Some(&first_head))?;
     println!(
         "   ✓ the denied access is leaf {} of the signed log (size {}, root {}), and the log extends its size-{} head from genesis",
         report.leaf_index,

@@ -90,6 +90,7 @@ pub fn create_local(
                 .filter(|(other, _)| *other != index)
                 .map(|(_, info)| info.clone())
                 .collect(),
+            record_store: None,
         };
         tune(&mut config);
         let path = node_dir.join(NODE_CONFIG_FILE);

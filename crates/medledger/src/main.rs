@@ -6,6 +6,7 @@ mod commands;
 mod demo;
 mod local;
 mod node_runner;
+mod records_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,12 @@ enum Command {
     Node(commands::NodeCommand),
     /// Sign and submit a transaction; prints the committed outcome and its proof.
     Tx(commands::TxArgs),
+    /// Add, read and list health records through a node.
+    #[command(subcommand)]
+    Record(records_cli::RecordCommand),
+    /// Check a stopped node's record store against its ledger.
+    #[command(subcommand)]
+    Store(records_cli::StoreCommand),
     /// Ask the node whether an actor may access a record now.
     Access(commands::AccessArgs),
     /// List the audit trail of a patient, an actor or a record.
@@ -100,6 +107,8 @@ fn main() -> ExitCode {
         Command::Identity(command) => commands::identity(command),
         Command::Node(command) => commands::node(command),
         Command::Tx(args) => commands::tx(args),
+        Command::Record(command) => records_cli::record(command),
+        Command::Store(command) => records_cli::store(command),
         Command::Access(args) => commands::access(args),
         Command::Audit(args) => commands::audit(args),
         Command::Proof(command) => commands::proof(command),

@@ -11,7 +11,9 @@ use medledger_node::cluster::ClusterNode;
 use medledger_node::config::NodeConfig;
 use medledger_node::consensus::NodeInfo;
 use medledger_node::consortium::Identity;
+use medledger_node::keywrap::EncryptionKeyPair;
 use medledger_node::ledger::{Ledger, NodeIdentity, OrderingConfig};
+use medledger_node::records::{EmbeddedStore, PostgresStore, RecordService, RecordStore};
 use medledger_node::store::Store;
 use tokio::sync::oneshot;
 
@@ -26,16 +28,70 @@ pub struct RunningNode {
     thread: Option<JoinHandle<()>>,
 }
 
-pub fn load_node_identity(data_dir: &Path) -> Result<NodeIdentity, String> {
-    let identity = Identity::load(&data_dir.join(NODE_IDENTITY_FILE)).map_err(|e| e.to_string())?;
-    NodeIdentity::from_member(&identity).map_err(|e| e.to_string())
+/// A node's identity and its organisation's encryption key pairs, from its identity file.
+fn load_identity(path: &Path) -> Result<(NodeIdentity, Vec<EncryptionKeyPair>), String> {
+    let identity = Identity::load(path).map_err(|e| e.to_string())?;
+    let node = NodeIdentity::from_member(&identity).map_err(|e| e.to_string())?;
+    Ok((node, identity.encryption_keys))
+}
+
+/// The record store a node is configured with: PostgreSQL when a connection string is
+/// given, else the embedded store in its data directory.
+pub fn open_record_store(
+    data_dir: &Path,
+    connection: Option<&str>,
+) -> Result<Arc<dyn RecordStore>, String> {
+    Ok(match connection {
+        Some(connection) => {
+            Arc::new(PostgresStore::connect(connection).map_err(|e| e.to_string())?)
+        }
+        None => Arc::new(EmbeddedStore::open(data_dir).map_err(|e| e.to_string())?),
+    })
+}
+
+/// The node's record service, publishing the organisation's encryption key in the
+/// background until the ledger has it (a new consortium may not have a leader yet).
+fn record_service(
+    ledger: Arc<Ledger>,
+    store: Arc<dyn RecordStore>,
+    keys: Vec<EncryptionKeyPair>,
+    link: Option<Arc<dyn medledger_node::records::service::CustodianLink>>,
+) -> Option<Arc<RecordService>> {
+    match RecordService::new(ledger, store, keys, link) {
+        Ok(service) => {
+            let service = Arc::new(service);
+            let publisher = Arc::downgrade(&service);
+            tokio::spawn(async move {
+                let mut attempts = 0u32;
+                while let Some(service) = publisher.upgrade() {
+                    match service.publish_key().await {
+                        Ok(_) => return,
+                        Err(error) => {
+                            attempts += 1;
+                            if attempts % 20 == 0 {
+                                eprintln!("medledger: publishing the encryption key: {error}");
+                            }
+                        }
+                    }
+                    drop(service);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            });
+            Some(service)
+        }
+        Err(error) => {
+            eprintln!("medledger: this node keeps no records: {error}");
+            None
+        }
+    }
 }
 
 /// Opens the node in `data_dir` and serves its API on `listen` (port 0 picks a free one).
 pub fn start(data_dir: &Path, listen: &str, config: OrderingConfig) -> Result<RunningNode, String> {
-    let identity = load_node_identity(data_dir)?;
+    let (identity, keys) = load_identity(&data_dir.join(NODE_IDENTITY_FILE))?;
     let ledger =
         Arc::new(Ledger::open_solo(data_dir, identity, config).map_err(|e| e.to_string())?);
+    let record_store = open_record_store(data_dir, None)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("medledger-api")
@@ -47,12 +103,21 @@ pub fn start(data_dir: &Path, listen: &str, config: OrderingConfig) -> Result<Ru
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     let (shutdown, stop) = oneshot::channel::<()>();
     let served = ledger.clone();
+    let served_records = {
+        let _entered = runtime.enter();
+        record_service(ledger.clone(), record_store, keys, None)
+    };
     let thread = std::thread::Builder::new()
         .name("medledger-node".into())
         .spawn(move || {
-            let result = runtime.block_on(medledger_node::api::serve(served, listener, async {
-                let _ = stop.await;
-            }));
+            let result = runtime.block_on(medledger_node::api::serve(
+                served,
+                served_records,
+                listener,
+                async {
+                    let _ = stop.await;
+                },
+            ));
             if let Err(error) = result {
                 eprintln!("medledger: the API server stopped: {error}");
             }
@@ -91,9 +156,9 @@ pub struct RunningMember {
 /// Starts the node a configuration describes: founders start the Raft group with the other
 /// founders, other nodes ask their peers to be let in (and keep asking until they are).
 pub fn start_member(config: &NodeConfig) -> Result<RunningMember, String> {
-    let identity = Identity::load(&config.identity).map_err(|e| e.to_string())?;
-    let identity = NodeIdentity::from_member(&identity).map_err(|e| e.to_string())?;
+    let (identity, keys) = load_identity(&config.identity)?;
     let store = Arc::new(Store::open(&config.data_dir).map_err(|e| e.to_string())?);
+    let record_store = open_record_store(&config.data_dir, config.record_store.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -174,8 +239,17 @@ pub fn start_member(config: &NodeConfig) -> Result<RunningMember, String> {
                     });
                 }
                 let ledger = node.ledger.clone();
+                let records = record_service(
+                    ledger.clone(),
+                    record_store,
+                    keys,
+                    Some(node.custodian_link()),
+                );
+                if let Some(records) = &records {
+                    node.attach_records(records);
+                }
                 let _ = ready.send(Ok((info, node.clone())));
-                let served = medledger_node::api::serve(ledger, api, async {
+                let served = medledger_node::api::serve(ledger, records, api, async {
                     let _ = stop.await;
                 })
                 .await;

@@ -468,6 +468,9 @@ fn dispatch<S: StateRead + ?Sized>(
             governance::execute_membership(state, context, body, event)
         }
         TxBody::RegisterPatient { .. } => patients::register(state, context, event),
+        TxBody::SetEncryptionKey { .. } => {
+            patients::set_encryption_key(state, context, body, event)
+        }
         TxBody::CreateRecord { .. } => records::create(state, context, body, event),
         TxBody::Grant { .. }
         | TxBody::Revoke { .. }

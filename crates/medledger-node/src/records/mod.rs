@@ -8,11 +8,14 @@
 //!
 //! Every implementation passes one conformance suite (`tests/record_stores.rs`).
 
+pub mod check;
 mod embedded;
 mod postgres;
+pub mod service;
 
 pub use embedded::{EmbeddedStore, RECORDS_FILE};
 pub use postgres::{PostgresStore, CONNECTIONS_MAX};
+pub use service::{RecordError, RecordService};
 
 use crate::keywrap::WrappedKey;
 

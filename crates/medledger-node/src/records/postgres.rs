@@ -44,6 +44,25 @@ struct Pool {
     open: usize,
 }
 
+/// Closing a connection blocks on the client's own runtime, which may not happen on an
+/// async thread: a store dropped there (a node shutting down) closes its connections on a
+/// thread of their own.
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.pool.get_mut().expect("pool lock").idle);
+        if idle.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::Builder::new()
+                .name("medledger-pg-close".into())
+                .spawn(move || drop(idle));
+        } else {
+            drop(idle);
+        }
+    }
+}
+
 fn backend(detail: impl std::fmt::Display) -> RecordStoreError {
     RecordStoreError::Backend {
         store: "postgresql",

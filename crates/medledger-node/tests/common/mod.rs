@@ -1,4 +1,7 @@
-//! The small ledger the store and verify tests tamper with.
+//! What several test binaries share: the small ledger the store and verify tests tamper
+//! with, and a PostgreSQL server for the record store tests.
+
+#![allow(dead_code)] // each test binary that includes this module uses part of it
 
 use medledger_core::block::execute_block;
 use medledger_core::contracts::Candidate;
@@ -129,4 +132,53 @@ pub fn solo_ledger(
     let identity = NodeIdentity::from_member(&consortium.orgs[0].node).expect("a node identity");
     let ledger = Ledger::open_solo(dir, identity, config).expect("the ledger opens");
     (consortium, ledger)
+}
+
+/// A PostgreSQL server for one test: `MEDLEDGER_TEST_POSTGRES` (a connection string) when
+/// set; otherwise one started by `scripts/test-postgres` (which installs PostgreSQL if
+/// missing) in a temporary directory, stopped on drop.
+pub struct TestPostgres {
+    pub connection: String,
+    started: Option<tempfile::TempDir>,
+}
+
+impl TestPostgres {
+    pub fn start() -> TestPostgres {
+        if let Ok(connection) = std::env::var("MEDLEDGER_TEST_POSTGRES") {
+            return TestPostgres {
+                connection,
+                started: None,
+            };
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let output = std::process::Command::new(script())
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .expect("scripts/test-postgres runs");
+        assert!(
+            output.status.success(),
+            "scripts/test-postgres start failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        TestPostgres {
+            connection: String::from_utf8(output.stdout).unwrap().trim().to_string(),
+            started: Some(dir),
+        }
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.started {
+            let _ = std::process::Command::new(script())
+                .arg("stop")
+                .arg(dir.path())
+                .status();
+        }
+    }
+}
+
+fn script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-postgres")
 }

@@ -1,0 +1,1317 @@
+//! The custodian's record service: creating versions, serving them to other members under
+//! the ledger's decision, and reading them (from this node or another custodian) with every
+//! check against the ledger before anything is decrypted.
+//!
+//! **Creating** a version (`prepare`): the resource is checked (`fhir`), gets its id and
+//! version, is sealed under a fresh data key with its attachments, and the key is wrapped
+//! for the custodian organisation and the patient under the keys they published on the
+//! ledger. The ciphertext and envelopes are durable in the record store before the author
+//! signs the `create_record` transaction that names them; a version is acknowledged only
+//! when that transaction is committed.
+//!
+//! **Serving** (`serve`, the custodian's side of an exchange): the custodian commits a
+//! `log_access` entry (its node signs; the requester is the actor; the query and the answer
+//! appear as salted commitments) and waits for the ledger's decision at the entry's place
+//! in the order. Only a granted entry lets data leave: the ciphertext as stored and the data
+//! key re-wrapped for the requester's organisation. A denied entry answers with its reason.
+//!
+//! **Reading** (`read`, `history`, the requester's side): every served version is checked
+//! against the requester's own copy of the ledger: its content id, the author's signature
+//! on the `create_record` transaction, then the key unwrap, the decryption under the
+//! record's binding and the plaintext commitment, then the resource itself. Any mismatch is
+//! an integrity error: logged (ids only), refused, never decrypted into an answer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use medledger_core::canonical::to_canonical_bytes;
+use medledger_core::contracts::TxOutcome;
+use medledger_core::crypto::PublicKey;
+use medledger_core::identity::split_user_id;
+use medledger_core::model::{
+    AccessDecision, AuditEvent, EncryptionKey, Patient, Purpose, Record, RecordVersion, User,
+};
+use medledger_core::state::keys;
+use medledger_core::tx::{SignedTx, TxBody, TxPayload};
+use medledger_core::Hash;
+use serde::{Deserialize, Serialize};
+
+use super::{RecordStore, RecordStoreError, BLOB_BYTES_MAX};
+use crate::consortium::sign;
+use crate::fhir::{self, AttachmentRef, FhirError};
+use crate::keywrap::{EncryptionKeyPair, EncryptionPublicKey, WrapContext, WrappedKey};
+use crate::ledger::{now_ms, Ledger, SubmitError};
+use crate::sealing::{self, associated_data, content_id};
+use crate::store::{Snapshot, StoreError};
+
+/// Most record versions one exchange call names (a history asks in groups of this size).
+pub const FETCH_VERSIONS_MAX: usize = 32;
+/// Most attachments of one version.
+pub const ATTACHMENTS_MAX: usize = 16;
+/// Most bytes of attachments (before encryption) of one version.
+pub const ATTACHMENT_BYTES_MAX: usize = BLOB_BYTES_MAX - 64;
+/// Custodian calls one history makes at once.
+const HISTORY_CALLS_MAX: usize = 8;
+/// How long a requester waits for its own ledger to reach the custodian's access entry.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many times an access entry is re-signed after losing a nonce race.
+const NONCE_RETRIES: usize = 3;
+/// Create transactions whose author signature was checked, remembered up to this many.
+const VERIFIED_CACHE_MAX: usize = 100_000;
+/// How long an access entry signed by this node stays valid for ordering.
+const ACCESS_TX_LIFETIME_MS: u64 = 5 * 60 * 1000;
+
+/// Why a record operation failed. Each variant is one answer a client can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("not a valid FHIR R4 resource: {0}")]
+    Fhir(#[from] FhirError),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("{0} has published no encryption key on the ledger")]
+    NoEncryptionKey(String),
+    #[error("access denied ({reason}); the refusal is access entry {access_tx}")]
+    Denied { reason: String, access_tx: Hash },
+    #[error("integrity check failed for {record}: {detail}")]
+    Integrity { record: String, detail: String },
+    #[error("custodian {custodian} unavailable: {detail}")]
+    Unavailable { custodian: String, detail: String },
+    #[error("ledger: {0}")]
+    Ledger(String),
+    #[error("no commit within the deadline; look the access entry up by its id {0}")]
+    OutcomeUnknown(Hash),
+    #[error("record store: {0}")]
+    Store(String),
+}
+
+impl RecordError {
+    /// A stable code for APIs and peers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RecordError::Invalid(_) => "invalid_request",
+            RecordError::Fhir(_) => "invalid_resource",
+            RecordError::NotFound(_) => "not_found",
+            RecordError::Conflict(_) => "conflict",
+            RecordError::NoEncryptionKey(_) => "no_encryption_key",
+            RecordError::Denied { .. } => "access_denied",
+            RecordError::Integrity { .. } => "integrity",
+            RecordError::Unavailable { .. } => "custodian_unavailable",
+            RecordError::Ledger(_) => "ledger",
+            RecordError::OutcomeUnknown(_) => "outcome_unknown",
+            RecordError::Store(_) => "record_store",
+        }
+    }
+}
+
+impl From<RecordStoreError> for RecordError {
+    fn from(error: RecordStoreError) -> RecordError {
+        RecordError::Store(error.to_string())
+    }
+}
+
+impl From<StoreError> for RecordError {
+    fn from(error: StoreError) -> RecordError {
+        RecordError::Ledger(error.to_string())
+    }
+}
+
+impl From<SubmitError> for RecordError {
+    fn from(error: SubmitError) -> RecordError {
+        match error {
+            SubmitError::OutcomeUnknown(tx_id) => RecordError::OutcomeUnknown(tx_id),
+            other => RecordError::Ledger(other.to_string()),
+        }
+    }
+}
+
+/// An error as it crosses between nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_tx: Option<Hash>,
+}
+
+impl WireError {
+    /// The error a custodian reported, as the requester's own.
+    pub fn into_error(self, custodian: &str) -> RecordError {
+        match (self.code.as_str(), self.access_tx) {
+            ("access_denied", Some(access_tx)) => RecordError::Denied {
+                reason: self.message,
+                access_tx,
+            },
+            ("integrity", _) => RecordError::Integrity {
+                record: custodian.to_string(),
+                detail: format!("reported by the custodian: {}", self.message),
+            },
+            ("not_found", _) => RecordError::NotFound(self.message),
+            ("invalid_request", _) => RecordError::Invalid(self.message),
+            ("no_encryption_key", _) => RecordError::NoEncryptionKey(self.message),
+            _ => RecordError::Unavailable {
+                custodian: custodian.to_string(),
+                detail: format!("{}: {}", self.code, self.message),
+            },
+        }
+    }
+}
+
+impl From<&RecordError> for WireError {
+    fn from(error: &RecordError) -> WireError {
+        WireError {
+            code: error.code().to_string(),
+            message: error.to_string(),
+            access_tx: match error {
+                RecordError::Denied { access_tx, .. } => Some(*access_tx),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// An attachment as an author uploads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentUpload {
+    pub content_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The file's bytes, base64url.
+    pub data: String,
+}
+
+/// A new version for this custodian to seal and store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareRequest {
+    /// The FHIR R4 resource.
+    pub resource: serde_json::Value,
+    /// The record to add a version to; by default the resource's `id`, or a new id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentUpload>,
+}
+
+/// A sealed, stored version waiting for its author's signature.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prepared {
+    pub record_id: String,
+    pub version: u64,
+    pub cid: String,
+    /// Content ids of the attachments' ciphertexts, in order.
+    pub attachments: Vec<String>,
+    /// The `create_record` body for the author to sign and submit.
+    pub body: TxBody,
+}
+
+/// One version asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionRef {
+    pub record_id: String,
+    pub version: u64,
+}
+
+/// What a requester's node asks a custodian for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchRequest {
+    /// The user at the requesting organisation, `name@org`.
+    pub actor: String,
+    pub patient: String,
+    pub purpose: Purpose,
+    pub versions: Vec<VersionRef>,
+    /// Whether to include the versions' attachments.
+    pub attachments: bool,
+}
+
+/// The access entry a custodian committed for a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessReceipt {
+    pub tx_id: Hash,
+    pub height: u64,
+    pub leaf_index: u64,
+    pub decision: AccessDecision,
+    /// The salts of the entry's query and answer commitments.
+    pub query_salt: Hash,
+    pub answer_salt: Hash,
+}
+
+/// A blob as it travels: content id and ciphertext (base64url).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobCopy {
+    pub cid: String,
+    pub ciphertext: String,
+}
+
+/// One version as a custodian serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedVersion {
+    pub record_id: String,
+    pub version: u64,
+    pub ciphertext: String,
+    /// The data key wrapped for the requester's organisation.
+    pub wrapped_key: WrappedKey,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<BlobCopy>,
+}
+
+/// A custodian's answer: the access entry, and the versions if it was granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchAnswer {
+    pub custodian: String,
+    pub access: AccessReceipt,
+    pub versions: Vec<ServedVersion>,
+}
+
+/// Calls to other custodians (over the consortium's mutual TLS).
+pub trait CustodianLink: Send + Sync {
+    fn fetch<'a>(
+        &'a self,
+        custodian: &'a str,
+        request: &'a FetchRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchAnswer, RecordError>> + Send + 'a>>;
+}
+
+/// An attachment after decryption.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenedAttachment {
+    pub cid: String,
+    /// The plaintext, base64url.
+    pub data: String,
+}
+
+/// A version that passed every check, decrypted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenedVersion {
+    pub custodian: String,
+    pub record_id: String,
+    pub version: u64,
+    pub resource_type: String,
+    pub patient: String,
+    pub author: String,
+    /// The block that indexed the version.
+    pub height: u64,
+    pub cid: String,
+    pub resource: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<OpenedAttachment>,
+    /// The access entry under which it was served.
+    pub access_tx: Hash,
+}
+
+/// What one read asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadRequest {
+    pub actor: String,
+    pub custodian: String,
+    pub record_id: String,
+    /// The latest version unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    pub purpose: Purpose,
+    #[serde(default)]
+    pub attachments: bool,
+}
+
+/// A patient's records across custodians, as far as the requester may see them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct History {
+    pub patient: String,
+    pub versions: Vec<OpenedVersion>,
+    /// Every access entry the call caused, granted or denied.
+    pub access: Vec<AccessReceipt>,
+    /// Custodians that could not answer, and versions that failed their checks.
+    pub failures: Vec<WireError>,
+}
+
+/// A custodian's record service.
+pub struct RecordService {
+    ledger: Arc<Ledger>,
+    store: Arc<dyn RecordStore>,
+    org: String,
+    /// The organisation's encryption key pairs, oldest first.
+    keys: Vec<EncryptionKeyPair>,
+    link: Option<Arc<dyn CustodianLink>>,
+    last_nonce: Mutex<u64>,
+    verified_versions: Mutex<HashSet<Hash>>,
+}
+
+impl RecordService {
+    /// A service for the node behind `ledger`, keeping records in `store`; `keys` are the
+    /// organisation's encryption key pairs (oldest first), `link` reaches other custodians.
+    pub fn new(
+        ledger: Arc<Ledger>,
+        store: Arc<dyn RecordStore>,
+        keys: Vec<EncryptionKeyPair>,
+        link: Option<Arc<dyn CustodianLink>>,
+    ) -> Result<RecordService, RecordError> {
+        let org = split_user_id(ledger.node_id())
+            .map(|(org, _)| org.to_string())
+            .ok_or_else(|| RecordError::Invalid("the node id is not name@org".into()))?;
+        if keys.is_empty() {
+            return Err(RecordError::NoEncryptionKey(format!(
+                "{org} (the node's identity file holds no encryption key)"
+            )));
+        }
+        Ok(RecordService {
+            ledger,
+            store,
+            org,
+            keys,
+            link,
+            last_nonce: Mutex::new(0),
+            verified_versions: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn org(&self) -> &str {
+        &self.org
+    }
+
+    pub fn store(&self) -> &Arc<dyn RecordStore> {
+        &self.store
+    }
+
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// Publishes the organisation's newest encryption key unless the ledger already has it.
+    /// Returns whether a transaction was committed.
+    pub async fn publish_key(&self) -> Result<bool, RecordError> {
+        let newest = self.keys.last().expect("at least one key").public_key();
+        let snapshot = self.snapshot()?;
+        let published: Option<EncryptionKey> = snapshot.value(&keys::encryption_key(&self.org))?;
+        if published.is_some_and(|p| p.public_key == newest.to_base64url()) {
+            return Ok(false);
+        }
+        let committed = self
+            .submit_signed(|_| TxBody::SetEncryptionKey {
+                public_key: newest.to_base64url(),
+            })
+            .await?;
+        match committed.outcome {
+            TxOutcome::Committed { .. } => Ok(true),
+            TxOutcome::Rejected { rejection } => Err(RecordError::Ledger(rejection.to_string())),
+        }
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, RecordError> {
+        Ok(self.ledger.store().snapshot()?)
+    }
+
+    /// Signs `body` as this node with a nonce above any it used, and submits it; a nonce
+    /// that lost a race with another of this node's transactions is replaced and resent.
+    async fn submit_signed(
+        &self,
+        mut body: impl FnMut(u64) -> TxBody,
+    ) -> Result<crate::ledger::Committed, RecordError> {
+        let signer = self.ledger.node_id().to_string();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let on_ledger: u64 = self.snapshot()?.value(&keys::nonce(&signer))?.unwrap_or(0);
+            let nonce = {
+                let mut last = self.last_nonce.lock().expect("nonce lock");
+                *last = (*last).max(on_ledger) + 1;
+                *last
+            };
+            let payload = TxPayload {
+                chain_id: self.ledger.chain_id().to_string(),
+                signer: signer.clone(),
+                nonce,
+                expires_at_ms: now_ms() + ACCESS_TX_LIFETIME_MS,
+                body: body(nonce),
+            };
+            let tx = sign(payload, &self.ledger.identity().key);
+            let committed = self.ledger.submit(tx).await?;
+            let stale = matches!(
+                &committed.outcome,
+                TxOutcome::Rejected { rejection }
+                    if matches!(rejection, medledger_core::contracts::Rejection::StaleNonce { .. })
+            );
+            if !stale || attempt > NONCE_RETRIES {
+                return Ok(committed);
+            }
+        }
+    }
+
+    /// Checks, seals and stores a new version; returns the body for its author to sign.
+    pub async fn prepare(&self, request: PrepareRequest) -> Result<Prepared, RecordError> {
+        let bytes = serde_json::to_vec(&request.resource)
+            .map_err(|e| RecordError::Invalid(e.to_string()))?;
+        let mut checked = fhir::check_resource(&bytes)?;
+        let record_id = match (&request.record_id, &checked.id) {
+            (Some(given), Some(own)) if given != own => {
+                return Err(RecordError::Invalid(format!(
+                    "record_id {given:?} differs from the resource's id {own:?}"
+                )))
+            }
+            (Some(given), _) => given.clone(),
+            (None, Some(own)) => own.clone(),
+            (None, None) => new_record_id()?,
+        };
+        if !medledger_core::contracts::is_valid_record_id(&record_id) {
+            return Err(RecordError::Invalid(
+                "record_id must be a FHIR id: [A-Za-z0-9-.], 1 to 64".into(),
+            ));
+        }
+        if request.attachments.len() > ATTACHMENTS_MAX {
+            return Err(RecordError::Invalid(format!(
+                "at most {ATTACHMENTS_MAX} attachments"
+            )));
+        }
+        let snapshot = self.snapshot()?;
+        let patient = checked.patient.clone();
+        snapshot
+            .value::<Patient>(&keys::patient(&patient))?
+            .ok_or_else(|| RecordError::NotFound(format!("patient {patient} is not registered")))?;
+        let version = match snapshot.value::<Record>(&keys::record(&self.org, &record_id))? {
+            None => 1,
+            Some(record) => {
+                if record.patient != patient || record.resource_type != checked.resource_type {
+                    return Err(RecordError::Conflict(
+                        "a new version keeps the record's patient and resource type".into(),
+                    ));
+                }
+                record.versions.len() as u64 + 1
+            }
+        };
+        let custodian_key = self.published_key(&snapshot, &self.org)?;
+        if !self.keys.iter().any(|k| k.public_key() == custodian_key) {
+            return Err(RecordError::NoEncryptionKey(format!(
+                "{} (the published key is not in this node's identity file)",
+                self.org
+            )));
+        }
+        let patient_key = self.published_key(&snapshot, &patient)?;
+        drop(snapshot);
+
+        let data_key = sealing::fresh_key().map_err(|e| RecordError::Store(e.to_string()))?;
+        let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut refs = Vec::new();
+        let mut attachment_bytes = 0usize;
+        for (index, upload) in request.attachments.iter().enumerate() {
+            let data = medledger_core::crypto::from_base64url(&upload.data).map_err(|_| {
+                RecordError::Invalid(format!("attachment {index}: data is not base64url"))
+            })?;
+            attachment_bytes += data.len();
+            if attachment_bytes > ATTACHMENT_BYTES_MAX {
+                return Err(RecordError::Invalid(format!(
+                    "attachments are at most {ATTACHMENT_BYTES_MAX} bytes in all"
+                )));
+            }
+            if !is_media_type(&upload.content_type) {
+                return Err(RecordError::Invalid(format!(
+                    "attachment {index}: {:?} is not a media type",
+                    upload.content_type
+                )));
+            }
+            let sealed = sealing::seal_with_key(
+                &data_key,
+                &data,
+                &associated_data(&self.org, &record_id, version, Some(index)),
+            )
+            .map_err(|e| RecordError::Store(e.to_string()))?;
+            let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &data);
+            refs.push(AttachmentRef {
+                content_type: upload.content_type.clone(),
+                url: format!("cid:{}", sealed.cid),
+                size: data.len() as u64,
+                sha1_base64: base64::engine::general_purpose::STANDARD.encode(sha1.as_ref()),
+                title: upload.title.clone(),
+            });
+            blobs.push((sealed.cid, sealed.ciphertext));
+        }
+        if !refs.is_empty() {
+            fhir::add_attachments(&mut checked.value, &refs)?;
+        }
+        fhir::set_version_identity(&mut checked.value, &record_id, version, now_ms());
+        let plaintext =
+            serde_json::to_vec(&checked.value).map_err(|e| RecordError::Invalid(e.to_string()))?;
+        let sealed = sealing::seal_with_key(
+            &data_key,
+            &plaintext,
+            &associated_data(&self.org, &record_id, version, None),
+        )
+        .map_err(|e| RecordError::Store(e.to_string()))?;
+        let wrap = |recipient: &str, key: &EncryptionPublicKey| {
+            key.wrap_key(
+                &data_key,
+                &WrapContext {
+                    record: &record_id,
+                    version,
+                    custodian: &self.org,
+                    recipient,
+                },
+            )
+            .map_err(|e| RecordError::Store(e.to_string()))
+        };
+        let envelopes = vec![
+            (self.org.clone(), wrap(&self.org, &custodian_key)?),
+            (patient.clone(), wrap(&patient, &patient_key)?),
+        ];
+        let attachments: Vec<String> = blobs.iter().map(|(cid, _)| cid.clone()).collect();
+        let cid = sealed.cid.clone();
+        blobs.push((sealed.cid.clone(), sealed.ciphertext));
+        let store = self.store.clone();
+        let envelope_cid = cid.clone();
+        blocking(move || {
+            for (cid, bytes) in &blobs {
+                store.put_blob(cid, bytes)?;
+            }
+            for (recipient, wrapped) in &envelopes {
+                store.put_envelope(&envelope_cid, recipient, wrapped)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Prepared {
+            body: TxBody::CreateRecord {
+                patient,
+                record_id: record_id.clone(),
+                version,
+                resource_type: checked.resource_type,
+                cid: cid.clone(),
+                commitment: sealed.commitment,
+            },
+            record_id,
+            version,
+            cid,
+            attachments,
+        })
+    }
+
+    fn published_key(
+        &self,
+        snapshot: &Snapshot,
+        party: &str,
+    ) -> Result<EncryptionPublicKey, RecordError> {
+        let published: EncryptionKey = snapshot
+            .value(&keys::encryption_key(party))?
+            .ok_or_else(|| RecordError::NoEncryptionKey(party.to_string()))?;
+        EncryptionPublicKey::from_base64url(&published.public_key)
+            .map_err(|_| RecordError::NoEncryptionKey(format!("{party} (its key is unusable)")))
+    }
+
+    /// The custodian's side of an exchange: commits the access entry, then serves the
+    /// versions only if the ledger granted it. `requester_org` is the organisation whose
+    /// node asks (authenticated by mutual TLS, or this node itself).
+    pub async fn serve(
+        &self,
+        requester_org: &str,
+        request: FetchRequest,
+    ) -> Result<FetchAnswer, RecordError> {
+        match split_user_id(&request.actor) {
+            Some((org, _)) if org == requester_org => {}
+            _ => {
+                return Err(RecordError::Invalid(format!(
+                    "{requester_org} may ask only for its own users"
+                )))
+            }
+        }
+        if request.versions.is_empty() || request.versions.len() > FETCH_VERSIONS_MAX {
+            return Err(RecordError::Invalid(format!(
+                "a fetch names 1 to {FETCH_VERSIONS_MAX} versions"
+            )));
+        }
+        let snapshot = self.snapshot()?;
+        let requester_key = self.published_key(&snapshot, requester_org)?;
+        let mut record_ids: Vec<String> = Vec::new();
+        let mut served: Vec<(VersionRef, RecordVersion)> = Vec::new();
+        for wanted in &request.versions {
+            let record = snapshot
+                .value::<Record>(&keys::record(&self.org, &wanted.record_id))?
+                .filter(|r| r.patient == request.patient)
+                .ok_or_else(|| {
+                    RecordError::NotFound(format!(
+                        "record {}/{} of this patient",
+                        self.org, wanted.record_id
+                    ))
+                })?;
+            let version = record
+                .versions
+                .iter()
+                .find(|v| v.version == wanted.version)
+                .cloned()
+                .ok_or_else(|| {
+                    RecordError::NotFound(format!(
+                        "version {} of {}/{}",
+                        wanted.version, self.org, wanted.record_id
+                    ))
+                })?;
+            if !record_ids.contains(&wanted.record_id) {
+                record_ids.push(wanted.record_id.clone());
+            }
+            served.push((wanted.clone(), version));
+        }
+        drop(snapshot);
+
+        let answer: Vec<(&str, u64, &str)> = served
+            .iter()
+            .map(|(w, v)| (w.record_id.as_str(), v.version, v.cid.as_str()))
+            .collect();
+        let query = canonical(&request)?;
+        let answer = canonical(&answer)?;
+        let mut salts = (Hash([0; 32]), Hash([0; 32]));
+        let committed = self
+            .submit_signed(|nonce| {
+                salts = (self.salt(b"query", nonce), self.salt(b"answer", nonce));
+                TxBody::LogAccess {
+                    actor: request.actor.clone(),
+                    patient: request.patient.clone(),
+                    action: medledger_core::model::Action::Read,
+                    records: record_ids.clone(),
+                    resource_types: Vec::new(),
+                    purpose: request.purpose,
+                    custodian_denial: None,
+                    query_commitment: Hash::digest_parts(&[&salts.0 .0, &query]),
+                    answer_commitment: Hash::digest_parts(&[&salts.1 .0, &answer]),
+                }
+            })
+            .await?;
+        let (query_salt, answer_salt) = salts;
+        let decision = match committed.outcome {
+            TxOutcome::Committed {
+                access: Some(decision),
+            } => decision,
+            TxOutcome::Committed { access: None } => {
+                return Err(RecordError::Ledger(
+                    "an access entry without a decision".into(),
+                ))
+            }
+            TxOutcome::Rejected { rejection } => {
+                return Err(RecordError::Ledger(format!(
+                    "the access entry was refused: {rejection}"
+                )))
+            }
+        };
+        let access = AccessReceipt {
+            tx_id: committed.tx_id,
+            height: committed.height,
+            leaf_index: committed.leaf_index,
+            decision: decision.clone(),
+            query_salt,
+            answer_salt,
+        };
+        if !decision.is_granted() {
+            return Ok(FetchAnswer {
+                custodian: self.org.clone(),
+                access,
+                versions: Vec::new(),
+            });
+        }
+        let store = self.store.clone();
+        let keys = self.keys.clone();
+        let org = self.org.clone();
+        let requester = requester_org.to_string();
+        let attachments = request.attachments;
+        let versions = blocking(move || {
+            served
+                .iter()
+                .map(|(wanted, version)| {
+                    serve_version(
+                        store.as_ref(),
+                        &keys,
+                        &org,
+                        &requester,
+                        &requester_key,
+                        wanted,
+                        version,
+                        attachments,
+                    )
+                })
+                .collect::<Result<Vec<_>, RecordError>>()
+        })
+        .await?;
+        Ok(FetchAnswer {
+            custodian: self.org.clone(),
+            access,
+            versions,
+        })
+    }
+
+    /// A salt only this organisation can recompute: from its newest key and the access
+    /// entry's nonce, so it can later prove what was asked and answered without storing
+    /// the salts, and no two entries share one.
+    fn salt(&self, label: &[u8], nonce: u64) -> Hash {
+        let secret = self.keys.last().expect("at least one key").secret_bytes();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+        let mut context = ring::hmac::Context::with_key(&key);
+        context.update(b"medledger access salt v1\n");
+        context.update(label);
+        context.update(&nonce.to_be_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(context.sign().as_ref());
+        Hash(out)
+    }
+
+    async fn fetch(
+        &self,
+        custodian: &str,
+        request: &FetchRequest,
+    ) -> Result<FetchAnswer, RecordError> {
+        if custodian == self.org {
+            return self.serve(&self.org.clone(), request.clone()).await;
+        }
+        let link = self.link.as_ref().ok_or_else(|| RecordError::Unavailable {
+            custodian: custodian.to_string(),
+            detail: "this node has no peers".into(),
+        })?;
+        link.fetch(custodian, request).await
+    }
+
+    /// Reads one version (the latest unless named) from whichever custodian holds it.
+    pub async fn read(&self, request: ReadRequest) -> Result<OpenedVersion, RecordError> {
+        let record: Record = self
+            .snapshot()?
+            .value(&keys::record(&request.custodian, &request.record_id))?
+            .ok_or_else(|| {
+                RecordError::NotFound(format!(
+                    "record {}/{}",
+                    request.custodian, request.record_id
+                ))
+            })?;
+        let version = match request.version {
+            Some(version) => version,
+            None => record.versions.last().map(|v| v.version).unwrap_or(1),
+        };
+        let fetch = FetchRequest {
+            actor: request.actor.clone(),
+            patient: record.patient.clone(),
+            purpose: request.purpose,
+            versions: vec![VersionRef {
+                record_id: request.record_id.clone(),
+                version,
+            }],
+            attachments: request.attachments,
+        };
+        let answer = self.fetch(&request.custodian, &fetch).await?;
+        if answer.custodian != request.custodian {
+            return Err(RecordError::Integrity {
+                record: format!("{}/{}", request.custodian, request.record_id),
+                detail: format!("answered by {}", answer.custodian),
+            });
+        }
+        if let AccessDecision::Denied { denial } = &answer.access.decision {
+            return Err(RecordError::Denied {
+                reason: denial_code(denial),
+                access_tx: answer.access.tx_id,
+            });
+        }
+        let mut opened = self.open_answer(&answer, &fetch).await?;
+        match opened.pop() {
+            Some(Ok(version)) if opened.is_empty() => Ok(version),
+            Some(Err(error)) => Err(error),
+            _ => Err(RecordError::Integrity {
+                record: format!("{}/{}", request.custodian, request.record_id),
+                detail: "the custodian served a different set of versions".into(),
+            }),
+        }
+    }
+
+    /// Every version of the patient's records the actor may see, from every custodian.
+    /// One access entry per custodian and resource type (and per group of
+    /// `FETCH_VERSIONS_MAX` versions); what is denied is simply absent.
+    pub async fn history(
+        self: &Arc<Self>,
+        actor: &str,
+        patient: &str,
+        purpose: Purpose,
+    ) -> Result<History, RecordError> {
+        let snapshot = self.snapshot()?;
+        snapshot
+            .value::<Patient>(&keys::patient(patient))?
+            .ok_or_else(|| RecordError::NotFound(format!("patient {patient}")))?;
+        let mut groups: BTreeMap<(String, String), Vec<VersionRef>> = BTreeMap::new();
+        let prefix = keys::patient_records_prefix(patient);
+        let mut after: Option<String> = None;
+        loop {
+            let page = snapshot.scan(&prefix, after.as_deref(), 1000)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, _) in &page {
+                let Some((custodian, record_id)) = key[prefix.len()..].split_once('/') else {
+                    continue;
+                };
+                let Some(record) = snapshot.value::<Record>(&keys::record(custodian, record_id))?
+                else {
+                    continue;
+                };
+                let group = groups
+                    .entry((custodian.to_string(), record.resource_type.clone()))
+                    .or_default();
+                group.extend(record.versions.iter().map(|v| VersionRef {
+                    record_id: record_id.to_string(),
+                    version: v.version,
+                }));
+            }
+        }
+        drop(snapshot);
+        let mut calls = Vec::new();
+        for ((custodian, _), versions) in groups {
+            for chunk in versions.chunks(FETCH_VERSIONS_MAX) {
+                let request = FetchRequest {
+                    actor: actor.to_string(),
+                    patient: patient.to_string(),
+                    purpose,
+                    versions: chunk.to_vec(),
+                    attachments: false,
+                };
+                calls.push((custodian.clone(), request));
+            }
+        }
+        let mut pending = calls.into_iter();
+        let mut running = tokio::task::JoinSet::new();
+        let mut answers = Vec::new();
+        loop {
+            while running.len() < HISTORY_CALLS_MAX {
+                let Some((custodian, request)) = pending.next() else {
+                    break;
+                };
+                let service = self.clone();
+                running.spawn(async move {
+                    let answer = service.fetch(&custodian, &request).await;
+                    (custodian, request, answer)
+                });
+            }
+            match running.join_next().await {
+                None => break,
+                Some(joined) => answers.push(
+                    joined
+                        .map_err(|e| RecordError::Ledger(format!("a history call failed: {e}")))?,
+                ),
+            }
+        }
+        let mut history = History {
+            patient: patient.to_string(),
+            versions: Vec::new(),
+            access: Vec::new(),
+            failures: Vec::new(),
+        };
+        for (custodian, request, answer) in answers {
+            match answer {
+                Err(error) => history.failures.push(WireError {
+                    message: format!("{custodian}: {error}"),
+                    ..WireError::from(&error)
+                }),
+                Ok(answer) => {
+                    history.access.push(answer.access.clone());
+                    if !answer.access.decision.is_granted() {
+                        continue;
+                    }
+                    for opened in self.open_answer(&answer, &request).await? {
+                        match opened {
+                            Ok(version) => history.versions.push(version),
+                            Err(error) => history.failures.push(WireError::from(&error)),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(history)
+    }
+
+    /// Checks and decrypts what a custodian served, version by version.
+    async fn open_answer(
+        &self,
+        answer: &FetchAnswer,
+        request: &FetchRequest,
+    ) -> Result<Vec<Result<OpenedVersion, RecordError>>, RecordError> {
+        self.wait_for_height(answer.access.height).await?;
+        let snapshot = self.snapshot()?;
+        self.check_access_entry(&snapshot, answer, request)?;
+        let mut out = Vec::new();
+        let mut expected = request.versions.iter();
+        for served in &answer.versions {
+            let result = match expected.next() {
+                Some(wanted)
+                    if wanted.record_id == served.record_id && wanted.version == served.version =>
+                {
+                    self.open_version(&snapshot, &answer.custodian, served, request)
+                }
+                _ => Err(RecordError::Integrity {
+                    record: format!("{}/{}", answer.custodian, served.record_id),
+                    detail: "a version that was not asked for".into(),
+                }),
+            }
+            .map(|mut version| {
+                version.access_tx = answer.access.tx_id;
+                version
+            });
+            if let Err(error) = &result {
+                eprintln!("medledger: refused a served version: {error}");
+            }
+            out.push(result);
+        }
+        if expected.next().is_some() {
+            out.push(Err(RecordError::Integrity {
+                record: answer.custodian.clone(),
+                detail: "fewer versions served than granted".into(),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The access entry the custodian claims is on this node's ledger, signed by the
+    /// custodian's node, granted, and for this actor and patient.
+    fn check_access_entry(
+        &self,
+        snapshot: &Snapshot,
+        answer: &FetchAnswer,
+        request: &FetchRequest,
+    ) -> Result<(), RecordError> {
+        let refuse = |detail: &str| RecordError::Integrity {
+            record: answer.custodian.clone(),
+            detail: format!("access entry {}: {detail}", answer.access.tx_id),
+        };
+        let leaf: u64 = snapshot
+            .value(&keys::tx(&answer.access.tx_id))?
+            .ok_or_else(|| refuse("not on this node's ledger"))?;
+        let event: AuditEvent = snapshot
+            .value(&keys::event(leaf))?
+            .ok_or_else(|| refuse("has no audit event"))?;
+        let signer_org = split_user_id(&event.signer).map(|(org, _)| org);
+        let fits = event.kind == "log_access"
+            && signer_org == Some(answer.custodian.as_str())
+            && event.actor.as_deref() == Some(request.actor.as_str())
+            && event.patient.as_deref() == Some(request.patient.as_str())
+            && event.decision.as_ref() == Some(&answer.access.decision);
+        if fits {
+            Ok(())
+        } else {
+            Err(refuse("does not match the request or the decision"))
+        }
+    }
+
+    async fn wait_for_height(&self, height: u64) -> Result<(), RecordError> {
+        let started = Instant::now();
+        loop {
+            if self.ledger.tree_head().tree_head.height >= height {
+                return Ok(());
+            }
+            if started.elapsed() > CATCH_UP_TIMEOUT {
+                return Err(RecordError::Ledger(format!(
+                    "this node's ledger did not reach height {height} in {CATCH_UP_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn open_version(
+        &self,
+        snapshot: &Snapshot,
+        custodian: &str,
+        served: &ServedVersion,
+        request: &FetchRequest,
+    ) -> Result<OpenedVersion, RecordError> {
+        let name = format!("{custodian}/{}@{}", served.record_id, served.version);
+        let refuse = |detail: String| RecordError::Integrity {
+            record: name.clone(),
+            detail,
+        };
+        let record: Record = snapshot
+            .value(&keys::record(custodian, &served.record_id))?
+            .ok_or_else(|| refuse("no such record on this node's ledger".into()))?;
+        if record.patient != request.patient {
+            return Err(refuse("the record is another patient's".into()));
+        }
+        let indexed = record
+            .versions
+            .iter()
+            .find(|v| v.version == served.version)
+            .ok_or_else(|| refuse("no such version on this node's ledger".into()))?;
+        let ciphertext = medledger_core::crypto::from_base64url(&served.ciphertext)
+            .map_err(|_| refuse("the ciphertext is not base64url".into()))?;
+        if content_id(&ciphertext) != indexed.cid {
+            return Err(refuse(
+                "the ciphertext is not the content id the ledger indexed".into(),
+            ));
+        }
+        self.check_author_signature(snapshot, &record, indexed)
+            .map_err(refuse)?;
+        let data_key = self
+            .unwrap_for_us(
+                custodian,
+                &served.record_id,
+                served.version,
+                &served.wrapped_key,
+            )
+            .ok_or_else(|| refuse("the wrapped key does not open for this organisation".into()))?;
+        let plaintext = sealing::open(
+            &ciphertext,
+            &data_key,
+            &associated_data(custodian, &served.record_id, served.version, None),
+            &indexed.commitment,
+        )
+        .ok_or_else(|| {
+            refuse("does not decrypt under its binding or does not match its commitment".into())
+        })?;
+        let checked = fhir::check_resource(&plaintext)
+            .map_err(|e| refuse(format!("the decrypted resource is not valid: {e}")))?;
+        if checked.resource_type != record.resource_type
+            || checked.patient != record.patient
+            || checked.id.as_deref() != Some(served.record_id.as_str())
+        {
+            return Err(refuse(
+                "the decrypted resource is not the indexed type, patient or id".into(),
+            ));
+        }
+        let mut attachments = Vec::new();
+        if request.attachments {
+            let cids = fhir::attachment_cids(&checked.value);
+            if cids.len() != served.attachments.len() {
+                return Err(refuse("attachments missing or extra".into()));
+            }
+            for (index, (cid, blob)) in cids.iter().zip(&served.attachments).enumerate() {
+                let bytes = medledger_core::crypto::from_base64url(&blob.ciphertext)
+                    .map_err(|_| refuse("an attachment is not base64url".into()))?;
+                if blob.cid != *cid || content_id(&bytes) != *cid {
+                    return Err(refuse(format!(
+                        "attachment {index} is not the content id the resource names"
+                    )));
+                }
+                let data = sealing::open_part(
+                    &bytes,
+                    &data_key,
+                    &associated_data(custodian, &served.record_id, served.version, Some(index)),
+                )
+                .ok_or_else(|| refuse(format!("attachment {index} does not decrypt")))?;
+                attachments.push(OpenedAttachment {
+                    cid: cid.clone(),
+                    data: medledger_core::crypto::base64url(&data),
+                });
+            }
+        }
+        Ok(OpenedVersion {
+            custodian: custodian.to_string(),
+            record_id: served.record_id.clone(),
+            version: served.version,
+            resource_type: record.resource_type.clone(),
+            patient: record.patient.clone(),
+            author: indexed.author.clone(),
+            height: indexed.height,
+            cid: indexed.cid.clone(),
+            resource: checked.value,
+            attachments,
+            access_tx: Hash([0; 32]),
+        })
+    }
+
+    fn unwrap_for_us(
+        &self,
+        custodian: &str,
+        record_id: &str,
+        version: u64,
+        wrapped: &WrappedKey,
+    ) -> Option<[u8; 32]> {
+        let context = WrapContext {
+            record: record_id,
+            version,
+            custodian,
+            recipient: &self.org,
+        };
+        self.keys
+            .iter()
+            .rev()
+            .find_map(|pair| pair.unwrap_key(wrapped, &context).ok())
+    }
+
+    /// The `create_record` transaction the ledger indexed for this version names exactly
+    /// this version and verifies under its author's key.
+    fn check_author_signature(
+        &self,
+        snapshot: &Snapshot,
+        record: &Record,
+        indexed: &RecordVersion,
+    ) -> Result<(), String> {
+        if self
+            .verified_versions
+            .lock()
+            .expect("cache lock")
+            .contains(&indexed.tx_id)
+        {
+            return Ok(());
+        }
+        let tx = stored_tx(self.ledger.store(), snapshot, &indexed.tx_id)
+            .map_err(|e| format!("its create transaction: {e}"))?;
+        let author: User = snapshot
+            .value(&keys::user(&indexed.author))
+            .map_err(|e| e.to_string())?
+            .ok_or("the author is not on the ledger")?;
+        check_create_tx(&tx, record, indexed, &author.public_key)?;
+        let mut cache = self.verified_versions.lock().expect("cache lock");
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(indexed.tx_id);
+        Ok(())
+    }
+}
+
+/// Checks that `tx` is the `create_record` transaction of exactly this version, signed by
+/// its author under `author_key`.
+pub fn check_create_tx(
+    tx: &SignedTx,
+    record: &Record,
+    indexed: &RecordVersion,
+    author_key: &PublicKey,
+) -> Result<(), String> {
+    let names_it = matches!(
+        &tx.payload.body,
+        TxBody::CreateRecord { patient, record_id, version, resource_type, cid, commitment }
+            if *patient == record.patient
+                && *record_id == record.record_id
+                && *version == indexed.version
+                && *resource_type == record.resource_type
+                && *cid == indexed.cid
+                && *commitment == indexed.commitment
+    );
+    if !names_it || tx.payload.signer != indexed.author || tx.signature != indexed.author_signature
+    {
+        return Err("the create transaction does not name this version".into());
+    }
+    tx.clone()
+        .verify_with(author_key)
+        .map(|_| ())
+        .map_err(|_| "the author's signature does not verify".to_string())
+}
+
+/// The transaction with id `tx_id`, from the block that holds it.
+pub fn stored_tx(
+    store: &crate::store::Store,
+    snapshot: &Snapshot,
+    tx_id: &Hash,
+) -> Result<SignedTx, String> {
+    let leaf: u64 = snapshot
+        .value(&keys::tx(tx_id))
+        .map_err(|e| e.to_string())?
+        .ok_or("not on the ledger")?;
+    let event: AuditEvent = snapshot
+        .value(&keys::event(leaf))
+        .map_err(|e| e.to_string())?
+        .ok_or("no audit event")?;
+    let block = store
+        .block(event.height)
+        .map_err(|e| e.to_string())?
+        .ok_or("its block is missing")?;
+    let first_leaf = block.header.log_size - block.header.tx_count;
+    leaf.checked_sub(first_leaf)
+        .and_then(|position| block.txs.get(position as usize))
+        .cloned()
+        .ok_or_else(|| "not in its block".to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_version(
+    store: &dyn RecordStore,
+    keys: &[EncryptionKeyPair],
+    org: &str,
+    requester: &str,
+    requester_key: &EncryptionPublicKey,
+    wanted: &VersionRef,
+    version: &RecordVersion,
+    attachments: bool,
+) -> Result<ServedVersion, RecordError> {
+    let name = format!("{org}/{}@{}", wanted.record_id, wanted.version);
+    let lost = |what: &str| RecordError::Integrity {
+        record: name.clone(),
+        detail: format!("this custodian's store {what}"),
+    };
+    let ciphertext = store
+        .get_blob(&version.cid)?
+        .ok_or_else(|| lost("lost the ciphertext"))?;
+    let own = store
+        .get_envelope(&version.cid, org)?
+        .ok_or_else(|| lost("lost the custodian's envelope"))?;
+    let context = |recipient| WrapContext {
+        record: &wanted.record_id,
+        version: wanted.version,
+        custodian: org,
+        recipient,
+    };
+    let data_key = keys
+        .iter()
+        .rev()
+        .find_map(|pair| pair.unwrap_key(&own, &context(org)).ok())
+        .ok_or_else(|| lost("holds an envelope no key of this organisation opens"))?;
+    let wrapped_key = requester_key
+        .wrap_key(&data_key, &context(requester))
+        .map_err(|e| RecordError::Store(e.to_string()))?;
+    let mut blobs = Vec::new();
+    if attachments {
+        let plaintext = sealing::open(
+            &ciphertext,
+            &data_key,
+            &associated_data(org, &wanted.record_id, wanted.version, None),
+            &version.commitment,
+        )
+        .ok_or_else(|| lost("holds a ciphertext that does not open"))?;
+        let value: serde_json::Value = serde_json::from_slice(&plaintext)
+            .map_err(|_| lost("holds a resource that does not parse"))?;
+        for cid in fhir::attachment_cids(&value) {
+            let bytes = store
+                .get_blob(&cid)?
+                .ok_or_else(|| lost("lost an attachment"))?;
+            blobs.push(BlobCopy {
+                cid,
+                ciphertext: medledger_core::crypto::base64url(&bytes),
+            });
+        }
+    }
+    Ok(ServedVersion {
+        record_id: wanted.record_id.clone(),
+        version: wanted.version,
+        ciphertext: medledger_core::crypto::base64url(&ciphertext),
+        wrapped_key,
+        attachments: blobs,
+    })
+}
+
+/// The reason code of a denial, as the ledger writes it.
+pub fn denial_code(denial: &medledger_core::model::AccessDenial) -> String {
+    serde_json::to_value(denial)
+        .ok()
+        .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "denied".to_string())
+}
+
+/// A random record id (a FHIR id): 32 hex digits.
+fn new_record_id() -> Result<String, RecordError> {
+    let key = sealing::fresh_key().map_err(|e| RecordError::Store(e.to_string()))?;
+    Ok(hex::encode(&key[..16]))
+}
+
+/// `type/subtype`, printable, without spaces around.
+fn is_media_type(text: &str) -> bool {
+    text.len() <= 128
+        && text
+            .split_once('/')
+            .is_some_and(|(t, s)| !t.is_empty() && !s.is_empty())
+        && text.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+}
+
+/// Runs store calls off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RecordError> + Send + 'static,
+) -> Result<T, RecordError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| RecordError::Store(format!("a store call failed: {e}")))?
+}
+
+fn canonical<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, RecordError> {
+    to_canonical_bytes(value).map_err(|e| RecordError::Invalid(e.to_string()))
+}
