@@ -20,6 +20,7 @@ use medledger_node::consortium::{Consortium, Identity};
 use medledger_node::keywrap::WrappedKey;
 use medledger_node::ledger::{initialise, now_ms, Committed, NodeIdentity};
 use medledger_node::pki::Validity;
+use medledger_node::records::check::check_store;
 use medledger_node::records::service::{
     AttachmentUpload, OpenedVersion, PrepareRequest, Prepared, ReadRequest,
 };
@@ -772,7 +773,8 @@ async fn altered_ciphertext_swapped_blobs_and_a_false_commitment_are_refused() {
     // Proves the requester never decrypts what does not match the ledger: a flipped byte in
     // the custodian's stored ciphertext, another record's blob served in its place, and a
     // version whose indexed commitment is not its plaintext's are each an integrity error,
-    // with nothing opened into an answer; the untouched record still reads.
+    // with nothing opened into an answer; the untouched record still reads; and the
+    // custodian's `store check` reports the same damage.
     let net = Net::start(false).await;
     let alice = net.enroll("hospital-a", "dr-alice", Role::Clinician).await;
     let bob = net.enroll("hospital-b", "dr-bob", Role::Clinician).await;
@@ -867,4 +869,43 @@ async fn altered_ciphertext_swapped_blobs_and_a_false_commitment_are_refused() {
         .unwrap()
         .unwrap();
     assert_eq!(record.versions.len(), 1);
+
+    // `store check` finds the same: the false commitment, an altered blob, and a version
+    // sealed but never indexed (an orphan, not a problem).
+    let orphan = net.services[HOSPITAL_A]
+        .prepare(PrepareRequest {
+            resource: condition(&patient.id),
+            record_id: None,
+            attachments: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let keys = net
+        .consortium
+        .org("hospital-a")
+        .unwrap()
+        .node
+        .encryption_keys
+        .clone();
+    let check = |store: Arc<TamperingStore>| {
+        check_store(
+            net.nodes[HOSPITAL_A].ledger.store(),
+            store.as_ref(),
+            "hospital-a",
+            &keys,
+        )
+        .unwrap()
+    };
+    let report = check(custodian.clone());
+    assert_eq!(report.versions_checked, 3);
+    assert_eq!(report.orphans, vec![orphan.cid.clone()]);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.problems[0].cid, prepared.cid);
+    *custodian.tamper.lock().unwrap() = Some((cond.cid.clone(), Tamper::FlipByte(7)));
+    let report = check(custodian.clone());
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.cid == cond.cid && p.problem.contains("altered")));
 }

@@ -1315,3 +1315,87 @@ async fn blocking<T: Send + 'static>(
 fn canonical<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, RecordError> {
     to_canonical_bytes(value).map_err(|e| RecordError::Invalid(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::KeyPair;
+
+    fn signed_version(author: &KeyPair) -> (SignedTx, Record, RecordVersion) {
+        let body = TxBody::CreateRecord {
+            patient: "pt-0123".into(),
+            record_id: "obs-1".into(),
+            version: 1,
+            resource_type: "Observation".into(),
+            cid: content_id(b"ciphertext"),
+            commitment: Hash::digest(b"salt and plaintext"),
+        };
+        let tx = sign(
+            TxPayload {
+                chain_id: "c".into(),
+                signer: "dr-alice@hospital-a".into(),
+                nonce: 1,
+                expires_at_ms: 1,
+                body,
+            },
+            author,
+        );
+        let indexed = RecordVersion {
+            version: 1,
+            cid: content_id(b"ciphertext"),
+            commitment: Hash::digest(b"salt and plaintext"),
+            author: "dr-alice@hospital-a".into(),
+            tx_id: tx.id().unwrap(),
+            author_signature: tx.signature,
+            height: 3,
+        };
+        let record = Record {
+            custodian: "hospital-a".into(),
+            record_id: "obs-1".into(),
+            patient: "pt-0123".into(),
+            resource_type: "Observation".into(),
+            versions: vec![indexed.clone()],
+        };
+        (tx, record, indexed)
+    }
+
+    #[test]
+    fn a_create_transaction_must_name_the_version_and_verify_under_its_author() {
+        // Proves the author-signature check a reader runs before decrypting: the genuine
+        // transaction passes; another key, another author, a signature from another
+        // transaction, and a body naming another CID, commitment, version or patient fail.
+        let author = KeyPair::generate().unwrap();
+        let (tx, record, indexed) = signed_version(&author);
+        assert_eq!(
+            check_create_tx(&tx, &record, &indexed, &author.public_key()),
+            Ok(())
+        );
+        let stranger = KeyPair::generate().unwrap();
+        assert!(check_create_tx(&tx, &record, &indexed, &stranger.public_key()).is_err());
+        let mut other_author = indexed.clone();
+        other_author.author = "dr-eve@hospital-a".into();
+        assert!(check_create_tx(&tx, &record, &other_author, &author.public_key()).is_err());
+        let (other_tx, _, _) = signed_version(&stranger);
+        let mut other_signature = indexed.clone();
+        other_signature.author_signature = other_tx.signature;
+        assert!(check_create_tx(&tx, &record, &other_signature, &author.public_key()).is_err());
+        type Mutation = dyn Fn(&mut RecordVersion, &mut Record);
+        let mutations: [&Mutation; 4] = [
+            &|v, _| v.cid = content_id(b"other ciphertext"),
+            &|v, _| v.commitment = Hash::digest(b"other plaintext"),
+            &|v, _| v.version = 2,
+            &|_, r| r.patient = "pt-4567".into(),
+        ];
+        for mutate in mutations {
+            let (mut version, mut record) = (indexed.clone(), record.clone());
+            mutate(&mut version, &mut record);
+            assert!(check_create_tx(&tx, &record, &version, &author.public_key()).is_err());
+        }
+        // A forged signature over the genuine body.
+        let mut forged = tx.clone();
+        forged.signature = other_tx.signature;
+        let mut forged_index = indexed.clone();
+        forged_index.author_signature = other_tx.signature;
+        assert!(check_create_tx(&forged, &record, &forged_index, &author.public_key()).is_err());
+    }
+}
