@@ -621,6 +621,13 @@ impl RecordService {
                 )))
             }
         }
+        // Attachments are up to 32 MiB a version: one version per call keeps an answer
+        // inside one frame.
+        if request.attachments && request.versions.len() > 1 {
+            return Err(RecordError::Invalid(
+                "attachments come with one version at a time".into(),
+            ));
+        }
         if request.versions.is_empty() || request.versions.len() > FETCH_VERSIONS_MAX {
             return Err(RecordError::Invalid(format!(
                 "a fetch names 1 to {FETCH_VERSIONS_MAX} versions"
