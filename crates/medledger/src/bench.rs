@@ -1,5 +1,5 @@
-//! `medledger bench ledger` and `medledger bench solo`: what this machine can do, measured
-//! in one run.
+//! `medledger bench ledger`, `medledger bench solo` and `medledger bench records`: what this
+//! machine can do, measured in one run.
 //!
 //! First the ceiling: ECDSA P-256 verifications per second, on one core and on all. Then
 //! the ledger: `ledger` starts a three-node consortium in this process (separate stores,
@@ -9,6 +9,15 @@
 //! clients, commit latency at a single client and at half of that peak rate, and how many
 //! transactions share a block and an fsync. The last line is one JSON object with the
 //! figures.
+//!
+//! `records` measures the record exchange instead: its ceiling is the AES-256-GCM and
+//! SHA-256 throughput of one core (and ECDSA P-256 verifications on one core); then three
+//! member nodes with record services (embedded stores) run in this process, hospital-a's
+//! clinicians create FHIR Observations (seal, store, author-signed `create_record`), and
+//! clinicians read each record once at the custodian's own node and once through
+//! hospital-b's node (the durable access entry, then the content id, author signature,
+//! commitment and decryption checks). It prints records created and read per second with
+//! p50/p99 latency; the last line is one JSON object with the figures.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,6 +39,8 @@ pub enum BenchTarget {
     Ledger,
     /// One node ordering alone.
     Solo,
+    /// FHIR records created, then read at the custodian's node and through another node.
+    Records,
 }
 
 #[derive(Args)]
@@ -48,6 +59,12 @@ pub struct BenchArgs {
     /// Sequential transactions in the single-client latency run.
     #[arg(long, default_value_t = 1_000)]
     latency_txs: usize,
+    /// Records created (then each read once locally and once remotely) by `bench records`.
+    #[arg(long, default_value_t = 2_000)]
+    records: usize,
+    /// Concurrent authors, then concurrent readers, in `bench records`.
+    #[arg(long, default_value_t = 32)]
+    record_clients: usize,
 }
 
 const CHAIN_ID: &str = "medledger-bench";
@@ -300,6 +317,9 @@ fn max_ms(latencies: &[Duration]) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
+    if args.target == BenchTarget::Records {
+        return records::run(args.records, args.record_clients);
+    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -313,6 +333,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let nodes = match args.target {
         BenchTarget::Solo => solo_node(&dir)?,
         BenchTarget::Ledger => consortium_nodes(&dir)?,
+        BenchTarget::Records => unreachable!("bench records returns above"),
     };
     // Every node checks every signature once (at admission or before executing the block).
     let verifying_nodes = nodes.ledgers.len();
@@ -417,7 +438,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     println!(
         "{}",
         serde_json::json!({
-            "target": match args.target { BenchTarget::Ledger => "ledger", BenchTarget::Solo => "solo" },
+            "target": match args.target {
+                BenchTarget::Ledger => "ledger",
+                BenchTarget::Solo => "solo",
+                BenchTarget::Records => "records",
+            },
             "nodes": verifying_nodes,
             "verify_per_s_one_core": verify_one.round(),
             "verify_per_s_all_cores": verify_all.round(),
@@ -440,4 +465,673 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         })
     );
     Ok(())
+}
+
+/// `medledger bench records`: records created and read through the record services of a
+/// three-node consortium in this process.
+mod records {
+    use std::collections::BTreeMap;
+    use std::future::Future;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use medledger_core::identity::Role;
+    use medledger_core::model::{Action, Category, Grantee, Purpose, Scope};
+    use medledger_core::tx::TxBody;
+    use medledger_node::cluster::{ClusterNode, ClusterSettings};
+    use medledger_node::consensus::NodeInfo;
+    use medledger_node::consortium::{Consortium, Identity};
+    use medledger_node::ledger::{initialise, now_ms, Committed, Ledger, NodeIdentity};
+    use medledger_node::records::service::{PrepareRequest, ReadRequest};
+    use medledger_node::records::{EmbeddedStore, RecordService, RecordStore};
+    use medledger_node::store::Store;
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    use serde_json::{json, Value};
+
+    use super::{max_ms, peak_memory_mib, percentile, verify_rate, CHAIN_ID};
+    use crate::commands::validity_days;
+
+    /// The custodian: its clinicians author every record and read them at its own node.
+    const CUSTODIAN: usize = 0;
+    /// The other hospital: its clinicians read the custodian's records through its node.
+    const REMOTE: usize = 1;
+    /// The node that leads, so that both reading nodes are followers alike.
+    const LEADER: usize = 2;
+    /// Bytes hashed or encrypted per call when measuring the ceiling.
+    const BUFFER_BYTES: usize = 4 << 20;
+    /// How long each ceiling is measured.
+    const CEILING_TIME: Duration = Duration::from_secs(1);
+
+    /// Removes a scratch directory when dropped.
+    struct ScratchDir(PathBuf);
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Megabytes (10^6 bytes) per second one core encrypts with AES-256-GCM.
+    fn aes_gcm_mb_per_s() -> f64 {
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[0x42; 32]).expect("a key"));
+        let mut buffer = vec![0x5a_u8; BUFFER_BYTES];
+        let (mut bytes, mut counter) = (0usize, 0u64);
+        let start = Instant::now();
+        while start.elapsed() < CEILING_TIME {
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&counter.to_be_bytes());
+            counter += 1;
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    &mut buffer,
+                )
+                .expect("sealed");
+            std::hint::black_box(tag.as_ref());
+            bytes += buffer.len();
+        }
+        bytes as f64 / start.elapsed().as_secs_f64() / 1e6
+    }
+
+    /// Megabytes (10^6 bytes) per second one core hashes with SHA-256.
+    fn sha256_mb_per_s() -> f64 {
+        let buffer = vec![0x5a_u8; BUFFER_BYTES];
+        let mut bytes = 0usize;
+        let start = Instant::now();
+        while start.elapsed() < CEILING_TIME {
+            let digest = ring::digest::digest(&ring::digest::SHA256, std::hint::black_box(&buffer));
+            std::hint::black_box(digest.as_ref());
+            bytes += buffer.len();
+        }
+        bytes as f64 / start.elapsed().as_secs_f64() / 1e6
+    }
+
+    /// A blood pressure Observation of about 1 KiB, synthetic, a little different per `n`.
+    fn observation(patient: &str, n: usize) -> Value {
+        let systolic = 105 + (n * 7) % 60;
+        let diastolic = 62 + (n * 3) % 30;
+        let component = |code: &str, display: &str, value: usize| {
+            json!({
+                "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
+                "valueQuantity": {
+                    "value": value,
+                    "unit": "mmHg",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "mm[Hg]"
+                }
+            })
+        };
+        json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "category": [{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                "code": "vital-signs",
+                "display": "Vital Signs"
+            }]}],
+            "code": {
+                "coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel"}],
+                "text": "Blood pressure"
+            },
+            "subject": {"reference": format!("Patient/{patient}"), "display": "Synthetic Patient"},
+            "effectiveDateTime": "2025-03-02T09:30:00+01:00",
+            "issued": "2025-03-02T09:41:12.000+01:00",
+            "performer": [{"display": "Synthetic Clinician, Hospital A"}],
+            "note": [{"text": "Synthetic benchmark data. Seated, after five minutes of rest."}],
+            "component": [
+                component("8480-6", "Systolic blood pressure", systolic),
+                component("8462-4", "Diastolic blood pressure", diastolic)
+            ]
+        })
+    }
+
+    fn consent(org: &str, actions: Vec<Action>) -> TxBody {
+        TxBody::Grant {
+            grantee: Grantee::Org { org: org.into() },
+            scope: Scope {
+                resource_types: vec![],
+                categories: vec![Category::Diagnostics],
+            },
+            actions,
+            purposes: vec![Purpose::Treatment],
+            expires_at_ms: Some(now_ms() + 24 * 60 * 60 * 1000),
+        }
+    }
+
+    /// Signs `body` as `who` and commits it through `ledger`, which has applied it on return.
+    async fn commit(
+        ledger: &Ledger,
+        who: &Identity,
+        nonce: u64,
+        body: TxBody,
+    ) -> Result<Committed, String> {
+        let tx = who.sign(CHAIN_ID, nonce, now_ms() + 10 * 60 * 1000, body);
+        let committed = ledger
+            .submit(tx)
+            .await
+            .map_err(|e| format!("{}: {e}", who.id))?;
+        if committed.outcome.is_committed() {
+            Ok(committed)
+        } else {
+            Err(format!("{}: {:?}", who.id, committed.outcome))
+        }
+    }
+
+    /// Three member nodes (hospital-a, hospital-b, lab-x), each with its ledger store and an
+    /// embedded record store in its own directory and a record service.
+    struct Net {
+        consortium: Consortium,
+        nodes: Vec<ClusterNode>,
+        services: Vec<Arc<RecordService>>,
+    }
+
+    impl Net {
+        async fn start(dir: &Path) -> Result<Net, String> {
+            let orgs = &crate::local::LOCAL_ORGS[..3];
+            let consortium = Consortium::create(CHAIN_ID, orgs, now_ms(), validity_days(2))
+                .map_err(|e| e.to_string())?;
+            let mut nodes = Vec::new();
+            let mut stores: Vec<Arc<dyn RecordStore>> = Vec::new();
+            for (org, _) in orgs {
+                let member = &consortium.org(org).ok_or("a founding member")?.node;
+                let node_dir = dir.join(org);
+                std::fs::create_dir_all(&node_dir)
+                    .map_err(|e| format!("{}: {e}", node_dir.display()))?;
+                initialise(&node_dir, &consortium.genesis).map_err(|e| e.to_string())?;
+                let store = Arc::new(Store::open(&node_dir).map_err(|e| e.to_string())?);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info = NodeInfo {
+                    node: member.id.clone(),
+                    peer_addr: listener
+                        .local_addr()
+                        .map_err(|e| e.to_string())?
+                        .to_string(),
+                    api_url: String::new(),
+                };
+                let identity = NodeIdentity::from_member(member).map_err(|e| e.to_string())?;
+                let node =
+                    ClusterNode::start(store, identity, info, listener, ClusterSettings::default())
+                        .await?;
+                nodes.push(node);
+                stores.push(Arc::new(
+                    EmbeddedStore::open(&node_dir).map_err(|e| e.to_string())?,
+                ));
+            }
+            let founders: BTreeMap<u64, NodeInfo> = nodes
+                .iter()
+                .map(|node| (node.id, node.info.clone()))
+                .collect();
+            for node in &nodes {
+                node.bootstrap(founders.clone()).await?;
+            }
+            lead_at(&nodes, LEADER).await?;
+            let mut services = Vec::new();
+            for ((node, store), (org, _)) in nodes.iter().zip(stores).zip(orgs) {
+                let member = &consortium.org(org).ok_or("a founding member")?.node;
+                let service = Arc::new(
+                    RecordService::new(
+                        node.ledger.clone(),
+                        store,
+                        member.encryption_keys.clone(),
+                        Some(node.custodian_link()),
+                    )
+                    .map_err(|e| e.to_string())?,
+                );
+                node.attach_records(&service);
+                services.push(service);
+            }
+            for service in &services {
+                let mut attempts = 0;
+                while let Err(error) = service.publish_key().await {
+                    attempts += 1;
+                    if attempts == 50 {
+                        return Err(format!("{} published no key: {error}", service.org()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            Ok(Net {
+                consortium,
+                nodes,
+                services,
+            })
+        }
+
+        /// Enrolls `count` clinicians of the `index`th organisation, signed by its admin.
+        async fn clinicians(
+            &self,
+            index: usize,
+            count: usize,
+        ) -> Result<Vec<Arc<Identity>>, String> {
+            let founding = &self.consortium.orgs[index];
+            let ledger = &self.nodes[index].ledger;
+            let mut users = Vec::with_capacity(count);
+            for n in 0..count {
+                let user = founding
+                    .authority
+                    .issue(&format!("dr-{n}"), Role::Clinician, validity_days(2))
+                    .map_err(|e| e.to_string())?;
+                let certificate = user.certificate_text().ok_or("an issued certificate")?;
+                commit(
+                    ledger,
+                    &founding.admin,
+                    n as u64 + 1,
+                    TxBody::EnrollUser { certificate },
+                )
+                .await?;
+                users.push(Arc::new(user));
+            }
+            Ok(users)
+        }
+
+        /// `count` registered patients with published encryption keys who let the custodian
+        /// write and read their diagnostics and the other hospital read them.
+        async fn patients(&self, count: usize) -> Result<Vec<String>, String> {
+            let custodian = self.services[CUSTODIAN].org().to_string();
+            let remote = self.services[REMOTE].org().to_string();
+            let tasks: Vec<_> = (0..count)
+                .map(|n| {
+                    let ledger = self.nodes[n % self.nodes.len()].ledger.clone();
+                    let (custodian, remote) = (custodian.clone(), remote.clone());
+                    tokio::spawn(async move {
+                        let patient = Identity::new_patient().map_err(|e| e.to_string())?;
+                        let public_key = patient.key.public_key();
+                        let key = patient
+                            .encryption_key()
+                            .ok_or("a patient's encryption key")?
+                            .public_key()
+                            .to_base64url();
+                        let bodies = [
+                            TxBody::RegisterPatient { public_key },
+                            TxBody::SetEncryptionKey { public_key: key },
+                            consent(&custodian, vec![Action::Read, Action::Write]),
+                            consent(&remote, vec![Action::Read]),
+                        ];
+                        for (nonce, body) in (1..).zip(bodies) {
+                            commit(&ledger, &patient, nonce, body).await?;
+                        }
+                        Ok::<_, String>(patient.id)
+                    })
+                })
+                .collect();
+            let mut patients = Vec::with_capacity(count);
+            for task in tasks {
+                patients.push(task.await.map_err(|e| e.to_string())??);
+            }
+            Ok(patients)
+        }
+
+        /// Waits until every node has applied what the custodian's node has.
+        async fn settle(&self) -> Result<(), String> {
+            let height = |node: &ClusterNode| -> Result<u64, String> {
+                Ok(node
+                    .ledger
+                    .store()
+                    .head()
+                    .map_err(|e| e.to_string())?
+                    .map(|head| head.height)
+                    .unwrap_or(0))
+            };
+            let target = height(&self.nodes[CUSTODIAN])?;
+            let started = Instant::now();
+            loop {
+                let mut behind = false;
+                for node in &self.nodes {
+                    behind |= height(node)? < target;
+                }
+                if !behind {
+                    return Ok(());
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("not every node applied block {target} in 30 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn shutdown(self) {
+            for node in &self.nodes {
+                node.shutdown().await;
+            }
+        }
+    }
+
+    /// Waits for a leader and hands the lead to node `at`.
+    async fn lead_at(nodes: &[ClusterNode], at: usize) -> Result<(), String> {
+        let wanted = nodes[at].info.node.clone();
+        let started = Instant::now();
+        loop {
+            let leaders: Vec<Option<String>> =
+                nodes.iter().map(|node| node.status().leader).collect();
+            if nodes[at].status().role == "leader"
+                && leaders
+                    .iter()
+                    .all(|l| l.as_deref() == Some(wanted.as_str()))
+            {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("{wanted} did not take the lead: {leaders:?}"));
+            }
+            if leaders.iter().all(Option::is_some) {
+                // A refused or unfinished hand-over is simply tried again.
+                let _ = nodes[at].transfer_leader(nodes[at].id).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One phase: successful operations, wall time, their latencies (sorted), failures.
+    struct Phase<T> {
+        ok: Vec<(usize, T)>,
+        seconds: f64,
+        latencies: Vec<Duration>,
+        failures: usize,
+        first_error: Option<String>,
+    }
+
+    impl<T> Phase<T> {
+        fn rate(&self) -> f64 {
+            self.ok.len() as f64 / self.seconds
+        }
+
+        fn summary(&self) -> String {
+            let failed = match (&self.first_error, self.failures) {
+                (Some(error), n) => format!("; {n} failed, first: {error}"),
+                (None, _) => String::new(),
+            };
+            format!(
+                "latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{failed}",
+                percentile(&self.latencies, 0.50),
+                percentile(&self.latencies, 0.99),
+                max_ms(&self.latencies),
+            )
+        }
+    }
+
+    /// `clients` tasks at once; client `c` does items `c`, `c + clients`, ... below `total`
+    /// in order, one at a time, each timed from start to finish.
+    async fn run_clients<T, F, Fut>(clients: usize, total: usize, op: F) -> Phase<T>
+    where
+        T: Send + 'static,
+        F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, String>> + Send + 'static,
+    {
+        let op = Arc::new(op);
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..clients.min(total))
+            .map(|client| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    let mut done = Vec::new();
+                    for item in (client..total).step_by(clients) {
+                        let begun = Instant::now();
+                        let result = op(client, item).await;
+                        done.push((item, begun.elapsed(), result));
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(total);
+        for task in tasks {
+            match task.await {
+                Ok(done) => all.extend(done),
+                Err(error) => all.push((usize::MAX, Duration::ZERO, Err(error.to_string()))),
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let mut phase = Phase {
+            ok: Vec::with_capacity(total),
+            seconds,
+            latencies: Vec::with_capacity(total),
+            failures: 0,
+            first_error: None,
+        };
+        for (item, took, result) in all {
+            match result {
+                Ok(value) => {
+                    phase.ok.push((item, value));
+                    phase.latencies.push(took);
+                }
+                Err(error) => {
+                    phase.failures += 1;
+                    phase.first_error.get_or_insert(error);
+                }
+            }
+        }
+        phase.ok.sort_by_key(|(item, _)| *item);
+        phase.latencies.sort();
+        phase
+    }
+
+    /// Every record read once by `readers` at `service`'s node, concurrently.
+    async fn read_all(
+        service: &Arc<RecordService>,
+        custodian: &str,
+        readers: &[Arc<Identity>],
+        record_ids: &Arc<Vec<String>>,
+    ) -> Phase<()> {
+        let service = service.clone();
+        let custodian = custodian.to_string();
+        let readers = readers.to_vec();
+        let record_ids = record_ids.clone();
+        run_clients(readers.len(), record_ids.len(), move |client, item| {
+            let service = service.clone();
+            let request = ReadRequest {
+                actor: readers[client].id.clone(),
+                custodian: custodian.clone(),
+                record_id: record_ids[item].clone(),
+                version: None,
+                purpose: Purpose::Treatment,
+                attachments: false,
+            };
+            async move {
+                let wanted = request.record_id.clone();
+                let opened = service.read(request).await.map_err(|e| e.to_string())?;
+                if opened.record_id == wanted && opened.resource["resourceType"] == "Observation" {
+                    Ok(())
+                } else {
+                    Err(format!("read {wanted}, opened {}", opened.record_id))
+                }
+            }
+        })
+        .await
+    }
+
+    struct Figures {
+        leader: String,
+        resource_bytes: usize,
+        setup_seconds: f64,
+        /// Per created record: how long its `prepare` took.
+        creates: Phase<Duration>,
+        local: Phase<()>,
+        remote: Phase<()>,
+    }
+
+    async fn measure(dir: &Path, records: usize, clients: usize) -> Result<Figures, String> {
+        let net = Net::start(dir).await?;
+        let figures = exercise(&net, records, clients).await;
+        net.shutdown().await;
+        figures
+    }
+
+    async fn exercise(net: &Net, records: usize, clients: usize) -> Result<Figures, String> {
+        let began = Instant::now();
+        let (authors, remote_readers) = tokio::join!(
+            net.clinicians(CUSTODIAN, clients),
+            net.clinicians(REMOTE, clients)
+        );
+        let (authors, remote_readers) = (authors?, remote_readers?);
+        let patients = Arc::new(net.patients(clients).await?);
+        net.settle().await?;
+        let setup_seconds = began.elapsed().as_secs_f64();
+        let resource_bytes = serde_json::to_vec(&observation(&patients[0], 0))
+            .map_err(|e| e.to_string())?
+            .len();
+
+        // Creates: each author signs its own creates in order (nonce 1, 2, ...).
+        let creates = {
+            let service = net.services[CUSTODIAN].clone();
+            let ledger = net.nodes[CUSTODIAN].ledger.clone();
+            let authors = authors.clone();
+            let patients = patients.clone();
+            run_clients(clients, records, move |client, item| {
+                let (service, ledger) = (service.clone(), ledger.clone());
+                let author = authors[client].clone();
+                let resource = observation(&patients[item % patients.len()], item);
+                let nonce = (item / clients) as u64 + 1;
+                async move {
+                    let begun = Instant::now();
+                    let prepared = service
+                        .prepare(PrepareRequest {
+                            resource,
+                            record_id: None,
+                            attachments: Vec::new(),
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let prepare_took = begun.elapsed();
+                    commit(&ledger, &author, nonce, prepared.body).await?;
+                    Ok((prepared.record_id, prepare_took))
+                }
+            })
+            .await
+        };
+        let record_ids: Arc<Vec<String>> =
+            Arc::new(creates.ok.iter().map(|(_, (id, _))| id.clone()).collect());
+        let creates = Phase {
+            ok: creates
+                .ok
+                .into_iter()
+                .map(|(item, (_, took))| (item, took))
+                .collect(),
+            seconds: creates.seconds,
+            latencies: creates.latencies,
+            failures: creates.failures,
+            first_error: creates.first_error,
+        };
+        net.settle().await?;
+
+        let custodian = net.services[CUSTODIAN].org().to_string();
+        let local = read_all(&net.services[CUSTODIAN], &custodian, &authors, &record_ids).await;
+        net.settle().await?;
+        let remote = read_all(
+            &net.services[REMOTE],
+            &custodian,
+            &remote_readers,
+            &record_ids,
+        )
+        .await;
+        Ok(Figures {
+            leader: net.services[LEADER].org().to_string(),
+            resource_bytes,
+            setup_seconds,
+            creates,
+            local,
+            remote,
+        })
+    }
+
+    pub fn run(records: usize, clients: usize) -> Result<(), String> {
+        let (records, clients) = (records.max(1), clients.max(1));
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        println!("medledger bench records on {cores} core(s)");
+        let aes = aes_gcm_mb_per_s();
+        let sha = sha256_mb_per_s();
+        let verify_one = verify_rate(1, 4_000);
+        println!(
+            "ceiling (one core, {} MiB buffers): AES-256-GCM {aes:.0} MB/s, SHA-256 {sha:.0} MB/s; ECDSA P-256 verify {verify_one:.0}/s",
+            BUFFER_BYTES >> 20
+        );
+
+        let dir =
+            std::env::temp_dir().join(format!("medledger-bench-records-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let scratch = ScratchDir(dir.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let figures = runtime.block_on(measure(&dir, records, clients));
+        drop(runtime);
+        drop(scratch);
+        let figures = figures?;
+
+        println!(
+            "consortium: hospital-a, hospital-b and lab-x in this process, Raft over mutual TLS on loopback, embedded record stores; {} leads, so every create and access entry is forwarded to it",
+            figures.leader
+        );
+        println!(
+            "setup: {clients} clinicians at hospital-a, {clients} at hospital-b, {clients} patients with keys and consents in {:.1} s; each record an Observation of {} bytes of JSON (synthetic)",
+            figures.setup_seconds, figures.resource_bytes
+        );
+        let mut prepare: Vec<Duration> = figures.creates.ok.iter().map(|(_, d)| *d).collect();
+        prepare.sort();
+        let creates = &figures.creates;
+        println!(
+            "create (seal + store at hospital-a, author-signed create_record committed): {} records from {clients} authors in {:.2} s = {:.0}/s; {} (of it prepare p50 {:.2} ms, p99 {:.2} ms)",
+            creates.ok.len(),
+            creates.seconds,
+            creates.rate(),
+            creates.summary(),
+            percentile(&prepare, 0.50),
+            percentile(&prepare, 0.99),
+        );
+        let local = &figures.local;
+        println!(
+            "local read (hospital-a's clinicians at hospital-a: access entry committed, then verified and decrypted): {} reads by {clients} readers in {:.2} s = {:.0}/s; {}",
+            local.ok.len(),
+            local.seconds,
+            local.rate(),
+            local.summary()
+        );
+        let remote = &figures.remote;
+        println!(
+            "remote read (hospital-b's clinicians through hospital-b's node, served by hospital-a): {} reads by {clients} readers in {:.2} s = {:.0}/s; {}",
+            remote.ok.len(),
+            remote.seconds,
+            remote.rate(),
+            remote.summary()
+        );
+        let peak = peak_memory_mib();
+        println!("peak memory {peak:.0} MiB (all nodes, this process)");
+        let ms = |phase_latencies: &[Duration], p: f64| {
+            (percentile(phase_latencies, p) * 1000.0).round() / 1000.0
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "target": "records",
+                "nodes": 3,
+                "leader": figures.leader,
+                "records": records,
+                "clients": clients,
+                "resource_bytes": figures.resource_bytes,
+                "creates_per_s": creates.rate().round(),
+                "create_ms_p50": ms(&creates.latencies, 0.50),
+                "create_ms_p99": ms(&creates.latencies, 0.99),
+                "prepare_ms_p50": ms(&prepare, 0.50),
+                "local_reads_per_s": local.rate().round(),
+                "local_read_ms_p50": ms(&local.latencies, 0.50),
+                "local_read_ms_p99": ms(&local.latencies, 0.99),
+                "remote_reads_per_s": remote.rate().round(),
+                "remote_read_ms_p50": ms(&remote.latencies, 0.50),
+                "remote_read_ms_p99": ms(&remote.latencies, 0.99),
+                "failures": creates.failures + local.failures + remote.failures,
+                "aes_gcm_mb_per_s": aes.round(),
+                "sha256_mb_per_s": sha.round(),
+                "verify_per_s_one_core": verify_one.round(),
+                "peak_memory_mib": peak.round(),
+                "cores": cores,
+            })
+        );
+        Ok(())
+    }
 }
