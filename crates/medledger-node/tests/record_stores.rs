@@ -38,6 +38,7 @@ fn conformance(open: Opener<'_>) {
     blobs_round_trip_and_are_checked(open);
     listing_pages_through_every_blob_once(open);
     envelopes_are_kept_per_blob_and_recipient(open);
+    a_version_is_stored_whole(open);
     malformed_names_never_reach_the_store(open);
     concurrent_writers_lose_nothing(open);
 }
@@ -155,6 +156,33 @@ fn envelopes_are_kept_per_blob_and_recipient(open: Opener<'_>) {
         store.get_envelope(&cid, "hospital-a"),
         Ok(Some(for_custodian))
     );
+}
+
+fn a_version_is_stored_whole(open: Opener<'_>) {
+    let store = open();
+    let (cid, bytes) = blob(300);
+    let (attachment, attachment_bytes) = blob(301);
+    let (custodian, patient) = (envelope(), envelope());
+    store
+        .put_version(
+            &[(&attachment, &attachment_bytes), (&cid, &bytes)],
+            &[(&cid, "hospital-a", &custodian), (&cid, "pt-77", &patient)],
+        )
+        .unwrap();
+    drop(store);
+    let store = open();
+    assert_eq!(store.get_blob(&cid), Ok(Some(bytes.clone())));
+    assert_eq!(store.get_blob(&attachment), Ok(Some(attachment_bytes)));
+    assert_eq!(store.get_envelope(&cid, "hospital-a"), Ok(Some(custodian)));
+    assert_eq!(store.get_envelope(&cid, "pt-77"), Ok(Some(patient)));
+    // A blob that is not its content id refuses the version with a typed error.
+    let (other_cid, _) = blob(302);
+    let refused = store.put_version(&[(&other_cid, &bytes)], &[]);
+    assert!(
+        matches!(refused, Err(RecordStoreError::WrongContentId { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.get_blob(&other_cid), Ok(None));
 }
 
 fn malformed_names_never_reach_the_store(open: Opener<'_>) {

@@ -48,14 +48,36 @@ impl RecordStore for EmbeddedStore {
     }
 
     fn put_blob(&self, cid: &str, bytes: &[u8]) -> Result<(), RecordStoreError> {
-        check_blob(cid, bytes)?;
+        self.put_version(&[(cid, bytes)], &[])
+    }
+
+    /// One fsynced commit for the whole version, checked before anything is written.
+    fn put_version(
+        &self,
+        blobs: &[(&str, &[u8])],
+        envelopes: &[(&str, &str, &WrappedKey)],
+    ) -> Result<(), RecordStoreError> {
+        for (cid, bytes) in blobs {
+            check_blob(cid, bytes)?;
+        }
+        for (cid, recipient, _) in envelopes {
+            check_cid(cid)?;
+            check_recipient(recipient)?;
+        }
         let txn = self.db.begin_write().map_err(backend)?;
         {
-            let mut blobs = txn.open_table(BLOBS).map_err(backend)?;
-            if blobs.get(cid).map_err(backend)?.is_some() {
-                return Ok(());
+            let mut table = txn.open_table(BLOBS).map_err(backend)?;
+            for (cid, bytes) in blobs {
+                if table.get(*cid).map_err(backend)?.is_none() {
+                    table.insert(*cid, *bytes).map_err(backend)?;
+                }
             }
-            blobs.insert(cid, bytes).map_err(backend)?;
+            let mut table = txn.open_table(ENVELOPES).map_err(backend)?;
+            for (cid, recipient, wrapped) in envelopes {
+                table
+                    .insert((*cid, *recipient), wrapped.as_bytes())
+                    .map_err(backend)?;
+            }
         }
         txn.commit().map_err(backend)
     }
@@ -93,16 +115,7 @@ impl RecordStore for EmbeddedStore {
         recipient: &str,
         wrapped: &WrappedKey,
     ) -> Result<(), RecordStoreError> {
-        check_cid(cid)?;
-        check_recipient(recipient)?;
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
-            let mut envelopes = txn.open_table(ENVELOPES).map_err(backend)?;
-            envelopes
-                .insert((cid, recipient), wrapped.as_bytes())
-                .map_err(backend)?;
-        }
-        txn.commit().map_err(backend)
+        self.put_version(&[], &[(cid, recipient, wrapped)])
     }
 
     fn get_envelope(

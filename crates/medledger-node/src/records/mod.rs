@@ -67,6 +67,23 @@ pub trait RecordStore: Send + Sync {
         wrapped: &WrappedKey,
     ) -> Result<(), RecordStoreError>;
 
+    /// Stores a version at once: its blobs (checked like `put_blob`) and envelopes, each
+    /// `(cid, recipient, wrapped)`. A store that can makes it one durable commit; on an
+    /// error, blobs already stored stay (they are content-addressed and harmless).
+    fn put_version(
+        &self,
+        blobs: &[(&str, &[u8])],
+        envelopes: &[(&str, &str, &WrappedKey)],
+    ) -> Result<(), RecordStoreError> {
+        for (cid, bytes) in blobs {
+            self.put_blob(cid, bytes)?;
+        }
+        for (cid, recipient, wrapped) in envelopes {
+            self.put_envelope(cid, recipient, wrapped)?;
+        }
+        Ok(())
+    }
+
     /// The envelope of blob `cid` for `recipient`.
     fn get_envelope(
         &self,

@@ -558,7 +558,7 @@ impl RecordService {
             )
             .map_err(|e| RecordError::Store(e.to_string()))
         };
-        let envelopes = vec![
+        let envelopes = [
             (self.org.clone(), wrap(&self.org, &custodian_key)?),
             (patient.clone(), wrap(&patient, &patient_key)?),
         ];
@@ -568,13 +568,15 @@ impl RecordService {
         let store = self.store.clone();
         let envelope_cid = cid.clone();
         blocking(move || {
-            for (cid, bytes) in &blobs {
-                store.put_blob(cid, bytes)?;
-            }
-            for (recipient, wrapped) in &envelopes {
-                store.put_envelope(&envelope_cid, recipient, wrapped)?;
-            }
-            Ok(())
+            let blobs: Vec<(&str, &[u8])> = blobs
+                .iter()
+                .map(|(cid, bytes)| (cid.as_str(), bytes.as_slice()))
+                .collect();
+            let envelopes: Vec<(&str, &str, &WrappedKey)> = envelopes
+                .iter()
+                .map(|(recipient, wrapped)| (envelope_cid.as_str(), recipient.as_str(), wrapped))
+                .collect();
+            Ok(store.put_version(&blobs, &envelopes)?)
         })
         .await?;
         Ok(Prepared {
