@@ -532,22 +532,17 @@ async fn transaction(
     Path(tx_id): Path<String>,
 ) -> ApiResult<Value> {
     let tx_id = parse_hash(&tx_id, "tx_id")?;
-    let snapshot = snapshot(&ledger)?;
-    let leaf_index: u64 = required(&snapshot, &keys::tx(&tx_id), "transaction")?;
-    let event: AuditEvent = required(&snapshot, &keys::event(leaf_index), "audit event")?;
-    let block = ledger
+    let found = ledger
         .store()
-        .block(event.height)?
-        .ok_or_else(|| ApiError::not_found("block"))?;
-    let first_leaf = block.header.log_size - block.header.tx_count;
-    let position = (leaf_index - first_leaf) as usize;
+        .committed_tx(&snapshot(&ledger)?, &tx_id)?
+        .ok_or_else(|| ApiError::not_found("transaction not found"))?;
     Ok(Json(json!({
         "tx_id": tx_id,
-        "height": event.height,
-        "leaf_index": leaf_index,
-        "tx": block.txs.get(position),
-        "outcome": block.outcomes.get(position),
-        "event": event,
+        "height": found.event.height,
+        "leaf_index": found.leaf_index,
+        "tx": found.tx(),
+        "outcome": found.outcome(),
+        "event": found.event,
     })))
 }
 

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use medledger_core::block::{Block, ChainHead, ExecutedBlock};
 use medledger_core::merkle::{self, NodeSource};
+use medledger_core::model::AuditEvent;
 use medledger_core::state::{keys, StateRead};
 use medledger_core::Hash;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -327,6 +328,39 @@ impl Store {
         decode(&format!("block {height}"), bytes.value()).map(Some)
     }
 
+    /// A committed transaction by id, as of `snapshot`: None when the ledger has no such
+    /// transaction; an error when its event or block is missing (a corrupt store).
+    pub fn committed_tx(
+        &self,
+        snapshot: &Snapshot,
+        tx_id: &Hash,
+    ) -> Result<Option<CommittedTx>, StoreError> {
+        let Some(leaf_index) = snapshot.value::<u64>(&keys::tx(tx_id))? else {
+            return Ok(None);
+        };
+        let missing = |what: String| StoreError::Corrupt {
+            what,
+            detail: "missing".into(),
+        };
+        let event: AuditEvent = snapshot
+            .value(&keys::event(leaf_index))?
+            .ok_or_else(|| missing(format!("the audit event of leaf {leaf_index}")))?;
+        let block = self
+            .block(event.height)?
+            .ok_or_else(|| missing(format!("block {}", event.height)))?;
+        let position = leaf_index
+            .checked_sub(block.header.log_size - block.header.tx_count)
+            .map(|p| p as usize)
+            .filter(|p| *p < block.txs.len() && *p < block.outcomes.len())
+            .ok_or_else(|| missing(format!("leaf {leaf_index} in block {}", event.height)))?;
+        Ok(Some(CommittedTx {
+            leaf_index,
+            event,
+            block,
+            position,
+        }))
+    }
+
     /// The raw bytes of a block as stored.
     pub fn block_bytes(&self, height: u64) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.begin_read()?;
@@ -358,6 +392,25 @@ impl Store {
         let txn = self.begin_read()?;
         let table = txn.open_table(STATE)?;
         Ok(Snapshot { table })
+    }
+}
+
+/// A committed transaction: its leaf, its audit event, and the block that holds it at
+/// `position`.
+pub struct CommittedTx {
+    pub leaf_index: u64,
+    pub event: AuditEvent,
+    pub block: Block,
+    pub position: usize,
+}
+
+impl CommittedTx {
+    pub fn tx(&self) -> &medledger_core::tx::SignedTx {
+        &self.block.txs[self.position]
+    }
+
+    pub fn outcome(&self) -> &medledger_core::contracts::TxOutcome {
+        &self.block.outcomes[self.position]
     }
 }
 

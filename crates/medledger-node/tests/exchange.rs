@@ -834,6 +834,11 @@ async fn altered_ciphertext_swapped_blobs_and_a_false_commitment_are_refused() {
     net.read(HOSPITAL_B, &bob, HOSPITAL_A, &obs.record_id)
         .await
         .expect("the untouched record reads");
+    let local = net
+        .read(HOSPITAL_A, &alice, HOSPITAL_A, &obs.record_id)
+        .await
+        .expect("the custodian's own clinician reads under its stored envelope");
+    assert_eq!(local.resource["id"], obs.record_id.as_str());
 
     // An author's entry whose commitment is not the sealed plaintext's: the ciphertext is
     // the one indexed and signed, but what it decrypts to is not what the ledger commits to.

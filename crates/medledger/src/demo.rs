@@ -143,29 +143,25 @@ impl Story {
     ) -> Result<SubmitResponse, String> {
         let (_, custodian) = author.id.split_once('@').ok_or("a member's id")?;
         let node = self.node_of(custodian)?;
-        let mut prepared: Result<Prepared, ClientError> = Err(ClientError::Decode {
-            url: String::new(),
-            detail: String::new(),
-        });
+        let request = PrepareRequest {
+            resource,
+            record_id: Some(record_id.to_string()),
+            attachments: Vec::new(),
+        };
         // A node publishes its organisation's encryption key once it has joined; until
         // that is committed it cannot seal for its own organisation.
-        for _ in 0..100 {
-            prepared = node.post(
-                "/v1/records",
-                &PrepareRequest {
-                    resource: resource.clone(),
-                    record_id: Some(record_id.to_string()),
-                    attachments: Vec::new(),
-                },
-            );
-            match &prepared {
-                Err(ClientError::Api { code, .. }) if code == "no_encryption_key" => {
+        let mut attempts = 0;
+        let prepared: Prepared = loop {
+            attempts += 1;
+            match node.post("/v1/records", &request) {
+                Err(ClientError::Api { code, .. })
+                    if code == "no_encryption_key" && attempts < 100 =>
+                {
                     std::thread::sleep(std::time::Duration::from_millis(100))
                 }
-                _ => break,
+                answer => break answer.map_err(|e| e.to_string())?,
             }
-        }
-        let prepared = prepared.map_err(|e| e.to_string())?;
+        };
         let TxBody::CreateRecord { resource_type, .. } = &prepared.body else {
             return Err("the node prepared something else than a record version".into());
         };

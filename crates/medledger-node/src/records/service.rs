@@ -421,7 +421,14 @@ impl RecordService {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let on_ledger: u64 = self.snapshot()?.value(&keys::nonce(&signer))?.unwrap_or(0);
+            // The ledger's nonce is read at the first use and after a lost race (someone
+            // else signed as this node); otherwise this service's own count is ahead of it.
+            let known = *self.last_nonce.lock().expect("nonce lock");
+            let on_ledger: u64 = if known == 0 || attempt > 1 {
+                self.snapshot()?.value(&keys::nonce(&signer))?.unwrap_or(0)
+            } else {
+                0
+            };
             let nonce = {
                 let mut last = self.last_nonce.lock().expect("nonce lock");
                 *last = (*last).max(on_ledger) + 1;
@@ -772,7 +779,7 @@ impl RecordService {
         request: &FetchRequest,
     ) -> Result<FetchAnswer, RecordError> {
         if custodian == self.org {
-            return self.serve(&self.org.clone(), request.clone()).await;
+            return self.serve(&self.org, request.clone()).await;
         }
         let link = self.link.as_ref().ok_or_else(|| RecordError::Unavailable {
             custodian: custodian.to_string(),
@@ -1154,13 +1161,17 @@ impl RecordService {
         {
             return Ok(());
         }
-        let tx = stored_tx(self.ledger.store(), snapshot, &indexed.tx_id)
-            .map_err(|e| format!("its create transaction: {e}"))?;
+        let found = self
+            .ledger
+            .store()
+            .committed_tx(snapshot, &indexed.tx_id)
+            .map_err(|e| format!("its create transaction: {e}"))?
+            .ok_or("its create transaction is not on the ledger")?;
         let author: User = snapshot
             .value(&keys::user(&indexed.author))
             .map_err(|e| e.to_string())?
             .ok_or("the author is not on the ledger")?;
-        check_create_tx(&tx, record, indexed, &author.public_key)?;
+        check_create_tx(found.tx(), record, indexed, &author.public_key)?;
         let mut cache = self.verified_versions.lock().expect("cache lock");
         if cache.len() >= VERIFIED_CACHE_MAX {
             cache.clear();
@@ -1198,31 +1209,6 @@ pub fn check_create_tx(
         .map_err(|_| "the author's signature does not verify".to_string())
 }
 
-/// The transaction with id `tx_id`, from the block that holds it.
-pub fn stored_tx(
-    store: &crate::store::Store,
-    snapshot: &Snapshot,
-    tx_id: &Hash,
-) -> Result<SignedTx, String> {
-    let leaf: u64 = snapshot
-        .value(&keys::tx(tx_id))
-        .map_err(|e| e.to_string())?
-        .ok_or("not on the ledger")?;
-    let event: AuditEvent = snapshot
-        .value(&keys::event(leaf))
-        .map_err(|e| e.to_string())?
-        .ok_or("no audit event")?;
-    let block = store
-        .block(event.height)
-        .map_err(|e| e.to_string())?
-        .ok_or("its block is missing")?;
-    let first_leaf = block.header.log_size - block.header.tx_count;
-    leaf.checked_sub(first_leaf)
-        .and_then(|position| block.txs.get(position as usize))
-        .cloned()
-        .ok_or_else(|| "not in its block".to_string())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn serve_version(
     store: &dyn RecordStore,
@@ -1251,19 +1237,26 @@ fn serve_version(
         custodian: org,
         recipient,
     };
-    let data_key = keys
-        .iter()
-        .rev()
-        .find_map(|pair| pair.unwrap_key(&own, &context(org)).ok())
-        .ok_or_else(|| lost("holds an envelope no key of this organisation opens"))?;
-    let wrapped_key = requester_key
-        .wrap_key(&data_key, &context(requester))
-        .map_err(|e| RecordError::Store(e.to_string()))?;
+    let data_key = || {
+        keys.iter()
+            .rev()
+            .find_map(|pair| pair.unwrap_key(&own, &context(org)).ok())
+            .ok_or_else(|| lost("holds an envelope no key of this organisation opens"))
+    };
+    // A node's own users read under the organisation's envelope as stored; another
+    // member's get the key re-wrapped for their organisation.
+    let wrapped_key = if requester == org {
+        own.clone()
+    } else {
+        requester_key
+            .wrap_key(&data_key()?, &context(requester))
+            .map_err(|e| RecordError::Store(e.to_string()))?
+    };
     let mut blobs = Vec::new();
     if attachments {
         let plaintext = sealing::open(
             &ciphertext,
-            &data_key,
+            &data_key()?,
             &associated_data(org, &wanted.record_id, wanted.version, None),
             &version.commitment,
         )
