@@ -11,7 +11,7 @@ use crate::hash::Hash;
 use crate::identity::{OrgKind, Role};
 
 /// The FHIR R4 resource types the ledger indexes, and the category each belongs to.
-pub const RESOURCE_TYPES: [(&str, Category); 16] = [
+pub const RESOURCE_TYPES: [(&str, Category); 17] = [
     ("AllergyIntolerance", Category::Conditions),
     ("CarePlan", Category::Conditions),
     ("Condition", Category::Conditions),
@@ -28,6 +28,8 @@ pub const RESOURCE_TYPES: [(&str, Category); 16] = [
     ("Encounter", Category::Encounters),
     ("Claim", Category::Financial),
     ("Coverage", Category::Financial),
+    // The patient's demographics as a custodian holds them; the record id is the pseudonym.
+    ("Patient", Category::Demographics),
 ];
 
 /// The category of a supported resource type; None when the type is not supported.
@@ -48,6 +50,7 @@ pub enum Category {
     Documents,
     Encounters,
     Financial,
+    Demographics,
 }
 
 /// What a consent covers: every listed resource type and every type of a listed category.

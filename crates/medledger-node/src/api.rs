@@ -52,6 +52,16 @@ pub fn router(ledger: Arc<Ledger>) -> Router {
 
 /// The API, with the record endpoints when the node keeps records.
 pub fn router_with_records(ledger: Arc<Ledger>, records: Option<Arc<RecordService>>) -> Router {
+    router_with(ledger, records, None)
+}
+
+/// The API with the record endpoints and `more` routes (the FHIR API), all behind the same
+/// limits: deadline, requests in flight, and no service from a stopped node.
+pub fn router_with(
+    ledger: Arc<Ledger>,
+    records: Option<Arc<RecordService>>,
+    more: Option<Router>,
+) -> Router {
     let records = match records {
         None => Router::new(),
         Some(service) => Router::new()
@@ -97,6 +107,7 @@ pub fn router_with_records(ledger: Arc<Ledger>, records: Option<Arc<RecordServic
         .route("/v1/consensus/transfer-leader", post(transfer_leader))
         .with_state(ledger.clone())
         .merge(records)
+        .merge(more.unwrap_or_default())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -945,7 +956,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router_with_records(ledger, records))
+    serve_router(router_with_records(ledger, records), listener, shutdown).await
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve_router(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -3,7 +3,7 @@
 //!
 //! **Checked** by [`check_resource`]:
 //! - size (at most [`RESOURCE_BYTES_MAX`]), UTF-8, one JSON value with no duplicate keys in
-//!   any object, a JSON object with a string `resourceType` naming one of the 16 types of
+//!   any object, a JSON object with a string `resourceType` naming one of the 17 types of
 //!   [`medledger_core::model::RESOURCE_TYPES`];
 //! - the general FHIR JSON rules, everywhere in the resource: no `null` (except in an array
 //!   of primitives beside a `_name` array of the same length holding something at that
@@ -718,6 +718,25 @@ const COVERAGE: &[El] = &[
     list("contract", Ref),
 ];
 
+const PATIENT: &[El] = &[
+    list("identifier", Identifier),
+    opt("active", Bool),
+    list("name", Obj),
+    list("telecom", Obj),
+    opt("gender", Code),
+    opt("birthDate", Date),
+    choice("deceased", &["Boolean", "DateTime"]),
+    list("address", Obj),
+    opt("maritalStatus", Concept),
+    choice("multipleBirth", &["Boolean", "Integer"]),
+    list("photo", Attachment),
+    list("contact", Backbone),
+    list("communication", Backbone),
+    list("generalPractitioner", Ref),
+    opt("managingOrganization", Ref),
+    list("link", Backbone),
+];
+
 const fn spec(name: &'static str, patient: &'static str, elements: &'static [El]) -> TypeSpec {
     TypeSpec {
         name,
@@ -727,7 +746,7 @@ const fn spec(name: &'static str, patient: &'static str, elements: &'static [El]
 }
 
 /// The supported types, in the order of `RESOURCE_TYPES`.
-const SPECS: [TypeSpec; 16] = [
+const SPECS: [TypeSpec; 17] = [
     spec("AllergyIntolerance", "patient", ALLERGY_INTOLERANCE),
     spec("CarePlan", "subject", CARE_PLAN),
     spec("Condition", "subject", CONDITION),
@@ -744,6 +763,8 @@ const SPECS: [TypeSpec; 16] = [
     spec("Encounter", "subject", ENCOUNTER),
     spec("Claim", "patient", CLAIM),
     spec("Coverage", "beneficiary", COVERAGE),
+    // A Patient is its own patient: the element is its id, the pseudonym.
+    spec("Patient", "id", PATIENT),
 ];
 
 fn spec_of(resource_type: &str) -> Option<&'static TypeSpec> {
@@ -1339,6 +1360,16 @@ fn attachment_urls<'a>(
 /// The patient's pseudonym from the type's patient reference.
 fn check_patient(spec: &TypeSpec, object: &Map<String, Value>) -> Result<String, FhirError> {
     let path = format!("{}.{}", spec.name, spec.patient);
+    if spec.name == "Patient" {
+        return match object.get("id") {
+            None => Err(FhirError::MissingPatient { path }),
+            Some(id) => id
+                .as_str()
+                .filter(|id| is_fhir_id(id))
+                .map(str::to_owned)
+                .ok_or(FhirError::InvalidPatientReference { path }),
+        };
+    }
     let Some(reference) = object.get(spec.patient) else {
         return Err(FhirError::MissingPatient { path });
     };
@@ -1978,6 +2009,7 @@ mod tests {
                 "beneficiary": patient(),
                 "payor": [{ "reference": "Organization/org-2" }],
             }),
+            "Patient" => json!({ "id": PT }),
             other => panic!("no example for {other}"),
         };
         let mut value = body;
@@ -2066,6 +2098,11 @@ mod tests {
             let count = names.len();
             names.dedup();
             assert_eq!(names.len(), count, "{} names an element twice", spec.name);
+            if spec.name == "Patient" {
+                // Its own id names the patient.
+                assert_eq!(spec.patient, "id");
+                continue;
+            }
             let patient = spec
                 .elements
                 .iter()
@@ -2088,8 +2125,12 @@ mod tests {
                 check(&minimal(resource_type)).unwrap_or_else(|e| panic!("{resource_type}: {e}"));
             assert_eq!(checked.resource_type, resource_type);
             assert_eq!(checked.patient, PT);
-            assert_eq!(checked.id, None);
             assert_eq!(checked.value, minimal(resource_type));
+            if resource_type == "Patient" {
+                assert_eq!(checked.id.as_deref(), Some(PT));
+                continue;
+            }
+            assert_eq!(checked.id, None);
             let with_id = check(&with(minimal(resource_type), "id", json!("rec-1.a"))).unwrap();
             assert_eq!(with_id.id.as_deref(), Some("rec-1.a"));
         }
@@ -2285,7 +2326,7 @@ mod tests {
             );
         }
         for other in [
-            "Patient",
+            "Practitioner",
             "Bundle",
             "Medication",
             "observation",

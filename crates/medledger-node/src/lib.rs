@@ -2,11 +2,14 @@
 //! embedded store, the ordering of transactions into blocks and the HTTP API.
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod consensus;
 pub mod consortium;
 pub mod fhir;
+pub mod fhir_api;
+pub mod fhir_search;
 pub mod keywrap;
 pub mod ledger;
 pub mod pki;

@@ -213,13 +213,15 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         ("lab-x", OrgKind::Lab),
         ("regulator", OrgKind::Regulator),
     ];
-    let base_port = if once {
+    let port = listen
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .ok_or_else(|| format!("--listen {listen:?}: expected host:port"))?;
+    // Port 0 (and --once) picks free ports, as tests and parallel runs need.
+    let base_port = if once || port == 0 {
         free_base_port(NODES)?
     } else {
-        listen
-            .rsplit_once(':')
-            .and_then(|(_, port)| port.parse::<u16>().ok())
-            .ok_or_else(|| format!("--listen {listen:?}: expected host:port"))?
+        port
     };
     let local = create_local(&dir, CHAIN_ID, &orgs, NODES, base_port, |_| {})?;
     let consortium = &local.consortium;
@@ -615,6 +617,80 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
             dir.join("nodes").join(other).display()
         );
     }
+    story.chapter(
+        "The FHIR R4 API: any FHIR client, with a token from the node (password and one-time code)",
+    );
+    let node_dirs: Vec<(String, String, PathBuf)> = nodes
+        .iter()
+        .map(|running| {
+            let org = running
+                .ledger
+                .node_id()
+                .split_once('@')
+                .map(|(_, org)| org.to_string())
+                .unwrap_or_default();
+            let data_dir = dir.join("nodes").join(&org);
+            (org, running.api_url.clone(), data_dir)
+        })
+        .collect();
+    let logins = crate::fhir_cli::demo_logins(
+        &dir,
+        &node_dirs,
+        &[
+            (
+                "dr-alice@hospital-a".into(),
+                people.join("dr-alice.identity.json"),
+                "hospital-a".into(),
+            ),
+            (
+                "dr-bob@hospital-b".into(),
+                people.join("dr-bob.identity.json"),
+                "hospital-b".into(),
+            ),
+            (
+                maria.id.clone(),
+                people.join("maria.identity.json"),
+                "hospital-a".into(),
+            ),
+        ],
+        &maria.id,
+    )?;
+    let alice_secret = logins["accounts"][0]["totp_secret"].as_str().unwrap_or("");
+    let token = crate::fhir_cli::login(
+        &node.api_url,
+        "dr-alice@hospital-a",
+        crate::fhir_cli::DEMO_PASSWORD,
+        alice_secret,
+        "user/*.rs",
+    )?;
+    let token = token["access_token"].as_str().unwrap_or("").to_string();
+    let (status, bundle) = crate::fhir_cli::fhir_get(
+        &format!("{}/fhir/Patient/{}/$everything", node.api_url, maria.id),
+        &token,
+    )?;
+    println!(
+        "   dr-alice logs in (password + one-time code), GET /fhir/Patient/{}/$everything: {status}, {} resources from every custodian she may read",
+        short(&maria.id),
+        bundle["total"]
+    );
+    for (org, url, _) in &node_dirs {
+        println!("   {org}: FHIR base {url}/fhir (token endpoint {url}/auth/token)");
+    }
+    println!(
+        "   logins (password in {}, one-time code secrets in {}):",
+        logins["password_file"].as_str().unwrap_or(""),
+        dir.join("fhir-demo.json").display()
+    );
+    for account in logins["accounts"].as_array().into_iter().flatten() {
+        println!(
+            "     medledger token --node {} --username {} --totp-secret {} --password-file {}",
+            account["node"].as_str().unwrap_or(""),
+            account["username"].as_str().unwrap_or(""),
+            account["totp_secret"].as_str().unwrap_or(""),
+            logins["password_file"].as_str().unwrap_or(""),
+        );
+    }
+
     if once {
         drop(nodes);
         return Ok(());

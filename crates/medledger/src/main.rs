@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod commands;
 mod demo;
+mod fhir_cli;
 mod local;
 mod node_runner;
 mod records_cli;
@@ -34,7 +35,7 @@ enum Command {
         /// Where each node's data and the consortium's keys go (must be empty or absent).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Address of the node's API.
+        /// Address of the first node's API; the others take the next ports (port 0: any free).
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: String,
     },
@@ -81,6 +82,25 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:7400")]
         node: String,
     },
+    /// Logins for the FHIR API: people (password and one-time code) and systems.
+    #[command(subcommand)]
+    Account(fhir_cli::AccountCommand),
+    /// Log in at a node's FHIR API and print an access token.
+    Token {
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        node: String,
+        #[arg(long)]
+        username: String,
+        /// The one-time code secret (base32) `account add` printed; the command computes
+        /// the current code, as an authenticator app would.
+        #[arg(long)]
+        totp_secret: String,
+        /// A file holding the password (first line); otherwise MEDLEDGER_PASSWORD.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[arg(long, default_value = "user/*.cruds")]
+        scope: String,
+    },
     /// GET any API path and print the JSON.
     Query {
         #[arg(long, default_value = "http://127.0.0.1:7400")]
@@ -113,6 +133,16 @@ fn main() -> ExitCode {
         Command::Audit(args) => commands::audit(args),
         Command::Proof(command) => commands::proof(command),
         Command::Query { node, path } => commands::query(&node, &path),
+        Command::Account(command) => fhir_cli::account(command),
+        Command::Token {
+            node,
+            username,
+            totp_secret,
+            password_file,
+            scope,
+        } => fhir_cli::read_password(password_file.as_deref())
+            .and_then(|password| fhir_cli::login(&node, &username, &password, &totp_secret, &scope))
+            .map(|body| println!("{}", body["access_token"].as_str().unwrap_or(""))),
         Command::Contributions { node } => commands::contributions(&node),
     };
     match result {

@@ -107,17 +107,19 @@ pub fn start(data_dir: &Path, listen: &str, config: OrderingConfig) -> Result<Ru
         let _entered = runtime.enter();
         record_service(ledger.clone(), record_store, keys, None)
     };
+    let router = medledger_node::fhir_api::node_api(
+        served,
+        served_records,
+        data_dir,
+        &format!("http://{address}"),
+    )?;
     let thread = std::thread::Builder::new()
         .name("medledger-node".into())
         .spawn(move || {
-            let result = runtime.block_on(medledger_node::api::serve(
-                served,
-                served_records,
-                listener,
-                async {
+            let result =
+                runtime.block_on(medledger_node::api::serve_router(router, listener, async {
                     let _ = stop.await;
-                },
-            ));
+                }));
             if let Err(error) = result {
                 eprintln!("medledger: the API server stopped: {error}");
             }
@@ -248,8 +250,21 @@ pub fn start_member(config: &NodeConfig) -> Result<RunningMember, String> {
                 if let Some(records) = &records {
                     node.attach_records(records);
                 }
+                let router = match medledger_node::fhir_api::node_api(
+                    ledger,
+                    records,
+                    &config.data_dir,
+                    &info.api_url,
+                ) {
+                    Ok(router) => router,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        node.shutdown().await;
+                        return;
+                    }
+                };
                 let _ = ready.send(Ok((info, node.clone())));
-                let served = medledger_node::api::serve(ledger, records, api, async {
+                let served = medledger_node::api::serve_router(router, api, async {
                     let _ = stop.await;
                 })
                 .await;

@@ -56,6 +56,8 @@ fn the_demo_plays_every_flow_and_leaves_a_ledger_that_verifies_without_phi() {
         "is already on the ledger",
         "head from genesis",
         "All 3 nodes hold the same chain",
+        "/$everything: 200",
+        "FHIR base http://127.0.0.1:",
     ] {
         assert!(
             shown.contains(expected),

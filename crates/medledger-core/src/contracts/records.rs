@@ -74,6 +74,13 @@ pub(super) fn create<S: StateRead + ?Sized>(
             "not a supported FHIR resource type",
         ));
     }
+    // A Patient resource is found by the pseudonym alone, at whichever custodian holds it.
+    if resource_type == "Patient" && record_id != patient {
+        return Err(Rejection::invalid(
+            "record_id",
+            "a Patient record's id is the patient's pseudonym",
+        ));
+    }
     if !is_valid_cid(cid) {
         return Err(Rejection::invalid(
             "cid",

@@ -31,7 +31,7 @@ use base64::Engine;
 use medledger_core::canonical::to_canonical_bytes;
 use medledger_core::contracts::TxOutcome;
 use medledger_core::crypto::PublicKey;
-use medledger_core::identity::split_user_id;
+use medledger_core::identity::{is_patient_pseudonym, split_user_id};
 use medledger_core::model::{
     AccessDecision, AuditEvent, EncryptionKey, Patient, Purpose, Record, RecordVersion, User,
 };
@@ -211,6 +211,9 @@ pub struct Prepared {
     pub attachments: Vec<String>,
     /// The `create_record` body for the author to sign and submit.
     pub body: TxBody,
+    /// The resource as sealed, with its id, version and time set (kept on this node).
+    #[serde(skip)]
+    pub resource: serde_json::Value,
 }
 
 /// One version asked for.
@@ -467,7 +470,7 @@ impl RecordService {
             }
             (Some(given), _) => given.clone(),
             (None, Some(own)) => own.clone(),
-            (None, None) => new_record_id()?,
+            (None, None) => new_record_id(&self.org)?,
         };
         if !medledger_core::contracts::is_valid_record_id(&record_id) {
             return Err(RecordError::Invalid(
@@ -547,6 +550,7 @@ impl RecordService {
         fhir::set_version_identity(&mut checked.value, &record_id, version, now_ms());
         let plaintext =
             serde_json::to_vec(&checked.value).map_err(|e| RecordError::Invalid(e.to_string()))?;
+        let resource = checked.value;
         let sealed = sealing::seal_with_key(
             &data_key,
             &plaintext,
@@ -599,6 +603,7 @@ impl RecordService {
             version,
             cid,
             attachments,
+            resource,
         })
     }
 
@@ -624,6 +629,9 @@ impl RecordService {
     ) -> Result<FetchAnswer, RecordError> {
         match split_user_id(&request.actor) {
             Some((org, _)) if org == requester_org => {}
+            // A patient reads through the custodian's own node, where they logged in; no
+            // other member may speak for a patient.
+            None if is_patient_pseudonym(&request.actor) && requester_org == self.org => {}
             _ => {
                 return Err(RecordError::Invalid(format!(
                     "{requester_org} may ask only for its own users"
@@ -837,6 +845,54 @@ impl RecordService {
         }
     }
 
+    /// Every version of one record, oldest first, under one access entry per
+    /// `FETCH_VERSIONS_MAX` versions: a FHIR instance history.
+    pub async fn versions(
+        &self,
+        actor: &str,
+        custodian: &str,
+        record_id: &str,
+        purpose: Purpose,
+    ) -> Result<Vec<OpenedVersion>, RecordError> {
+        let record: Record = self
+            .snapshot()?
+            .value(&keys::record(custodian, record_id))?
+            .ok_or_else(|| RecordError::NotFound(format!("record {custodian}/{record_id}")))?;
+        let mut out = Vec::new();
+        for chunk in record.versions.chunks(FETCH_VERSIONS_MAX) {
+            let fetch = FetchRequest {
+                actor: actor.to_string(),
+                patient: record.patient.clone(),
+                purpose,
+                versions: chunk
+                    .iter()
+                    .map(|v| VersionRef {
+                        record_id: record_id.to_string(),
+                        version: v.version,
+                    })
+                    .collect(),
+                attachments: false,
+            };
+            let answer = self.fetch(custodian, &fetch).await?;
+            if answer.custodian != custodian {
+                return Err(RecordError::Integrity {
+                    record: format!("{custodian}/{record_id}"),
+                    detail: format!("answered by {}", answer.custodian),
+                });
+            }
+            if let AccessDecision::Denied { denial } = &answer.access.decision {
+                return Err(RecordError::Denied {
+                    reason: denial_code(denial),
+                    access_tx: answer.access.tx_id,
+                });
+            }
+            for opened in self.open_answer(&answer, &fetch).await? {
+                out.push(opened?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every version of the patient's records the actor may see, from every custodian.
     /// One access entry per custodian and resource type (and per group of
     /// `FETCH_VERSIONS_MAX` versions); what is denied is simply absent.
@@ -845,6 +901,19 @@ impl RecordService {
         actor: &str,
         patient: &str,
         purpose: Purpose,
+    ) -> Result<History, RecordError> {
+        self.history_of(actor, patient, purpose, None, false).await
+    }
+
+    /// A patient's history limited to `types` (all types when None), and to each record's
+    /// latest version when `latest_only`: what a FHIR search or `$everything` reads.
+    pub async fn history_of(
+        self: &Arc<Self>,
+        actor: &str,
+        patient: &str,
+        purpose: Purpose,
+        types: Option<&[String]>,
+        latest_only: bool,
     ) -> Result<History, RecordError> {
         let snapshot = self.snapshot()?;
         snapshot
@@ -865,10 +934,18 @@ impl RecordService {
                 else {
                     continue;
                 };
+                if types.is_some_and(|types| !types.contains(&record.resource_type)) {
+                    continue;
+                }
                 let group = groups
                     .entry((custodian.to_string(), record.resource_type.clone()))
                     .or_default();
-                group.extend(record.versions.iter().map(|v| VersionRef {
+                let skip = if latest_only {
+                    record.versions.len().saturating_sub(1)
+                } else {
+                    0
+                };
+                group.extend(record.versions.iter().skip(skip).map(|v| VersionRef {
                     record_id: record_id.to_string(),
                     version: v.version,
                 }));
@@ -1290,10 +1367,25 @@ pub fn denial_code(denial: &medledger_core::model::AccessDenial) -> String {
         .unwrap_or_else(|| "denied".to_string())
 }
 
-/// A random record id (a FHIR id): 32 hex digits.
-fn new_record_id() -> Result<String, RecordError> {
+/// A new record's id, `<custodian>.<32 hex>`: unique across the consortium, and it names
+/// the custodian, so a FHIR id alone says where to fetch the record.
+fn new_record_id(custodian: &str) -> Result<String, RecordError> {
     let key = sealing::fresh_key().map_err(|e| RecordError::Store(e.to_string()))?;
-    Ok(hex::encode(&key[..16]))
+    let random = hex::encode(&key[..12]);
+    // A FHIR id is at most 64 characters; a longer organisation name is left implicit.
+    if custodian.len() + 1 + random.len() > 64 {
+        return Ok(random);
+    }
+    Ok(format!("{custodian}.{random}"))
+}
+
+/// The custodian a FHIR id names: the part before the first dot when that is an
+/// organisation's name; otherwise the id is one the custodian `local` chose.
+pub fn custodian_of<'a>(record_id: &'a str, local: &'a str) -> &'a str {
+    match record_id.split_once('.') {
+        Some((org, _)) if medledger_core::identity::is_valid_name(org) => org,
+        _ => local,
+    }
 }
 
 /// `type/subtype`, printable, without spaces around.

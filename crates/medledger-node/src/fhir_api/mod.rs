@@ -1,0 +1,894 @@
+//! The FHIR R4 REST API at `/fhir`, with SMART on FHIR authorization.
+//!
+//! Every call carries a bearer token this node issued (`/auth/token`: a person's password
+//! and one-time code, or a system's signed assertion). Three things must allow a call: the
+//! token's scopes, the person's role (as the ledger knows it) and the patient's consent,
+//! which the ledger decides. The node signs ledger transactions for the person with their
+//! own key, held in the key file their account names, so authorship on the ledger is the
+//! person's, not the node's.
+//!
+//! Records are the encrypted versions of `records::service`; a read or search is the same
+//! consented, audited exchange between custodians. Consents are the ledger's grants,
+//! AuditEvents its access entries, Provenance its record index; Practitioner and
+//! Organization come from its registry of members.
+
+mod resources;
+mod views;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use medledger_core::contracts::{Rejection, TxOutcome};
+use medledger_core::identity::{is_patient_pseudonym, split_user_id};
+use medledger_core::tx::TxBody;
+use serde_json::{json, Value};
+
+use crate::auth::{
+    verify_client_assertion, AccountKind, AccountStore, Claims, Interaction, JtiCache,
+    ScopeContext, Scopes, TokenError, TokenIssuer,
+};
+use crate::consortium::Identity;
+use crate::ledger::{now_ms, Committed, Ledger, SubmitError};
+use crate::records::{RecordError, RecordService};
+
+/// The media type of every FHIR answer.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+/// Largest FHIR request body: a resource is at most 1 MiB as JSON.
+pub const FHIR_BODY_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Default and largest page of a search.
+pub const SEARCH_PAGE_DEFAULT: usize = 20;
+pub const SEARCH_PAGE_MAX: usize = 200;
+/// How long a transaction the node signs for a person stays valid for ordering.
+const SIGNED_TX_LIFETIME_MS: u64 = 5 * 60 * 1000;
+/// Re-signing after losing a nonce race with another of the person's transactions.
+const NONCE_RETRIES: usize = 3;
+/// The node's accounts (people and systems), in its data directory.
+pub const ACCOUNTS_FILE: &str = "accounts.json";
+/// The key the node signs access tokens with, in its data directory.
+pub const TOKEN_KEY_FILE: &str = "token-key.pem";
+/// How long an access token lives.
+pub const TOKEN_LIFETIME_S: u64 = 3600;
+
+/// Where the API lives and where accounts and keys are kept.
+#[derive(Debug, Clone)]
+pub struct FhirConfig {
+    /// The FHIR base URL clients use, e.g. `http://127.0.0.1:7001/fhir`; tokens name it as
+    /// their audience.
+    pub base_url: String,
+    /// The token issuer, e.g. `http://127.0.0.1:7001`.
+    pub issuer: String,
+    /// The node's data directory: account key files named relatively are found here, and
+    /// patients created through the API keep their key files under `patients/`.
+    pub data_dir: PathBuf,
+}
+
+/// Everything a FHIR call needs.
+pub struct FhirState {
+    pub ledger: Arc<Ledger>,
+    pub records: Arc<RecordService>,
+    accounts: Accounts,
+    pub tokens: TokenIssuer,
+    pub config: FhirConfig,
+    assertions: JtiCache,
+    signers: Signers,
+}
+
+impl FhirState {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        records: Arc<RecordService>,
+        accounts: Arc<AccountStore>,
+        tokens: TokenIssuer,
+        config: FhirConfig,
+    ) -> FhirState {
+        FhirState {
+            signers: Signers::new(ledger.clone()),
+            ledger,
+            records,
+            accounts: Accounts::new(accounts, config.data_dir.join(ACCOUNTS_FILE)),
+            tokens,
+            config,
+            assertions: JtiCache::default(),
+        }
+    }
+
+    /// The FHIR API of the node whose data directory is `data_dir` and whose API clients
+    /// reach at `api_url`: its accounts file and token key (created on first use).
+    pub fn open(
+        ledger: Arc<Ledger>,
+        records: Arc<RecordService>,
+        data_dir: &std::path::Path,
+        api_url: &str,
+    ) -> Result<FhirState, String> {
+        let accounts = AccountStore::open(&data_dir.join(ACCOUNTS_FILE))
+            .map_err(|e| format!("{ACCOUNTS_FILE}: {e}"))?;
+        let keys = crate::auth::TokenKeys::load_or_create(&data_dir.join(TOKEN_KEY_FILE))
+            .map_err(|e| format!("{TOKEN_KEY_FILE}: {e}"))?;
+        let api_url = api_url.trim_end_matches('/');
+        let config = FhirConfig {
+            base_url: format!("{api_url}/fhir"),
+            issuer: api_url.to_string(),
+            data_dir: data_dir.to_path_buf(),
+        };
+        let tokens = TokenIssuer::new(keys, &config.issuer, &config.base_url, TOKEN_LIFETIME_S);
+        Ok(FhirState::new(
+            ledger,
+            records,
+            Arc::new(accounts),
+            tokens,
+            config,
+        ))
+    }
+
+    /// The accounts as the file now holds them: `medledger account add` writes the file
+    /// while the node runs, and the node reads it again when it changed.
+    pub fn accounts(&self) -> Arc<AccountStore> {
+        self.accounts.current()
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}/auth/token", self.config.issuer)
+    }
+}
+
+/// A node's whole HTTP API: the JSON API, the record endpoints and, when it keeps records,
+/// the FHIR API with its token endpoint. `api_url` is how clients reach it.
+pub fn node_api(
+    ledger: Arc<Ledger>,
+    records: Option<Arc<RecordService>>,
+    data_dir: &std::path::Path,
+    api_url: &str,
+) -> Result<Router, String> {
+    let fhir = match &records {
+        None => None,
+        Some(records) => Some(router(Arc::new(FhirState::open(
+            ledger.clone(),
+            records.clone(),
+            data_dir,
+            api_url,
+        )?))),
+    };
+    Ok(crate::api::router_with(ledger, records, fhir))
+}
+
+/// The FHIR routes (nested at `/fhir`, with FHIR answers for unknown paths), the token
+/// endpoint and the SMART discovery document. It has no fallback of its own at the top, so
+/// it merges into the node's API.
+pub fn router(state: Arc<FhirState>) -> Router {
+    let fhir = Router::new()
+        .route("/.well-known/smart-configuration", get(smart_configuration))
+        .route("/metadata", get(views::capability_statement))
+        .route(
+            "/{resource_type}",
+            get(resources::search).post(resources::create),
+        )
+        .route(
+            "/{resource_type}/{id}",
+            get(resources::read)
+                .put(resources::update)
+                .delete(resources::delete),
+        )
+        .route(
+            "/{resource_type}/{id}/{operation}",
+            get(resources::instance_operation),
+        )
+        .route(
+            "/{resource_type}/{id}/_history/{version}",
+            get(resources::vread),
+        )
+        .fallback(fhir_not_found)
+        .method_not_allowed_fallback(fhir_method_not_allowed)
+        .layer(DefaultBodyLimit::max(FHIR_BODY_BYTES_MAX))
+        .with_state(state.clone());
+    Router::new()
+        .route("/.well-known/smart-configuration", get(smart_configuration))
+        .route("/auth/token", post(token))
+        .route("/auth/jwks", get(jwks))
+        .with_state(state)
+        .nest("/fhir", fhir)
+}
+
+async fn fhir_method_not_allowed() -> Response {
+    Outcome::not_supported("this interaction is not supported on this path").into_response()
+}
+
+async fn fhir_not_found() -> Response {
+    Outcome::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such FHIR endpoint on this server",
+    )
+    .into_response()
+}
+
+// ---- errors -------------------------------------------------------------------------------
+
+/// A FHIR error: an OperationOutcome with one issue and an HTTP status.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: StatusCode,
+    /// The issue type (FHIR `IssueType`): invalid, security, forbidden, not-found, ...
+    pub code: &'static str,
+    pub diagnostics: String,
+    /// Our own code, for programs (`access_denied`, `token_expired`, ...).
+    pub detail: Option<String>,
+}
+
+impl Outcome {
+    pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> Outcome {
+        Outcome {
+            status,
+            code,
+            diagnostics: diagnostics.into(),
+            detail: None,
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Outcome {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn bad_request(diagnostics: impl Into<String>) -> Outcome {
+        Outcome::new(StatusCode::BAD_REQUEST, "invalid", diagnostics)
+    }
+
+    pub fn forbidden(diagnostics: impl Into<String>) -> Outcome {
+        Outcome::new(StatusCode::FORBIDDEN, "forbidden", diagnostics)
+    }
+
+    pub fn not_found(diagnostics: impl Into<String>) -> Outcome {
+        Outcome::new(StatusCode::NOT_FOUND, "not-found", diagnostics)
+    }
+
+    pub fn not_supported(diagnostics: impl Into<String>) -> Outcome {
+        Outcome::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", diagnostics)
+    }
+
+    pub fn internal(diagnostics: impl Into<String>) -> Outcome {
+        Outcome::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", diagnostics)
+    }
+
+    fn resource(&self) -> Value {
+        let mut issue = json!({
+            "severity": "error",
+            "code": self.code,
+            "diagnostics": self.diagnostics,
+        });
+        if let Some(detail) = &self.detail {
+            issue["details"] = json!({
+                "coding": [{ "system": views::ERROR_CODE_SYSTEM, "code": detail }],
+            });
+        }
+        json!({ "resourceType": "OperationOutcome", "issue": [issue] })
+    }
+}
+
+impl IntoResponse for Outcome {
+    fn into_response(self) -> Response {
+        let mut response = fhir_json(self.status, &self.resource());
+        if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                self.diagnostics.replace('"', "'")
+            );
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+        }
+        response
+    }
+}
+
+impl From<RecordError> for Outcome {
+    fn from(error: RecordError) -> Outcome {
+        let code = error.code();
+        let outcome = match &error {
+            RecordError::Invalid(_) => Outcome::bad_request(error.to_string()),
+            RecordError::Fhir(crate::fhir::FhirError::TooLarge { .. }) => {
+                Outcome::new(StatusCode::PAYLOAD_TOO_LARGE, "too-long", error.to_string())
+            }
+            RecordError::Fhir(_) => Outcome::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "processing",
+                error.to_string(),
+            ),
+            RecordError::NotFound(_) => Outcome::not_found(error.to_string()),
+            RecordError::Conflict(_) => {
+                Outcome::new(StatusCode::CONFLICT, "conflict", error.to_string())
+            }
+            RecordError::NoEncryptionKey(_) => {
+                Outcome::new(StatusCode::CONFLICT, "processing", error.to_string())
+            }
+            RecordError::Denied { .. } => Outcome::forbidden(error.to_string()),
+            RecordError::Integrity { .. } => {
+                Outcome::new(StatusCode::BAD_GATEWAY, "exception", error.to_string())
+            }
+            RecordError::Unavailable { .. } => Outcome::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                error.to_string(),
+            ),
+            RecordError::OutcomeUnknown(_) => {
+                Outcome::new(StatusCode::GATEWAY_TIMEOUT, "timeout", error.to_string())
+            }
+            RecordError::Ledger(_) | RecordError::Store(_) => Outcome::internal(error.to_string()),
+        };
+        outcome.detail(code)
+    }
+}
+
+impl From<SubmitError> for Outcome {
+    fn from(error: SubmitError) -> Outcome {
+        Outcome::from(RecordError::from(error))
+    }
+}
+
+/// A ledger refusal of a transaction signed for the caller.
+fn rejected(rejection: &Rejection) -> Outcome {
+    let text = rejection.to_string();
+    let outcome = match rejection {
+        Rejection::NotPermitted { .. }
+        | Rejection::NoConsent { .. }
+        | Rejection::SignerRevoked
+        | Rejection::OrgNotActive { .. }
+        | Rejection::CertificateNotValid { .. }
+        | Rejection::UnknownSigner { .. } => Outcome::forbidden(text),
+        Rejection::NotFound { .. } => Outcome::not_found(text),
+        Rejection::Conflict { .. }
+        | Rejection::AlreadyExists { .. }
+        | Rejection::StaleNonce { .. }
+        | Rejection::Duplicate { .. } => Outcome::new(StatusCode::CONFLICT, "conflict", text),
+        _ => Outcome::new(StatusCode::UNPROCESSABLE_ENTITY, "business-rule", text),
+    };
+    outcome.detail(rejection.code())
+}
+
+pub type FhirResult = Result<Response, Outcome>;
+
+/// A FHIR JSON answer.
+pub fn fhir_json(status: StatusCode, value: &Value) -> Response {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}
+
+// ---- callers --------------------------------------------------------------------------------
+
+/// Who is calling, from their verified token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The ledger identity acting: `name@org`, or a patient's pseudonym.
+    pub actor: String,
+    pub context: ScopeContext,
+    pub scopes: Scopes,
+    /// The patient a patient-context token is bound to.
+    pub patient: Option<String>,
+    pub claims: Claims,
+}
+
+impl Caller {
+    /// Refuses unless the token's scopes allow `interaction` on `resource_type`.
+    pub fn require(&self, resource_type: &str, interaction: Interaction) -> Result<(), Outcome> {
+        if self.scopes.allows(self.context, resource_type, interaction) {
+            return Ok(());
+        }
+        Err(Outcome::forbidden(format!(
+            "the token's scopes do not allow {interaction:?} on {resource_type}"
+        ))
+        .detail("insufficient_scope"))
+    }
+
+    /// Refuses a patient-context caller acting on another patient.
+    pub fn require_patient(&self, patient: &str) -> Result<(), Outcome> {
+        match &self.patient {
+            Some(own) if own != patient => Err(Outcome::forbidden(
+                "a patient token reaches only its own patient's records",
+            )
+            .detail("wrong_patient")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Why the data is used, as consents name it.
+    pub fn purpose(&self) -> medledger_core::model::Purpose {
+        match self.context {
+            ScopeContext::Patient => medledger_core::model::Purpose::PatientRequest,
+            ScopeContext::User | ScopeContext::System => medledger_core::model::Purpose::Treatment,
+        }
+    }
+}
+
+/// Verifies the bearer token and builds the caller; 401 for anything wrong with it.
+pub fn authenticate(state: &FhirState, headers: &HeaderMap) -> Result<Caller, Outcome> {
+    let unauthorized =
+        |text: &str, code: &str| Outcome::new(StatusCode::UNAUTHORIZED, "login", text).detail(code);
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("a bearer token is required", "token_missing"))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or_else(|| {
+            unauthorized(
+                "the Authorization header is not a bearer token",
+                "token_malformed",
+            )
+        })?;
+    let claims = state
+        .tokens
+        .verify(token, now_ms() / 1000)
+        .map_err(|e: TokenError| unauthorized(&e.to_string(), e.code()))?;
+    let scopes =
+        Scopes::parse(&claims.scope).map_err(|e| unauthorized(&e.to_string(), "token_scope"))?;
+    let context = if claims.client_id.is_some() {
+        ScopeContext::System
+    } else if is_patient_pseudonym(&claims.sub) {
+        ScopeContext::Patient
+    } else {
+        ScopeContext::User
+    };
+    if split_user_id(&claims.sub).is_none() && context != ScopeContext::Patient {
+        return Err(unauthorized(
+            "the token names no ledger user",
+            "token_subject",
+        ));
+    }
+    let patient = match context {
+        ScopeContext::Patient => Some(claims.sub.clone()),
+        _ => None,
+    };
+    Ok(Caller {
+        actor: claims.sub.clone(),
+        context,
+        scopes,
+        patient,
+        claims,
+    })
+}
+
+/// A file's modification time and size: when either changes, it is read again.
+type FileStamp = (std::time::SystemTime, u64);
+
+/// The accounts file, read again whenever its modification time or size changes.
+struct Accounts {
+    path: PathBuf,
+    current: Mutex<(Option<FileStamp>, Arc<AccountStore>)>,
+}
+
+impl Accounts {
+    fn new(store: Arc<AccountStore>, path: PathBuf) -> Accounts {
+        let stamp = Accounts::stamp(&path);
+        Accounts {
+            path,
+            current: Mutex::new((stamp, store)),
+        }
+    }
+
+    fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    fn current(&self) -> Arc<AccountStore> {
+        let mut current = self.current.lock().expect("accounts lock");
+        let stamp = Accounts::stamp(&self.path);
+        if stamp != current.0 {
+            match AccountStore::open(&self.path) {
+                Ok(store) => *current = (stamp, Arc::new(store)),
+                Err(e) => {
+                    eprintln!("medledger: {ACCOUNTS_FILE} does not load, keeping the last: {e}")
+                }
+            }
+        }
+        current.1.clone()
+    }
+}
+
+// ---- signing for callers ---------------------------------------------------------------------
+
+/// Signs ledger transactions with the keys of the people (and systems) the node acts for.
+struct Signers {
+    ledger: Arc<Ledger>,
+    identities: Mutex<HashMap<String, Arc<Identity>>>,
+    nonces: Mutex<HashMap<String, u64>>,
+}
+
+impl Signers {
+    fn new(ledger: Arc<Ledger>) -> Signers {
+        Signers {
+            ledger,
+            identities: Mutex::new(HashMap::new()),
+            nonces: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Signs `body` as `identity` with a nonce above any it used, and submits it; a nonce
+    /// that lost a race (the person signed elsewhere too) is replaced and resent.
+    async fn submit(&self, identity: &Identity, body: TxBody) -> Result<Committed, Outcome> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let known = self
+                .nonces
+                .lock()
+                .expect("nonce lock")
+                .get(&identity.id)
+                .copied();
+            let on_ledger: u64 = match known {
+                Some(_) if attempt == 1 => 0,
+                _ => self
+                    .ledger
+                    .store()
+                    .snapshot()
+                    .map_err(|e| Outcome::internal(e.to_string()))?
+                    .value(&medledger_core::state::keys::nonce(&identity.id))
+                    .map_err(|e| Outcome::internal(e.to_string()))?
+                    .unwrap_or(0),
+            };
+            let nonce = {
+                let mut nonces = self.nonces.lock().expect("nonce lock");
+                let last = nonces.entry(identity.id.clone()).or_insert(0);
+                *last = (*last).max(on_ledger) + 1;
+                *last
+            };
+            let tx = identity.sign(
+                self.ledger.chain_id(),
+                nonce,
+                now_ms() + SIGNED_TX_LIFETIME_MS,
+                body.clone(),
+            );
+            let committed = self.ledger.submit(tx).await?;
+            let stale = matches!(
+                &committed.outcome,
+                TxOutcome::Rejected { rejection } if matches!(rejection, Rejection::StaleNonce { .. })
+            );
+            if !stale || attempt > NONCE_RETRIES {
+                return Ok(committed);
+            }
+        }
+    }
+}
+
+impl FhirState {
+    /// The key file of the caller's account (or, for a system, of the user it acts as),
+    /// looked up on every call so that a removed account stops signing at once.
+    fn identity_of(&self, caller: &Caller) -> Result<Arc<Identity>, Outcome> {
+        let file = match &caller.claims.client_id {
+            Some(client) => self.accounts().client(client).map(|c| c.acts_as),
+            None => self
+                .accounts()
+                .account(&caller.actor)
+                .map(|a| a.identity_file),
+        }
+        .ok_or_else(|| Outcome::forbidden("the caller's account no longer exists"))?;
+        let cached = self
+            .signers
+            .identities
+            .lock()
+            .expect("identity lock")
+            .get(&file)
+            .cloned();
+        let identity = match cached {
+            Some(identity) => identity,
+            None => {
+                let identity = Arc::new(self.load_identity(&file)?);
+                self.signers
+                    .identities
+                    .lock()
+                    .expect("identity lock")
+                    .insert(file, identity.clone());
+                identity
+            }
+        };
+        if identity.id != caller.actor {
+            return Err(Outcome::internal(
+                "the account's key file belongs to someone else",
+            ));
+        }
+        Ok(identity)
+    }
+
+    fn load_identity(&self, file: &str) -> Result<Identity, Outcome> {
+        let path = PathBuf::from(file);
+        let path = if path.is_relative() {
+            self.config.data_dir.join(path)
+        } else {
+            path
+        };
+        Identity::load(&path).map_err(|e| {
+            eprintln!("medledger: an account's key file does not load: {e}");
+            Outcome::internal("the account's key file does not load")
+        })
+    }
+
+    /// Signs `body` for the caller and submits it; a ledger refusal becomes its outcome.
+    async fn submit_for(&self, caller: &Caller, body: TxBody) -> Result<Committed, Outcome> {
+        let identity = self.identity_of(caller)?;
+        self.submit_as(&identity, body).await
+    }
+
+    async fn submit_as(&self, identity: &Identity, body: TxBody) -> Result<Committed, Outcome> {
+        let committed = self.signers.submit(identity, body).await?;
+        match &committed.outcome {
+            TxOutcome::Committed { .. } => Ok(committed),
+            TxOutcome::Rejected { rejection } => Err(rejected(rejection)),
+        }
+    }
+}
+
+// ---- SMART: discovery and tokens ------------------------------------------------------------
+
+async fn smart_configuration(State(state): State<Arc<FhirState>>) -> Response {
+    let body = json!({
+        "issuer": state.config.issuer,
+        "jwks_uri": format!("{}/auth/jwks", state.config.issuer),
+        "token_endpoint": state.token_url(),
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES384", "RS384", "ES256"],
+        "grant_types_supported": ["client_credentials", "password"],
+        "scopes_supported": [
+            "patient/*.rs", "patient/*.cruds", "user/*.rs", "user/*.cruds", "system/*.rs",
+            "system/*.cruds", "openid", "fhirUser"
+        ],
+        "response_types_supported": [],
+        "capabilities": [
+            "client-confidential-asymmetric", "permission-v2", "permission-v1",
+            "permission-patient", "permission-user"
+        ],
+        "code_challenge_methods_supported": []
+    });
+    axum::Json(body).into_response()
+}
+
+async fn jwks(State(state): State<Arc<FhirState>>) -> Response {
+    axum::Json(state.tokens.keys().jwks()).into_response()
+}
+
+/// An OAuth2 error answer (RFC 6749 §5.2).
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut response = (
+        status,
+        axum::Json(json!({ "error": error, "error_description": description })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `POST /auth/token`, form-encoded:
+/// - `grant_type=password`, `username`, `password`, `totp` (the second factor), `scope`:
+///   a person's login;
+/// - `grant_type=client_credentials`, `client_assertion_type` (jwt-bearer),
+///   `client_assertion`, `scope`: SMART Backend Services.
+async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
+    let form: HashMap<String, String> = match serde_urlencoded_pairs(&body) {
+        Some(form) => form,
+        None => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the body is not application/x-www-form-urlencoded",
+            )
+        }
+    };
+    let field = |name: &str| form.get(name).map(String::as_str).unwrap_or("");
+    let now_s = now_ms() / 1000;
+    let requested = match Scopes::parse(field("scope")) {
+        Ok(scopes) => scopes,
+        Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string()),
+    };
+    let issued = match field("grant_type") {
+        "password" => {
+            let accounts = state.accounts();
+            let (username, password, code) = (
+                field("username").to_string(),
+                field("password").to_string(),
+                field("totp").to_string(),
+            );
+            // argon2 is deliberately slow: off the async threads.
+            let login = tokio::task::spawn_blocking(move || {
+                accounts.login(&username, &password, &code, now_s)
+            })
+            .await;
+            let account = match login {
+                Ok(Ok(account)) => account,
+                Ok(Err(e)) => {
+                    return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", &e.to_string())
+                }
+                Err(_) => {
+                    return oauth_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "the login failed",
+                    )
+                }
+            };
+            let allowed = match Scopes::parse(&account.allowed_scopes) {
+                Ok(allowed) => allowed,
+                Err(_) => {
+                    return oauth_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "the account's scopes do not parse",
+                    )
+                }
+            };
+            let granted = requested.intersect(&allowed);
+            let (patient, fhir_user) = match account.kind {
+                AccountKind::Patient => (
+                    Some(account.username.clone()),
+                    Some(format!(
+                        "{}/Patient/{}",
+                        state.config.base_url, account.username
+                    )),
+                ),
+                AccountKind::Practitioner => (
+                    None,
+                    Some(format!(
+                        "{}/Practitioner/{}",
+                        state.config.base_url,
+                        views::practitioner_id(&account.username)
+                    )),
+                ),
+            };
+            state.tokens.issue(
+                &account.username,
+                &granted,
+                patient.as_deref(),
+                fhir_user.as_deref(),
+                None,
+                &["pwd", "otp"],
+                now_s,
+            )
+        }
+        "client_credentials" => {
+            if field("client_assertion_type")
+                != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                );
+            }
+            let client = match verify_client_assertion(
+                &state.accounts(),
+                field("client_assertion"),
+                &state.token_url(),
+                now_s,
+                &state.assertions,
+            ) {
+                Ok(client) => client,
+                Err(e) => {
+                    return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &e.to_string())
+                }
+            };
+            let allowed = match Scopes::parse(&client.allowed_scopes) {
+                Ok(allowed) => allowed,
+                Err(_) => {
+                    return oauth_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "the client's scopes do not parse",
+                    )
+                }
+            };
+            let granted = requested.intersect(&allowed);
+            let acts_as = match state.load_identity(&client.acts_as) {
+                Ok(identity) => identity.id,
+                Err(_) => {
+                    return oauth_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "the client's key file does not load",
+                    )
+                }
+            };
+            state.tokens.issue(
+                &acts_as,
+                &granted,
+                None,
+                None,
+                Some(&client.client_id),
+                &["private_key_jwt"],
+                now_s,
+            )
+        }
+        other => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!("{other:?} is not a grant this server supports"),
+            )
+        }
+    };
+    match issued {
+        Ok((token, claims)) => {
+            let mut body = json!({
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": claims.exp.saturating_sub(now_s),
+                "scope": claims.scope,
+            });
+            if let Some(patient) = &claims.patient {
+                body["patient"] = json!(patient);
+            }
+            let mut response = axum::Json(body).into_response();
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(e) => oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string()),
+    }
+}
+
+/// `application/x-www-form-urlencoded` pairs; None when the body is not.
+fn serde_urlencoded_pairs(body: &[u8]) -> Option<HashMap<String, String>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut out = HashMap::new();
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(name)?, percent_decode(value)?);
+    }
+    Some(out)
+}
+
+/// Decodes `%XX` escapes and `+` (a space in forms and query strings).
+pub fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Query pairs in order, decoded; a malformed escape is a 400.
+pub fn query_pairs(query: &RawQuery) -> Result<Vec<(String, String)>, Outcome> {
+    let Some(text) = &query.0 else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match (percent_decode(name), percent_decode(value)) {
+            (Some(name), Some(value)) => out.push((name, value)),
+            _ => return Err(Outcome::bad_request("the query string is not well encoded")),
+        }
+    }
+    Ok(out)
+}
+
+/// The path parameters of a resource route.
+pub type TypeAndId = Path<(String, String)>;

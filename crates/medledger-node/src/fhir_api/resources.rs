@@ -1,0 +1,757 @@
+//! The FHIR interactions on records: create, read, vread, update, history, search and
+//! `$everything`, and the ledger-backed types (Consent, AuditEvent, Provenance,
+//! Practitioner, Organization) routed to `views`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use medledger_core::model::{category_of, Category, Grantee, Purpose, Record, Scope};
+use medledger_core::state::keys;
+use medledger_core::tx::TxBody;
+use serde_json::{json, Value};
+
+use super::{
+    authenticate, fhir_json, query_pairs, views, Caller, FhirResult, FhirState, Outcome, TypeAndId,
+    SEARCH_PAGE_DEFAULT, SEARCH_PAGE_MAX,
+};
+use crate::auth::Interaction;
+use crate::consortium::Identity;
+use crate::fhir_search::{self, SearchParams};
+use crate::records::service::{custodian_of, OpenedVersion, PrepareRequest, ReadRequest};
+
+/// Types served from the ledger rather than from records.
+const LEDGER_TYPES: [&str; 5] = [
+    "Consent",
+    "AuditEvent",
+    "Provenance",
+    "Practitioner",
+    "Organization",
+];
+
+fn is_record_type(resource_type: &str) -> bool {
+    category_of(resource_type).is_some()
+}
+
+fn check_type(resource_type: &str) -> Result<(), Outcome> {
+    if is_record_type(resource_type) || LEDGER_TYPES.contains(&resource_type) {
+        Ok(())
+    } else {
+        Err(Outcome::not_found(format!(
+            "{resource_type:?} is not a resource type this server supports"
+        ))
+        .detail("unsupported_type"))
+    }
+}
+
+/// The version a FHIR `ETag` or `If-Match` names: `W/"3"` or `"3"`.
+fn etag_version(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let value = value.strip_prefix("W/").unwrap_or(value);
+    value.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+/// A resource answer with its ETag, Last-Modified and Location headers.
+fn resource_response(
+    state: &FhirState,
+    status: StatusCode,
+    resource_type: &str,
+    resource: &Value,
+) -> Response {
+    let mut response = fhir_json(status, resource);
+    let headers = response.headers_mut();
+    let id = resource.get("id").and_then(Value::as_str).unwrap_or("");
+    if let Some(version) = resource.pointer("/meta/versionId").and_then(Value::as_str) {
+        if let Ok(value) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+            headers.insert(header::ETAG, value);
+        }
+        if status == StatusCode::CREATED {
+            let location = format!(
+                "{}/{resource_type}/{id}/_history/{version}",
+                state.config.base_url
+            );
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                headers.insert(header::LOCATION, value.clone());
+                headers.insert(header::CONTENT_LOCATION, value);
+            }
+        }
+    }
+    if let Some(updated) = resource
+        .pointer("/meta/lastUpdated")
+        .and_then(Value::as_str)
+        .and_then(views::http_date)
+    {
+        if let Ok(value) = HeaderValue::from_str(&updated) {
+            headers.insert(header::LAST_MODIFIED, value);
+        }
+    }
+    response
+}
+
+/// The JSON body of a create or update; 400 when it is not JSON, 422 when it is not the
+/// type the URL names.
+fn parse_body(resource_type: &str, body: &Bytes) -> Result<Value, Outcome> {
+    if body.len() > crate::fhir::RESOURCE_BYTES_MAX {
+        return Err(Outcome::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            format!(
+                "a resource is at most {} bytes",
+                crate::fhir::RESOURCE_BYTES_MAX
+            ),
+        ));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| Outcome::bad_request(format!("the body is not JSON: {e}")))?;
+    match value.get("resourceType").and_then(Value::as_str) {
+        Some(t) if t == resource_type => Ok(value),
+        Some(other) => Err(Outcome::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("the body is a {other}, the URL names {resource_type}"),
+        )),
+        None => Err(Outcome::bad_request("the body has no resourceType")),
+    }
+}
+
+/// Where a record lives: the custodian a FHIR id names (a Patient is looked up by its
+/// pseudonym, preferring this node's copy).
+fn locate(state: &FhirState, resource_type: &str, id: &str) -> Result<(String, Record), Outcome> {
+    let snapshot = state
+        .ledger
+        .store()
+        .snapshot()
+        .map_err(|e| Outcome::internal(e.to_string()))?;
+    let not_found = || Outcome::not_found(format!("{resource_type}/{id} is not known"));
+    let custodian = if resource_type == "Patient" {
+        let local = state.records.org().to_string();
+        if snapshot
+            .value::<Record>(&keys::record(&local, id))
+            .map_err(|e| Outcome::internal(e.to_string()))?
+            .is_some()
+        {
+            local
+        } else {
+            let prefix = keys::patient_records_prefix(id);
+            let mut found = None;
+            for (key, _) in snapshot
+                .scan(&prefix, None, 1000)
+                .map_err(|e| Outcome::internal(e.to_string()))?
+            {
+                if let Some((custodian, record_id)) = key[prefix.len()..].split_once('/') {
+                    if record_id == id {
+                        found = Some(custodian.to_string());
+                        break;
+                    }
+                }
+            }
+            found.ok_or_else(not_found)?
+        }
+    } else {
+        custodian_of(id, state.records.org()).to_string()
+    };
+    let record: Record = snapshot
+        .value(&keys::record(&custodian, id))
+        .map_err(|e| Outcome::internal(e.to_string()))?
+        .ok_or_else(not_found)?;
+    if record.resource_type != resource_type {
+        return Err(not_found());
+    }
+    Ok((custodian, record))
+}
+
+// ---- create and update ------------------------------------------------------------------------
+
+pub async fn create(
+    State(state): State<Arc<FhirState>>,
+    Path(resource_type): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> FhirResult {
+    check_type(&resource_type)?;
+    let caller = authenticate(&state, &headers)?;
+    caller.require(&resource_type, Interaction::Create)?;
+    let mut resource = parse_body(&resource_type, &body)?;
+    if resource_type == "Consent" {
+        return views::create_consent(&state, &caller, resource).await;
+    }
+    if !is_record_type(&resource_type) {
+        return Err(Outcome::not_supported(format!(
+            "{resource_type} resources come from the ledger and cannot be created here"
+        )));
+    }
+    // The server assigns the id and version of a created resource.
+    if let Some(object) = resource.as_object_mut() {
+        object.remove("id");
+        object.remove("meta");
+    }
+    if resource_type == "Patient" {
+        let patient = register_patient(&state, &caller).await?;
+        resource["id"] = json!(patient);
+    }
+    let stored = write_version(&state, &caller, resource, None).await?;
+    Ok(resource_response(
+        &state,
+        StatusCode::CREATED,
+        &resource_type,
+        &stored,
+    ))
+}
+
+pub async fn update(
+    State(state): State<Arc<FhirState>>,
+    Path((resource_type, id)): TypeAndId,
+    headers: HeaderMap,
+    body: Bytes,
+) -> FhirResult {
+    check_type(&resource_type)?;
+    let caller = authenticate(&state, &headers)?;
+    caller.require(&resource_type, Interaction::Update)?;
+    let resource = parse_body(&resource_type, &body)?;
+    match resource.get("id").and_then(Value::as_str) {
+        Some(own) if own == id => {}
+        Some(_) => {
+            return Err(Outcome::bad_request(
+                "the resource's id differs from the id in the URL",
+            ))
+        }
+        None => return Err(Outcome::bad_request("an update carries the resource's id")),
+    }
+    if resource_type == "Consent" {
+        return views::update_consent(&state, &caller, &id, resource).await;
+    }
+    if !is_record_type(&resource_type) {
+        return Err(Outcome::not_supported(format!(
+            "{resource_type} resources come from the ledger and cannot be changed here"
+        )));
+    }
+    let expected = match headers.get(header::IF_MATCH) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(etag_version)
+                .ok_or_else(|| Outcome::bad_request("If-Match is not an ETag like W/\"2\""))?,
+        ),
+    };
+    let custodian = if resource_type == "Patient" {
+        state.records.org().to_string()
+    } else {
+        custodian_of(&id, state.records.org()).to_string()
+    };
+    if custodian != state.records.org() {
+        return Err(Outcome::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            format!("{resource_type}/{id} is kept by {custodian}: update it there"),
+        )
+        .detail("not_custodian"));
+    }
+    let current = state
+        .ledger
+        .store()
+        .snapshot()
+        .map_err(|e| Outcome::internal(e.to_string()))?
+        .value::<Record>(&keys::record(&custodian, &id))
+        .map_err(|e| Outcome::internal(e.to_string()))?
+        .map(|r| r.versions.len() as u64);
+    if let Some(expected) = expected {
+        if current != Some(expected) {
+            return Err(Outcome::new(
+                StatusCode::PRECONDITION_FAILED,
+                "conflict",
+                format!(
+                    "If-Match names version {expected}; the current version is {}",
+                    current.map_or("none".to_string(), |v| v.to_string())
+                ),
+            )
+            .detail("version_conflict"));
+        }
+    }
+    let stored = write_version(&state, &caller, resource, Some(id)).await?;
+    let status = if current.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(resource_response(&state, status, &resource_type, &stored))
+}
+
+pub async fn delete(
+    State(state): State<Arc<FhirState>>,
+    Path((resource_type, _id)): TypeAndId,
+    headers: HeaderMap,
+) -> FhirResult {
+    check_type(&resource_type)?;
+    authenticate(&state, &headers)?;
+    Err(Outcome::not_supported(
+        "delete is not supported: every version stays on the ledger's index; \
+         mark the resource entered-in-error with an update instead",
+    ))
+}
+
+/// Seals a version at this custodian and indexes it on the ledger under the caller's
+/// signature. Returns the resource as stored.
+async fn write_version(
+    state: &FhirState,
+    caller: &Caller,
+    resource: Value,
+    record_id: Option<String>,
+) -> Result<Value, Outcome> {
+    let patient = crate::fhir::check_resource(
+        &serde_json::to_vec(&resource).map_err(|e| Outcome::bad_request(e.to_string()))?,
+    )
+    .map_err(|e| Outcome::from(crate::records::RecordError::from(e)))?
+    .patient;
+    caller.require_patient(&patient)?;
+    let prepared = state
+        .records
+        .prepare(PrepareRequest {
+            resource,
+            record_id,
+            attachments: Vec::new(),
+        })
+        .await?;
+    state.submit_for(caller, prepared.body).await?;
+    Ok(prepared.resource)
+}
+
+/// A patient created through the API: a fresh key pair (kept in the node's `patients/`
+/// folder, 0600), registered on the ledger, its encryption key published, and the
+/// organisation's consent to treat: the patient grants the creating organisation reading,
+/// writing and searching their clinical records for treatment, which they can revoke.
+async fn register_patient(state: &FhirState, caller: &Caller) -> Result<String, Outcome> {
+    let Some((org, _)) = medledger_core::identity::split_user_id(&caller.actor) else {
+        return Err(Outcome::forbidden(
+            "only a member's user registers patients",
+        ));
+    };
+    let identity = Identity::new_patient().map_err(|e| Outcome::internal(e.to_string()))?;
+    let dir = state.config.data_dir.join("patients");
+    std::fs::create_dir_all(&dir).map_err(|e| Outcome::internal(e.to_string()))?;
+    identity
+        .save(&dir.join(format!("{}.json", identity.id)))
+        .map_err(|e| Outcome::internal(e.to_string()))?;
+    state
+        .submit_as(
+            &identity,
+            TxBody::RegisterPatient {
+                public_key: identity.key.public_key(),
+            },
+        )
+        .await?;
+    let encryption_key = identity
+        .encryption_key()
+        .ok_or_else(|| Outcome::internal("a new patient has no encryption key"))?
+        .public_key()
+        .to_base64url();
+    state
+        .submit_as(
+            &identity,
+            TxBody::SetEncryptionKey {
+                public_key: encryption_key,
+            },
+        )
+        .await?;
+    state
+        .submit_as(
+            &identity,
+            TxBody::Grant {
+                grantee: Grantee::Org {
+                    org: org.to_string(),
+                },
+                scope: Scope {
+                    resource_types: Vec::new(),
+                    categories: vec![
+                        Category::Conditions,
+                        Category::Diagnostics,
+                        Category::Medications,
+                        Category::Documents,
+                        Category::Encounters,
+                        Category::Demographics,
+                    ],
+                },
+                actions: vec![
+                    medledger_core::model::Action::Read,
+                    medledger_core::model::Action::Write,
+                    medledger_core::model::Action::Search,
+                ],
+                purposes: vec![Purpose::Treatment],
+                expires_at_ms: None,
+            },
+        )
+        .await?;
+    Ok(identity.id)
+}
+
+// ---- reads ----------------------------------------------------------------------------------
+
+pub async fn read(
+    State(state): State<Arc<FhirState>>,
+    Path((resource_type, id)): TypeAndId,
+    headers: HeaderMap,
+) -> FhirResult {
+    check_type(&resource_type)?;
+    let caller = authenticate(&state, &headers)?;
+    caller.require(&resource_type, Interaction::Read)?;
+    if !is_record_type(&resource_type) {
+        let resource = views::read(&state, &caller, &resource_type, &id)?;
+        return Ok(fhir_json(StatusCode::OK, &resource));
+    }
+    let opened = read_version(&state, &caller, &resource_type, &id, None).await?;
+    Ok(resource_response(
+        &state,
+        StatusCode::OK,
+        &resource_type,
+        &opened.resource,
+    ))
+}
+
+pub async fn vread(
+    State(state): State<Arc<FhirState>>,
+    Path((resource_type, id, version)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> FhirResult {
+    check_type(&resource_type)?;
+    let caller = authenticate(&state, &headers)?;
+    caller.require(&resource_type, Interaction::Read)?;
+    if !is_record_type(&resource_type) {
+        return Err(Outcome::not_supported(format!(
+            "{resource_type} has no versions on this server"
+        )));
+    }
+    let version: u64 = version
+        .parse()
+        .map_err(|_| Outcome::not_found(format!("no version {version:?}")))?;
+    let opened = read_version(&state, &caller, &resource_type, &id, Some(version)).await?;
+    Ok(resource_response(
+        &state,
+        StatusCode::OK,
+        &resource_type,
+        &opened.resource,
+    ))
+}
+
+async fn read_version(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    version: Option<u64>,
+) -> Result<OpenedVersion, Outcome> {
+    let (custodian, record) = locate(state, resource_type, id)?;
+    caller.require_patient(&record.patient)?;
+    if let Some(version) = version {
+        if !record.versions.iter().any(|v| v.version == version) {
+            return Err(Outcome::not_found(format!(
+                "{resource_type}/{id} has no version {version}"
+            )));
+        }
+    }
+    Ok(state
+        .records
+        .read(ReadRequest {
+            actor: caller.actor.clone(),
+            custodian,
+            record_id: id.to_string(),
+            version,
+            purpose: caller.purpose(),
+            attachments: false,
+        })
+        .await?)
+}
+
+/// `GET /fhir/{type}/{id}/_history` and `GET /fhir/Patient/{id}/$everything`.
+pub async fn instance_operation(
+    State(state): State<Arc<FhirState>>,
+    Path((resource_type, id, operation)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    query: RawQuery,
+) -> FhirResult {
+    check_type(&resource_type)?;
+    let caller = authenticate(&state, &headers)?;
+    match operation.as_str() {
+        "_history" if is_record_type(&resource_type) => {
+            caller.require(&resource_type, Interaction::Read)?;
+            let (custodian, record) = locate(&state, &resource_type, &id)?;
+            caller.require_patient(&record.patient)?;
+            let versions = state
+                .records
+                .versions(&caller.actor, &custodian, &id, caller.purpose())
+                .await?;
+            let entries: Vec<Value> = versions
+                .iter()
+                .rev()
+                .map(|v| {
+                    json!({
+                        "fullUrl": format!("{}/{resource_type}/{id}", state.config.base_url),
+                        "resource": v.resource,
+                        "request": {
+                            "method": if v.version == 1 { "POST" } else { "PUT" },
+                            "url": if v.version == 1 { resource_type.clone() } else { format!("{resource_type}/{id}") },
+                        },
+                        "response": {
+                            "status": if v.version == 1 { "201 Created" } else { "200 OK" },
+                            "etag": format!("W/\"{}\"", v.version),
+                        },
+                    })
+                })
+                .collect();
+            let bundle = json!({
+                "resourceType": "Bundle",
+                "type": "history",
+                "total": entries.len(),
+                "link": [{ "relation": "self", "url": format!("{}/{resource_type}/{id}/_history", state.config.base_url) }],
+                "entry": entries,
+            });
+            Ok(fhir_json(StatusCode::OK, &bundle))
+        }
+        "$everything" if resource_type == "Patient" => {
+            let pairs = query_pairs(&query)?;
+            everything(&state, &caller, &id, &pairs).await
+        }
+        _ => Err(Outcome::not_found(format!(
+            "no operation {operation:?} on {resource_type}"
+        ))),
+    }
+}
+
+/// Every record of the patient the caller may see, latest versions, from every custodian.
+async fn everything(
+    state: &FhirState,
+    caller: &Caller,
+    patient: &str,
+    pairs: &[(String, String)],
+) -> FhirResult {
+    caller.require_patient(patient)?;
+    if !medledger_core::model::RESOURCE_TYPES
+        .iter()
+        .any(|(t, _)| caller.scopes.allows(caller.context, t, Interaction::Read))
+    {
+        return Err(
+            Outcome::forbidden("the token's scopes allow reading no record type")
+                .detail("insufficient_scope"),
+        );
+    }
+    for (name, _) in pairs {
+        if !matches!(name.as_str(), "_count" | "_format") {
+            return Err(Outcome::bad_request(format!(
+                "$everything takes no parameter {name:?} here"
+            )));
+        }
+    }
+    // Only the types the token may read are asked for: nothing else is fetched or logged.
+    let types: Vec<String> = medledger_core::model::RESOURCE_TYPES
+        .iter()
+        .map(|(t, _)| t.to_string())
+        .filter(|t| caller.scopes.allows(caller.context, t, Interaction::Read))
+        .collect();
+    let history = state
+        .records
+        .history_of(&caller.actor, patient, caller.purpose(), Some(&types), true)
+        .await?;
+    let mut resources: Vec<Value> = history.versions.into_iter().map(|v| v.resource).collect();
+    // The Patient first, then the rest by type and id: a stable order clients can page.
+    resources.sort_by_key(|r| {
+        (
+            r.get("resourceType").and_then(Value::as_str) != Some("Patient"),
+            r.get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            r.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        )
+    });
+    let entries: Vec<Value> = resources
+        .into_iter()
+        .map(|r| entry(state, r, "match"))
+        .collect();
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": entries.len(),
+        "link": [{ "relation": "self", "url": format!("{}/Patient/{patient}/$everything", state.config.base_url) }],
+        "entry": entries,
+    });
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+fn entry(state: &FhirState, resource: Value, mode: &str) -> Value {
+    let full_url = format!(
+        "{}/{}/{}",
+        state.config.base_url,
+        resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        resource.get("id").and_then(Value::as_str).unwrap_or("")
+    );
+    json!({ "fullUrl": full_url, "resource": resource, "search": { "mode": mode } })
+}
+
+// ---- search -----------------------------------------------------------------------------------
+
+pub async fn search(
+    State(state): State<Arc<FhirState>>,
+    Path(resource_type): Path<String>,
+    headers: HeaderMap,
+    query: RawQuery,
+) -> FhirResult {
+    check_type(&resource_type)?;
+    let caller = authenticate(&state, &headers)?;
+    caller.require(&resource_type, Interaction::Search)?;
+    let pairs = query_pairs(&query)?;
+    if !is_record_type(&resource_type) {
+        let bundle = views::search(&state, &caller, &resource_type, &pairs).await?;
+        return Ok(fhir_json(StatusCode::OK, &bundle));
+    }
+    let params = fhir_search::parse(&resource_type, &pairs, SEARCH_PAGE_DEFAULT, SEARCH_PAGE_MAX)
+        .map_err(|e| Outcome::bad_request(e.to_string()).detail("invalid_search"))?;
+    let patient = match (&params.patient, &caller.patient, resource_type.as_str()) {
+        (Some(patient), _, _) => patient.clone(),
+        (None, Some(own), _) => own.clone(),
+        (None, None, "Patient") if params.id.len() == 1 => params.id[0].clone(),
+        _ => {
+            return Err(Outcome::bad_request(
+                "a search names its patient (patient= or subject=): records are searched \
+                 one patient at a time, under that patient's consent",
+            )
+            .detail("patient_required"))
+        }
+    };
+    caller.require_patient(&patient)?;
+    let mut types = vec![resource_type.clone()];
+    let include_patient = params.include_patient && resource_type != "Patient";
+    if include_patient {
+        caller.require("Patient", Interaction::Read)?;
+        types.push("Patient".to_string());
+    }
+    let history = state
+        .records
+        .history_of(
+            &caller.actor,
+            &patient,
+            caller.purpose(),
+            Some(&types),
+            true,
+        )
+        .await?;
+    let mut matched = Vec::new();
+    let mut patients = Vec::new();
+    for version in history.versions {
+        if version.resource_type == resource_type {
+            if fhir_search::matches(&resource_type, &params, &version.resource) {
+                matched.push(version.resource);
+            }
+        } else {
+            patients.push(version.resource);
+        }
+    }
+    // Newest first unless the client sorts: the order HAPI and most servers default to.
+    matched.sort_by(|a, b| {
+        let updated = |r: &Value| {
+            r.pointer("/meta/lastUpdated")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        updated(b).cmp(&updated(a)).then_with(|| {
+            a.get("id")
+                .and_then(Value::as_str)
+                .cmp(&b.get("id").and_then(Value::as_str))
+        })
+    });
+    if !params.sort.is_empty() {
+        fhir_search::sort(&resource_type, &params.sort, &mut matched);
+    }
+    Ok(fhir_json(
+        StatusCode::OK,
+        &search_bundle(&state, &resource_type, &params, matched, patients),
+    ))
+}
+
+/// One page of a searchset, with links that repeat the search at other offsets.
+fn search_bundle(
+    state: &FhirState,
+    resource_type: &str,
+    params: &SearchParams,
+    matched: Vec<Value>,
+    patients: Vec<Value>,
+) -> Value {
+    let total = matched.len();
+    let link = |offset: usize| {
+        let mut pairs = fhir_search::self_query(resource_type, params);
+        pairs.push(("_offset".to_string(), offset.to_string()));
+        let query: Vec<String> = pairs
+            .iter()
+            .map(|(k, v)| format!("{}={}", views::percent_encode(k), views::percent_encode(v)))
+            .collect();
+        format!(
+            "{}/{resource_type}?{}",
+            state.config.base_url,
+            query.join("&")
+        )
+    };
+    let mut links = vec![json!({ "relation": "self", "url": link(params.offset) })];
+    if params.summary_count {
+        return json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "link": links,
+        });
+    }
+    let count = params.count;
+    links.push(json!({ "relation": "first", "url": link(0) }));
+    if count > 0 && params.offset + count < total {
+        links.push(json!({ "relation": "next", "url": link(params.offset + count) }));
+    }
+    if params.offset > 0 {
+        links.push(json!({ "relation": "previous", "url": link(params.offset.saturating_sub(count.max(1))) }));
+    }
+    if count > 0 && total > 0 {
+        links.push(json!({ "relation": "last", "url": link((total - 1) / count * count) }));
+    }
+    let page: Vec<Value> = matched
+        .into_iter()
+        .skip(params.offset)
+        .take(count)
+        .collect();
+    let mut entries: Vec<Value> = Vec::new();
+    let mut included: Vec<String> = Vec::new();
+    for resource in &page {
+        let patient_ref = resource
+            .pointer("/subject/reference")
+            .or_else(|| resource.pointer("/patient/reference"))
+            .or_else(|| resource.pointer("/beneficiary/reference"))
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("Patient/"))
+            .map(str::to_string);
+        if let Some(patient) = patient_ref {
+            if let Some(found) = patients
+                .iter()
+                .find(|p| p.get("id").and_then(Value::as_str) == Some(&patient))
+            {
+                if !included.contains(&patient) {
+                    included.push(patient);
+                    entries.push(entry(state, found.clone(), "include"));
+                }
+            }
+        }
+    }
+    let mut all: Vec<Value> = page.into_iter().map(|r| entry(state, r, "match")).collect();
+    all.extend(entries);
+    json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": all,
+    })
+}
