@@ -1937,6 +1937,11 @@ fn record_creation_refuses_bad_authors_ids_types_cids_versions_and_missing_conse
         case(
             "an unsupported resource type",
             Refused("invalid"),
+            |l, w| l.sign(&w.alice, create(&w.p.id, "obs-9", 1, "Practitioner")),
+        ),
+        case(
+            "a Patient record whose id is not the patient's pseudonym",
+            Refused("invalid"),
             |l, w| l.sign(&w.alice, create(&w.p.id, "obs-9", 1, "Patient")),
         ),
         case(
@@ -2108,7 +2113,7 @@ fn consent_refuses_wrong_signers_bad_grantees_bad_terms_and_stale_answers() {
                     &w.p,
                     grant(
                         to_user(&w.bob.id),
-                        types(&["Observation", "Patient"]),
+                        types(&["Observation", "Practitioner"]),
                         &[Action::Read],
                         &[Purpose::Treatment],
                         None,
@@ -2252,7 +2257,7 @@ fn consent_refuses_wrong_signers_bad_grantees_bad_terms_and_stale_answers() {
                     &w.bob,
                     request(
                         &w.p.id,
-                        types(&["Patient"]),
+                        types(&["Practitioner"]),
                         &[Action::Read],
                         Purpose::Treatment,
                     ),
@@ -2544,7 +2549,7 @@ fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodi
             |l, w| {
                 l.sign(
                     w.node("hospital-a"),
-                    search(&w.alice.id, &w.p.id, &["Patient"], Purpose::Treatment),
+                    search(&w.alice.id, &w.p.id, &["Practitioner"], Purpose::Treatment),
                 )
             },
         ),
