@@ -175,6 +175,16 @@ impl Story {
     }
 }
 
+/// The organisation a running node belongs to.
+fn org_of(running: &crate::node_runner::RunningMember) -> String {
+    running
+        .ledger
+        .node_id()
+        .split_once('@')
+        .map(|(_, org)| org.to_string())
+        .unwrap_or_default()
+}
+
 fn short(text: &str) -> String {
     text.chars().take(12).collect::<String>() + "…"
 }
@@ -244,15 +254,7 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         client: Client::new(&node.api_url),
         nodes: nodes
             .iter()
-            .map(|running| {
-                let org = running
-                    .ledger
-                    .node_id()
-                    .split_once('@')
-                    .map(|(_, org)| org.to_string())
-                    .unwrap_or_default();
-                (org, Client::new(&running.api_url))
-            })
+            .map(|running| (org_of(running), Client::new(&running.api_url)))
             .collect(),
         step: 0,
     };
@@ -564,71 +566,13 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         glass_list.as_array().map(|a| a.len()).unwrap_or(0)
     );
 
-    story.chapter("Anyone with the root certificate verifies the audit trail, trusting no node");
-    let root_text = std::fs::read_to_string(keys.root_certificate()).map_err(|e| e.to_string())?;
-    let root = IssuedCert::from_pem(&root_text).map_err(|e| e.to_string())?;
-    let report = verify_transaction_proof(&story.client, &denied, &root, Some(&first_head))?;
-    println!(
-        "   ✓ the denied access is leaf {} of the signed log (size {}, root {}), and the log extends its size-{} head from genesis",
-        report.leaf_index,
-        report.tree_head.tree_head.log_size,
-        short(&report.tree_head.tree_head.log_root.to_hex()),
-        first_head.tree_head.log_size
-    );
-
-    let agreed = wait_for_agreement(&nodes, std::time::Duration::from_secs(20))?;
-    println!(
-        "\nAll {NODES} nodes hold the same chain: block {} {} (state {})",
-        agreed.height,
-        short(&agreed.block_hash.to_hex()),
-        short(&agreed.state_hash.to_hex())
-    );
-    let contributions: Vec<medledger_core::model::Contribution> = story
-        .client
-        .get("/v1/contributions")
-        .map_err(|e| e.to_string())?;
-    println!("What each member contributed, as the ledger counts it:");
-    for line in crate::commands::contribution_lines(&contributions) {
-        println!("   {line}");
-    }
-    let status: serde_json::Value = story.client.get("/v1/status").map_err(|e| e.to_string())?;
-    // A tree head held outside the node lets anyone later catch a rewrite or a rollback.
-    let last_head: SignedTreeHead = story
-        .client
-        .get("/v1/tree-head")
-        .map_err(|e| e.to_string())?;
-    let head_file = dir.join("tree-head.json");
-    std::fs::write(
-        &head_file,
-        serde_json::to_string_pretty(&last_head).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    println!(
-        "\nDone: {} blocks, log of {} entries. Re-check the stored ledger, against the tree head kept outside it, with:\n   medledger verify --data-dir {} --tree-head {} --root-cert {}",
-        status["height"].as_u64().unwrap_or(0) + 1,
-        status["log_size"],
-        node_dir.display(),
-        head_file.display(),
-        keys.root_certificate().display()
-    );
-    for other in ["hospital-b", "lab-x"] {
-        println!(
-            "   medledger verify --data-dir {}",
-            dir.join("nodes").join(other).display()
-        );
-    }
     story.chapter(
         "The FHIR R4 API: any FHIR client, with a token from the node (password and one-time code)",
     );
     let node_dirs: Vec<(String, String, PathBuf)> = nodes
         .iter()
         .map(|running| {
-            let org = running
-                .ledger
-                .node_id()
-                .split_once('@')
-                .map(|(_, org)| org.to_string())
-                .unwrap_or_default();
+            let org = org_of(running);
             let data_dir = dir.join("nodes").join(&org);
             (org, running.api_url.clone(), data_dir)
         })
@@ -691,6 +635,59 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         );
     }
 
+    story.chapter("Anyone with the root certificate verifies the audit trail, trusting no node");
+    let root_text = std::fs::read_to_string(keys.root_certificate()).map_err(|e| e.to_string())?;
+    let root = IssuedCert::from_pem(&root_text).map_err(|e| e.to_string())?;
+    let report = verify_transaction_proof(&story.client, &denied, &root, Some(&first_head))?;
+    println!(
+        "   ✓ the denied access is leaf {} of the signed log (size {}, root {}), and the log extends its size-{} head from genesis",
+        report.leaf_index,
+        report.tree_head.tree_head.log_size,
+        short(&report.tree_head.tree_head.log_root.to_hex()),
+        first_head.tree_head.log_size
+    );
+
+    let agreed = wait_for_agreement(&nodes, std::time::Duration::from_secs(20))?;
+    println!(
+        "\nAll {NODES} nodes hold the same chain: block {} {} (state {})",
+        agreed.height,
+        short(&agreed.block_hash.to_hex()),
+        short(&agreed.state_hash.to_hex())
+    );
+    let contributions: Vec<medledger_core::model::Contribution> = story
+        .client
+        .get("/v1/contributions")
+        .map_err(|e| e.to_string())?;
+    println!("What each member contributed, as the ledger counts it:");
+    for line in crate::commands::contribution_lines(&contributions) {
+        println!("   {line}");
+    }
+    let status: serde_json::Value = story.client.get("/v1/status").map_err(|e| e.to_string())?;
+    // A tree head held outside the node lets anyone later catch a rewrite or a rollback.
+    let last_head: SignedTreeHead = story
+        .client
+        .get("/v1/tree-head")
+        .map_err(|e| e.to_string())?;
+    let head_file = dir.join("tree-head.json");
+    std::fs::write(
+        &head_file,
+        serde_json::to_string_pretty(&last_head).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "\nDone: {} blocks, log of {} entries. Re-check the stored ledger, against the tree head kept outside it, with:\n   medledger verify --data-dir {} --tree-head {} --root-cert {}",
+        status["height"].as_u64().unwrap_or(0) + 1,
+        status["log_size"],
+        node_dir.display(),
+        head_file.display(),
+        keys.root_certificate().display()
+    );
+    for other in ["hospital-b", "lab-x"] {
+        println!(
+            "   medledger verify --data-dir {}",
+            dir.join("nodes").join(other).display()
+        );
+    }
     if once {
         drop(nodes);
         return Ok(());

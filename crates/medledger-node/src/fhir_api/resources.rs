@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-use medledger_core::model::{category_of, Category, Grantee, Purpose, Record, Scope};
+use medledger_core::model::{category_of, Grantee, Purpose, Record, Scope};
 use medledger_core::state::keys;
 use medledger_core::tx::TxBody;
 use serde_json::{json, Value};
@@ -44,6 +44,20 @@ fn check_type(resource_type: &str) -> Result<(), Outcome> {
         ))
         .detail("unsupported_type"))
     }
+}
+
+/// Every handler's first steps: a type this server serves, a valid token, and scopes that
+/// allow the interaction.
+fn admit(
+    state: &FhirState,
+    headers: &HeaderMap,
+    resource_type: &str,
+    interaction: Interaction,
+) -> Result<Caller, Outcome> {
+    check_type(resource_type)?;
+    let caller = authenticate(state, headers)?;
+    caller.require(resource_type, interaction)?;
+    Ok(caller)
 }
 
 /// The version a FHIR `ETag` or `If-Match` names: `W/"3"` or `"3"`.
@@ -170,9 +184,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> FhirResult {
-    check_type(&resource_type)?;
-    let caller = authenticate(&state, &headers)?;
-    caller.require(&resource_type, Interaction::Create)?;
+    let caller = admit(&state, &headers, &resource_type, Interaction::Create)?;
     let mut resource = parse_body(&resource_type, &body)?;
     if resource_type == "Consent" {
         return views::create_consent(&state, &caller, resource).await;
@@ -206,9 +218,7 @@ pub async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> FhirResult {
-    check_type(&resource_type)?;
-    let caller = authenticate(&state, &headers)?;
-    caller.require(&resource_type, Interaction::Update)?;
+    let caller = admit(&state, &headers, &resource_type, Interaction::Update)?;
     let resource = parse_body(&resource_type, &body)?;
     match resource.get("id").and_then(Value::as_str) {
         Some(own) if own == id => {}
@@ -365,14 +375,7 @@ async fn register_patient(state: &FhirState, caller: &Caller) -> Result<String, 
                 },
                 scope: Scope {
                     resource_types: Vec::new(),
-                    categories: vec![
-                        Category::Conditions,
-                        Category::Diagnostics,
-                        Category::Medications,
-                        Category::Documents,
-                        Category::Encounters,
-                        Category::Demographics,
-                    ],
+                    categories: views::CLINICAL_CATEGORIES.to_vec(),
                 },
                 actions: vec![
                     medledger_core::model::Action::Read,
@@ -394,9 +397,7 @@ pub async fn read(
     Path((resource_type, id)): TypeAndId,
     headers: HeaderMap,
 ) -> FhirResult {
-    check_type(&resource_type)?;
-    let caller = authenticate(&state, &headers)?;
-    caller.require(&resource_type, Interaction::Read)?;
+    let caller = admit(&state, &headers, &resource_type, Interaction::Read)?;
     if !is_record_type(&resource_type) {
         let resource = views::read(&state, &caller, &resource_type, &id)?;
         return Ok(fhir_json(StatusCode::OK, &resource));
@@ -415,9 +416,7 @@ pub async fn vread(
     Path((resource_type, id, version)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> FhirResult {
-    check_type(&resource_type)?;
-    let caller = authenticate(&state, &headers)?;
-    caller.require(&resource_type, Interaction::Read)?;
+    let caller = admit(&state, &headers, &resource_type, Interaction::Read)?;
     if !is_record_type(&resource_type) {
         return Err(Outcome::not_supported(format!(
             "{resource_type} has no versions on this server"
@@ -603,9 +602,7 @@ pub async fn search(
     headers: HeaderMap,
     query: RawQuery,
 ) -> FhirResult {
-    check_type(&resource_type)?;
-    let caller = authenticate(&state, &headers)?;
-    caller.require(&resource_type, Interaction::Search)?;
+    let caller = admit(&state, &headers, &resource_type, Interaction::Search)?;
     let pairs = query_pairs(&query)?;
     if !is_record_type(&resource_type) {
         let bundle = views::search(&state, &caller, &resource_type, &pairs).await?;

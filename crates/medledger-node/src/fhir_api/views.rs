@@ -30,6 +30,15 @@ const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
 const CONSENT_ACTION: &str = "http://terminology.hl7.org/CodeSystem/consentaction";
 const PROOF_EXTENSION: &str = "https://medledger.dev/fhir/StructureDefinition/inclusion-proof";
 const LEDGER_EXTENSION: &str = "https://medledger.dev/fhir/StructureDefinition/ledger-position";
+/// What a consent covers when it names no class: every category but the financial.
+pub const CLINICAL_CATEGORIES: [Category; 6] = [
+    Category::Conditions,
+    Category::Diagnostics,
+    Category::Medications,
+    Category::Documents,
+    Category::Encounters,
+    Category::Demographics,
+];
 /// Most AuditEvents one search returns.
 const AUDIT_PAGE_MAX: usize = 200;
 
@@ -343,14 +352,7 @@ fn grant_of(resource: &Value) -> Result<TxBody, Outcome> {
     }
     if scope.resource_types.is_empty() && scope.categories.is_empty() {
         // No class: every clinical category, as FHIR reads an unrestricted provision.
-        scope.categories = vec![
-            Category::Conditions,
-            Category::Diagnostics,
-            Category::Medications,
-            Category::Documents,
-            Category::Encounters,
-            Category::Demographics,
-        ];
+        scope.categories = CLINICAL_CATEGORIES.to_vec();
     }
     let expires_at_ms = match provision.pointer("/period/end").and_then(Value::as_str) {
         None => None,
