@@ -29,8 +29,8 @@ pub enum AccountCommand {
         #[arg(long)]
         password_file: Option<PathBuf>,
     },
-    /// Enrol a system (SMART Backend Services): its public keys as a JWK set, and the key
-    /// file of the member user it acts as.
+    /// Enrol a system (SMART Backend Services): its public keys as a JWK set, and the member
+    /// user it acts as (who needs an account at this node: the client signs with their key).
     AddClient {
         #[arg(long)]
         data_dir: PathBuf,
@@ -39,9 +39,9 @@ pub enum AccountCommand {
         /// A JSON file `{"keys": [...]}` with the client's public keys.
         #[arg(long)]
         jwks: PathBuf,
-        /// The identity file of the user the client acts as.
+        /// The user the client acts as, `name@org`.
         #[arg(long)]
-        acts_as: PathBuf,
+        acts_as: String,
         #[arg(long, default_value = "system/*.rs")]
         scopes: String,
     },
@@ -110,15 +110,19 @@ pub fn account(command: AccountCommand) -> Result<(), String> {
                 &std::fs::read_to_string(&jwks).map_err(|e| format!("{}: {e}", jwks.display()))?,
             )
             .map_err(|e| format!("{}: {e}", jwks.display()))?;
-            Identity::load(&acts_as).map_err(|e| e.to_string())?;
             let store =
                 AccountStore::open(&data_dir.join(ACCOUNTS_FILE)).map_err(|e| e.to_string())?;
+            if store.account(&acts_as).is_none() {
+                return Err(format!(
+                    "{acts_as} has no account at this node: the client signs with that user's key, so add the user first"
+                ));
+            }
             store
                 .add_client(Client {
                     client_id: client_id.clone(),
                     jwks,
                     allowed_scopes: scopes,
-                    acts_as: absolute(&acts_as)?,
+                    acts_as,
                 })
                 .map_err(|e| e.to_string())?;
             println!("client {client_id} enrolled at {}", data_dir.display());

@@ -571,14 +571,17 @@ impl FhirState {
     /// The key file of the caller's account (or, for a system, of the user it acts as),
     /// looked up on every call so that a removed account stops signing at once.
     fn identity_of(&self, caller: &Caller) -> Result<Arc<Identity>, Outcome> {
-        let file = match &caller.claims.client_id {
-            Some(client) => self.accounts().client(client).map(|c| c.acts_as),
-            None => self
-                .accounts()
-                .account(&caller.actor)
-                .map(|a| a.identity_file),
-        }
-        .ok_or_else(|| Outcome::forbidden("the caller's account no longer exists"))?;
+        let accounts = self.accounts();
+        // A system signs with the key of the member user it acts as, whose account (and key
+        // file) is at this node.
+        let person = match &caller.claims.client_id {
+            Some(client) => accounts.client(client).map(|c| c.acts_as),
+            None => Some(caller.actor.clone()),
+        };
+        let file = person
+            .and_then(|person| accounts.account(&person))
+            .map(|account| account.identity_file)
+            .ok_or_else(|| Outcome::forbidden("the caller's account no longer exists"))?;
         let cached = self
             .signers
             .identities
@@ -794,13 +797,14 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                 }
             };
             let granted = requested.intersect(&allowed);
-            let acts_as = match state.load_identity(&client.acts_as) {
-                Ok(identity) => identity.id,
-                Err(_) => {
+            // The user the client acts as signs through their own account at this node.
+            let acts_as = match state.accounts().account(&client.acts_as) {
+                Some(account) => account.username,
+                None => {
                     return oauth_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        "the client's key file does not load",
+                        StatusCode::UNAUTHORIZED,
+                        "invalid_client",
+                        "the user this client acts as has no account at this node",
                     )
                 }
             };

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -106,7 +107,21 @@ fn resource_response(
 
 /// The JSON body of a create or update; 400 when it is not JSON, 422 when it is not the
 /// type the URL names.
-fn parse_body(resource_type: &str, body: &Bytes) -> Result<Value, Outcome> {
+fn parse_body(resource_type: &str, body: &Result<Bytes, BytesRejection>) -> Result<Value, Outcome> {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(Outcome::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-long",
+                format!(
+                    "a request body is at most {} bytes",
+                    super::FHIR_BODY_BYTES_MAX
+                ),
+            ))
+        }
+        Err(rejection) => return Err(Outcome::bad_request(rejection.body_text())),
+    };
     if body.len() > crate::fhir::RESOURCE_BYTES_MAX {
         return Err(Outcome::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -182,7 +197,7 @@ pub async fn create(
     State(state): State<Arc<FhirState>>,
     Path(resource_type): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> FhirResult {
     let caller = admit(&state, &headers, &resource_type, Interaction::Create)?;
     let mut resource = parse_body(&resource_type, &body)?;
@@ -216,7 +231,7 @@ pub async fn update(
     State(state): State<Arc<FhirState>>,
     Path((resource_type, id)): TypeAndId,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> FhirResult {
     let caller = admit(&state, &headers, &resource_type, Interaction::Update)?;
     let resource = parse_body(&resource_type, &body)?;

@@ -610,7 +610,8 @@ pub async fn search(
                 let Some((last, _)) = page.last() else { break };
                 after = Some(last.clone());
                 for (key, _) in &page {
-                    if let Ok(leaf) = key[prefix.len()..].parse::<u64>() {
+                    // The index key ends in the entry's place in the log, 16 hex digits.
+                    if let Ok(leaf) = u64::from_str_radix(&key[prefix.len()..], 16) {
                         leaves.push(leaf);
                     }
                 }

@@ -1,0 +1,1753 @@
+//! The FHIR R4 API at its HTTP boundary: SMART discovery, logins and tokens, the record
+//! interactions, errors as OperationOutcomes, consents, audit and provenance.
+//!
+//! Every test starts one node of hospital-a (a solo ledger, an embedded record store and
+//! the FHIR API over its data directory) and drives the node's whole router in process,
+//! without a socket. People who sign ledger transactions have an account whose key file
+//! lies in the node's data directory; tokens for them are signed with the node's own token
+//! key, except in the tests about logging in, which go through `/auth/token`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http_body_util::BodyExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use medledger_core::identity::Role;
+use medledger_core::tx::TxBody;
+use medledger_node::auth::{totp_code, AccountKind, Client, Scopes, TokenIssuer, TokenKeys};
+use medledger_node::consortium::{Consortium, Identity};
+use medledger_node::fhir_api::{self, FhirState, TOKEN_KEY_FILE, TOKEN_LIFETIME_S};
+use medledger_node::ledger::{now_ms, Ledger, OrderingConfig};
+use medledger_node::pki::Validity;
+use medledger_node::records::{EmbeddedStore, RecordService};
+use ring::rand::SystemRandom;
+use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+mod common;
+
+const CHAIN: &str = "fhir-api-test";
+const ORG: &str = "hospital-a";
+/// How clients reach the node; tokens name `{API_URL}/fhir` as their audience.
+const API_URL: &str = "http://127.0.0.1:7400";
+const FHIR_BASE: &str = "http://127.0.0.1:7400/fhir";
+const TOKEN_URL: &str = "http://127.0.0.1:7400/auth/token";
+const PASSWORD: &str = "correct horse battery staple";
+const HOUR_MS: u64 = 3_600_000;
+const LOINC: &str = "http://loinc.org";
+const HEART_RATE: &str = "8867-4";
+const BODY_WEIGHT: &str = "29463-7";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+const PROOF_EXTENSION: &str = "https://medledger.dev/fhir/StructureDefinition/inclusion-proof";
+
+fn now_s() -> u64 {
+    now_ms() / 1000
+}
+
+/// What came back from one request.
+struct Answer {
+    what: String,
+    status: StatusCode,
+    headers: HeaderMap,
+    bytes: Bytes,
+    /// The body as JSON, or Null when it is not JSON.
+    body: Value,
+}
+
+impl Answer {
+    fn header(&self, name: header::HeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "{}: {} {}",
+            self.what,
+            self.status,
+            String::from_utf8_lossy(&self.bytes)
+        )
+    }
+
+    /// Asserts the status and that the body is FHIR JSON.
+    fn expect_fhir(&self, status: StatusCode) -> &Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        let content_type = self.header(header::CONTENT_TYPE).unwrap_or("");
+        assert!(
+            content_type.starts_with("application/fhir+json"),
+            "{}: content type {content_type:?}",
+            self.what
+        );
+        &self.body
+    }
+
+    /// Asserts an OperationOutcome with this status, this FHIR `IssueType` code and (when
+    /// given) our own code in `details`.
+    fn expect_outcome(&self, status: StatusCode, code: &str, detail: Option<&str>) {
+        let body = self.expect_fhir(status);
+        assert_eq!(body["resourceType"], "OperationOutcome", "{}", self.text());
+        assert_eq!(body["issue"][0]["severity"], "error", "{}", self.text());
+        assert_eq!(body["issue"][0]["code"], code, "{}", self.text());
+        assert!(
+            body["issue"][0]["diagnostics"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty()),
+            "{}",
+            self.text()
+        );
+        if let Some(detail) = detail {
+            assert_eq!(
+                body["issue"][0]["details"]["coding"][0]["code"],
+                detail,
+                "{}",
+                self.text()
+            );
+        }
+    }
+
+    /// Asserts a 401 with a bearer challenge and an OperationOutcome naming `detail`.
+    fn expect_unauthorized(&self, detail: &str) {
+        self.expect_outcome(StatusCode::UNAUTHORIZED, "login", Some(detail));
+        let challenge = self.header(header::WWW_AUTHENTICATE).unwrap_or("");
+        assert!(
+            challenge.starts_with("Bearer ") && challenge.contains("error=\"invalid_token\""),
+            "{}: WWW-Authenticate {challenge:?}",
+            self.what
+        );
+    }
+
+    /// Asserts an OAuth2 error from the token endpoint.
+    fn expect_oauth_error(&self, status: StatusCode, error: &str) {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(self.body["error"], error, "{}", self.text());
+        assert_eq!(
+            self.header(header::CACHE_CONTROL),
+            Some("no-store"),
+            "{}",
+            self.what
+        );
+    }
+}
+
+/// One node of hospital-a with its FHIR API.
+struct Node {
+    app: Router,
+    state: Arc<FhirState>,
+    ledger: Arc<Ledger>,
+    consortium: Consortium,
+    nonces: Mutex<HashMap<String, u64>>,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start() -> Node {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (consortium, ledger) =
+            common::solo_ledger(dir.path(), CHAIN, OrderingConfig::default());
+        let ledger = Arc::new(ledger);
+        let store = EmbeddedStore::open(dir.path()).expect("the record store opens");
+        let records = Arc::new(
+            RecordService::new(
+                ledger.clone(),
+                Arc::new(store),
+                consortium.orgs[0].node.encryption_keys.clone(),
+                None,
+            )
+            .expect("a record service"),
+        );
+        records
+            .publish_key()
+            .await
+            .expect("the organisation's encryption key is published");
+        let state = Arc::new(
+            FhirState::open(ledger.clone(), records.clone(), dir.path(), API_URL)
+                .expect("the FHIR API opens"),
+        );
+        let app = medledger_node::api::router_with(
+            ledger.clone(),
+            Some(records),
+            Some(fhir_api::router(state.clone())),
+        );
+        Node {
+            app,
+            state,
+            ledger,
+            consortium,
+            nonces: Mutex::new(HashMap::new()),
+            dir,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Signs `body` as `who` with their next nonce and waits for it to commit.
+    async fn commit(&self, who: &Identity, body: TxBody) {
+        let nonce = {
+            let mut nonces = self.nonces.lock().expect("nonce lock");
+            let next = nonces.entry(who.id.clone()).or_insert(0);
+            *next += 1;
+            *next
+        };
+        let tx = who.sign(CHAIN, nonce, now_ms() + 60_000, body);
+        let committed = self.ledger.submit(tx).await.expect("the ledger answers");
+        assert!(
+            committed.outcome.is_committed(),
+            "{}: {:?}",
+            who.id,
+            committed.outcome
+        );
+    }
+
+    /// A new member user of hospital-a (certificate from its CA), not yet on the ledger.
+    fn new_member(&self, name: &str, role: Role) -> Identity {
+        let now = now_ms();
+        let validity = Validity {
+            not_before_ms: now - HOUR_MS,
+            not_after_ms: now + HOUR_MS,
+        };
+        self.consortium.orgs[0]
+            .authority
+            .issue(name, role, validity)
+            .expect("a member certificate")
+    }
+
+    /// A member user enrolled on the ledger by hospital-a's admin.
+    async fn enroll(&self, name: &str, role: Role) -> Identity {
+        let user = self.new_member(name, role);
+        let certificate = user.certificate_text().expect("a member's certificate");
+        self.commit(
+            &self.consortium.orgs[0].admin,
+            TxBody::EnrollUser { certificate },
+        )
+        .await;
+        user
+    }
+
+    /// Saves `identity` as a key file in the node's data directory.
+    fn save_key(&self, identity: &Identity, file_name: &str) -> PathBuf {
+        let path = self.dir().join(file_name);
+        identity.save(&path).expect("the key file is written");
+        path
+    }
+
+    /// Adds a login for `username` whose transactions the node signs with `key_file`;
+    /// returns the one-time code secret.
+    fn add_account(
+        &self,
+        username: &str,
+        kind: AccountKind,
+        allowed_scopes: &str,
+        key_file: &Path,
+    ) -> Vec<u8> {
+        self.state
+            .accounts()
+            .add_account(
+                username,
+                kind,
+                PASSWORD,
+                allowed_scopes,
+                &key_file.display().to_string(),
+            )
+            .expect("the account is added")
+    }
+
+    /// A clinician enrolled on the ledger with an account at this node.
+    async fn clinician(&self, name: &str) -> Identity {
+        let user = self.enroll(name, Role::Clinician).await;
+        let key_file = self.save_key(&user, &format!("{name}.json"));
+        self.add_account(
+            &user.id,
+            AccountKind::Practitioner,
+            "user/*.cruds openid fhirUser",
+            &key_file,
+        );
+        user
+    }
+
+    /// An account for a patient created through the API, whose key the node keeps.
+    fn patient_account(&self, patient: &str) {
+        let key_file = self.patient_key_file(patient);
+        self.add_account(
+            patient,
+            AccountKind::Patient,
+            "patient/*.rs patient/Consent.cruds",
+            &key_file,
+        );
+    }
+
+    fn patient_key_file(&self, patient: &str) -> PathBuf {
+        self.dir().join("patients").join(format!("{patient}.json"))
+    }
+
+    /// An access token signed with the node's key, valid from now.
+    fn token(&self, sub: &str, scope: &str, patient: Option<&str>) -> String {
+        self.token_at(sub, scope, patient, now_s())
+    }
+
+    fn token_at(&self, sub: &str, scope: &str, patient: Option<&str>, at_s: u64) -> String {
+        let scopes = Scopes::parse(scope).expect("the scopes parse");
+        self.state
+            .tokens
+            .issue(sub, &scopes, patient, None, None, &["pwd", "otp"], at_s)
+            .expect("a token")
+            .0
+    }
+
+    async fn call(&self, request: Request<Body>) -> Answer {
+        let what = format!("{} {}", request.method(), request.uri());
+        let response = self
+            .app
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("the router is infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("the body reads")
+            .to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            what,
+            status,
+            headers,
+            bytes,
+            body,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        extra: &[(header::HeaderName, &str)],
+        body: Body,
+    ) -> Answer {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        for (name, value) in extra {
+            request = request.header(name, *value);
+        }
+        self.call(request.body(body).expect("a well-formed request"))
+            .await
+    }
+
+    async fn get(&self, uri: &str, token: &str) -> Answer {
+        self.send(Method::GET, uri, Some(token), &[], Body::empty())
+            .await
+    }
+
+    async fn get_anonymous(&self, uri: &str) -> Answer {
+        self.send(Method::GET, uri, None, &[], Body::empty()).await
+    }
+
+    async fn post_bytes(&self, uri: &str, token: &str, body: impl Into<Body>) -> Answer {
+        self.send(
+            Method::POST,
+            uri,
+            Some(token),
+            &[(header::CONTENT_TYPE, "application/fhir+json")],
+            body.into(),
+        )
+        .await
+    }
+
+    async fn post(&self, uri: &str, token: &str, resource: &Value) -> Answer {
+        self.post_bytes(uri, token, resource.to_string()).await
+    }
+
+    async fn put(
+        &self,
+        uri: &str,
+        token: &str,
+        resource: &Value,
+        if_match: Option<&str>,
+    ) -> Answer {
+        let mut extra = vec![(header::CONTENT_TYPE, "application/fhir+json")];
+        if let Some(etag) = if_match {
+            extra.push((header::IF_MATCH, etag));
+        }
+        self.send(
+            Method::PUT,
+            uri,
+            Some(token),
+            &extra,
+            Body::from(resource.to_string()),
+        )
+        .await
+    }
+
+    /// `POST /auth/token` with a form.
+    async fn token_request(&self, form: &[(&str, &str)]) -> Answer {
+        self.send(
+            Method::POST,
+            "/auth/token",
+            None,
+            &[(header::CONTENT_TYPE, "application/x-www-form-urlencoded")],
+            Body::from(form_encode(form)),
+        )
+        .await
+    }
+
+    /// Creates a Patient through the API; returns its pseudonym.
+    async fn create_patient(&self, token: &str) -> String {
+        let created = self.post("/fhir/Patient", token, &patient_resource()).await;
+        created.expect_fhir(StatusCode::CREATED);
+        created.body["id"]
+            .as_str()
+            .expect("a created Patient has an id")
+            .to_string()
+    }
+
+    /// Creates an Observation through the API; returns it as stored.
+    async fn create_observation(
+        &self,
+        token: &str,
+        patient: &str,
+        code: &str,
+        effective: &str,
+        value: u64,
+    ) -> Value {
+        let created = self
+            .post(
+                "/fhir/Observation",
+                token,
+                &observation(patient, code, effective, value),
+            )
+            .await;
+        created.expect_fhir(StatusCode::CREATED).clone()
+    }
+
+    /// The ledger's access entries (`log_access`) about `patient`, oldest first.
+    async fn access_entries(&self, patient: &str) -> Vec<Value> {
+        self.audit_trail(patient)
+            .await
+            .into_iter()
+            .filter(|event| event["kind"] == "log_access")
+            .collect()
+    }
+
+    /// Every ledger entry about `patient`, from the ledger's own JSON API.
+    async fn audit_trail(&self, patient: &str) -> Vec<Value> {
+        let answer = self
+            .get_anonymous(&format!("/v1/audit/patients/{patient}?limit=1000"))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        answer
+            .body
+            .as_array()
+            .expect("a list of audit events")
+            .clone()
+    }
+}
+
+fn patient_resource() -> Value {
+    json!({
+        "resourceType": "Patient",
+        "active": true,
+        "name": [{ "family": "Syntheticsdottir", "given": ["Testa"] }],
+        "gender": "female",
+        "birthDate": "1980-02-29",
+    })
+}
+
+fn observation(patient: &str, code: &str, effective: &str, value: u64) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs" }] }],
+        "code": { "coding": [{ "system": LOINC, "code": code }] },
+        "subject": { "reference": format!("Patient/{patient}") },
+        "effectiveDateTime": effective,
+        "valueQuantity": { "value": value, "unit": "1", "system": "http://unitsofmeasure.org", "code": "1" },
+    })
+}
+
+/// RFC 3986 unreserved characters stay, everything else is `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn form_encode(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{}={}", percent_encode(name), percent_encode(value)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The claims of a compact JWS, read without checking anything.
+fn jwt_claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a JWS has a payload");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url"))
+        .expect("the payload is JSON")
+}
+
+fn b64_json(value: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+/// The ids of a Bundle's entries of one search mode, in order.
+fn entry_ids(bundle: &Value, mode: &str) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter(|e| e["search"]["mode"] == mode)
+                .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The URL of a Bundle link, as a path and query on this node.
+fn link(bundle: &Value, relation: &str) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == relation)?["url"]
+        .as_str()
+        .map(|url| {
+            url.strip_prefix(API_URL)
+                .unwrap_or_else(|| panic!("{url} is not on this node"))
+                .to_string()
+        })
+}
+
+fn id_of(resource: &Value) -> String {
+    resource["id"].as_str().expect("an id").to_string()
+}
+
+/// A P-384 key pair for a backend client and its public JWK.
+fn client_key(kid: &str) -> (Vec<u8>, Value) {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng)
+        .expect("a P-384 key")
+        .as_ref()
+        .to_vec();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &pkcs8, &rng)
+        .expect("the key reads back");
+    let point = pair.public_key().as_ref();
+    // An uncompressed point: 0x04, then x and y of 48 bytes each.
+    assert_eq!(point.len(), 97);
+    let jwk = json!({
+        "kty": "EC",
+        "crv": "P-384",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..49]),
+        "y": URL_SAFE_NO_PAD.encode(&point[49..97]),
+        "kid": kid,
+        "alg": "ES384",
+        "use": "sig",
+    });
+    (pkcs8, jwk)
+}
+
+/// A SMART Backend Services client assertion, ES384, for the node's token URL.
+fn client_assertion(pkcs8: &[u8], kid: &str, client_id: &str, jti: &str) -> String {
+    let mut header = Header::new(Algorithm::ES384);
+    header.kid = Some(kid.to_string());
+    let now = now_s();
+    let claims = json!({
+        "iss": client_id,
+        "sub": client_id,
+        "aud": TOKEN_URL,
+        "iat": now,
+        "exp": now + 120,
+        "jti": jti,
+    });
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(pkcs8))
+        .expect("the assertion is signed")
+}
+
+/// Asks for a system token with a fresh assertion, and checks it with a read and a refused
+/// create.
+async fn client_credentials_flow(node: &Node, client_id: &str, pkcs8: &[u8], kid: &str) {
+    let assertion = client_assertion(pkcs8, kid, client_id, "assertion-1");
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", JWT_BEARER),
+        ("client_assertion", assertion.as_str()),
+        ("scope", "system/*.rs"),
+    ];
+    let granted = node.token_request(&form).await;
+    assert_eq!(granted.status, StatusCode::OK, "{}", granted.text());
+    assert_eq!(granted.header(header::CACHE_CONTROL), Some("no-store"));
+    assert_eq!(granted.body["token_type"], "Bearer");
+    assert_eq!(granted.body["scope"], "system/*.rs");
+    let token = granted.body["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_string();
+    let claims = jwt_claims(&token);
+    assert_eq!(claims["client_id"], client_id);
+    assert_eq!(claims["sub"], format!("dr-robot@{ORG}"));
+    assert_eq!(claims["aud"], FHIR_BASE);
+    assert_eq!(claims["amr"], json!(["private_key_jwt"]));
+
+    let organization = node.get(&format!("/fhir/Organization/{ORG}"), &token).await;
+    assert_eq!(
+        organization.expect_fhir(StatusCode::OK)["resourceType"],
+        "Organization"
+    );
+    // system/*.rs reads and searches; it does not create.
+    node.post("/fhir/Observation", &token, &json!({}))
+        .await
+        .expect_outcome(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            Some("insufficient_scope"),
+        );
+
+    // The same assertion a second time is a replay.
+    node.token_request(&form)
+        .await
+        .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+}
+
+// ---- discovery --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_and_smart_discovery_need_no_token() {
+    // Goal: the CapabilityStatement and both SMART discovery documents are served without a
+    // token, and say what the server does: FHIR 4.0.1, Observation searchable by its
+    // parameters, Patient/$everything, the token endpoint and asymmetric client auth.
+    let node = Node::start().await;
+
+    let metadata = node.get_anonymous("/fhir/metadata").await;
+    let statement = metadata.expect_fhir(StatusCode::OK);
+    assert_eq!(statement["resourceType"], "CapabilityStatement");
+    assert_eq!(statement["fhirVersion"], "4.0.1");
+    assert_eq!(statement["kind"], "instance");
+    assert_eq!(statement["implementation"]["url"], FHIR_BASE);
+    let rest = &statement["rest"][0];
+    assert_eq!(rest["mode"], "server");
+    assert_eq!(
+        rest["security"]["extension"][0]["extension"][0]["valueUri"],
+        TOKEN_URL
+    );
+    let resources = rest["resource"].as_array().expect("resources");
+    let resource = |name: &str| {
+        resources
+            .iter()
+            .find(|r| r["type"] == name)
+            .unwrap_or_else(|| panic!("{name} is listed"))
+    };
+    let interactions = |r: &Value| -> BTreeSet<String> {
+        r["interaction"]
+            .as_array()
+            .expect("interactions")
+            .iter()
+            .map(|i| i["code"].as_str().expect("a code").to_string())
+            .collect()
+    };
+    let observation = resource("Observation");
+    let codes = interactions(observation);
+    for code in [
+        "read",
+        "vread",
+        "update",
+        "create",
+        "history-instance",
+        "search-type",
+    ] {
+        assert!(codes.contains(code), "Observation lists {code}: {codes:?}");
+    }
+    assert!(!codes.contains("delete"), "{codes:?}");
+    let params: BTreeSet<&str> = observation["searchParam"]
+        .as_array()
+        .expect("search parameters")
+        .iter()
+        .map(|p| p["name"].as_str().expect("a name"))
+        .collect();
+    for name in [
+        "_id",
+        "_lastUpdated",
+        "patient",
+        "subject",
+        "code",
+        "category",
+        "status",
+        "date",
+    ] {
+        assert!(params.contains(name), "Observation searches by {name}");
+    }
+    assert_eq!(observation["searchInclude"], json!(["Observation:patient"]));
+    let patient = resource("Patient");
+    assert_eq!(patient["operation"][0]["name"], "everything");
+    assert_eq!(
+        patient["operation"][0]["definition"],
+        "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+    );
+    for ledger_type in [
+        "Consent",
+        "AuditEvent",
+        "Provenance",
+        "Practitioner",
+        "Organization",
+    ] {
+        resource(ledger_type);
+    }
+
+    for path in [
+        "/.well-known/smart-configuration",
+        "/fhir/.well-known/smart-configuration",
+    ] {
+        let smart = node.get_anonymous(path).await;
+        assert_eq!(smart.status, StatusCode::OK, "{}", smart.text());
+        assert_eq!(smart.body["token_endpoint"], TOKEN_URL, "{path}");
+        assert_eq!(smart.body["issuer"], API_URL, "{path}");
+        assert_eq!(smart.body["jwks_uri"], format!("{API_URL}/auth/jwks"));
+        let capabilities = smart.body["capabilities"].as_array().expect("a list");
+        assert!(
+            capabilities.contains(&json!("client-confidential-asymmetric")),
+            "{path}: {capabilities:?}"
+        );
+        let grants = smart.body["grant_types_supported"]
+            .as_array()
+            .expect("a list");
+        assert!(grants.contains(&json!("client_credentials")));
+        assert!(grants.contains(&json!("password")));
+        assert_eq!(
+            smart.body["token_endpoint_auth_methods_supported"],
+            json!(["private_key_jwt"])
+        );
+    }
+
+    let jwks = node.get_anonymous("/auth/jwks").await;
+    assert_eq!(jwks.status, StatusCode::OK, "{}", jwks.text());
+    assert_eq!(jwks.body["keys"][0]["kid"], node.state.tokens.keys().kid());
+    assert_eq!(jwks.body["keys"][0]["alg"], "ES256");
+    assert!(jwks.body["keys"][0].get("d").is_none(), "no private part");
+}
+
+// ---- logins and tokens ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_logs_in_with_password_and_one_time_code() {
+    // Goal: a password login needs the right password and an unused current one-time code;
+    // it returns a bearer token the FHIR API accepts, narrowed to what the account may
+    // hold, and every refusal is an OAuth2 error that must not be cached.
+    let node = Node::start().await;
+    let alice = node.enroll("dr-alice", Role::Clinician).await;
+    let key_file = node.save_key(&alice, "dr-alice.json");
+    let secret = node.add_account(
+        &alice.id,
+        AccountKind::Practitioner,
+        "user/*.cruds openid fhirUser",
+        &key_file,
+    );
+
+    let first_code = totp_code(&secret, now_s());
+    let at = &node;
+    let login = |password: &'static str, code: String, scope: &'static str| {
+        let username = alice.id.clone();
+        async move {
+            at.token_request(&[
+                ("grant_type", "password"),
+                ("username", &username),
+                ("password", password),
+                ("totp", &code),
+                ("scope", scope),
+            ])
+            .await
+        }
+    };
+
+    let granted = login(PASSWORD, first_code.clone(), "user/*.cruds").await;
+    assert_eq!(granted.status, StatusCode::OK, "{}", granted.text());
+    assert_eq!(granted.header(header::CACHE_CONTROL), Some("no-store"));
+    assert_eq!(granted.body["token_type"], "Bearer");
+    assert_eq!(granted.body["scope"], "user/*.cruds");
+    assert_eq!(granted.body["expires_in"], TOKEN_LIFETIME_S);
+    let token = granted.body["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_string();
+    let claims = jwt_claims(&token);
+    assert_eq!(claims["sub"], alice.id);
+    assert_eq!(claims["iss"], API_URL);
+    assert_eq!(claims["aud"], FHIR_BASE);
+    assert_eq!(claims["scope"], "user/*.cruds");
+    assert_eq!(claims["amr"], json!(["pwd", "otp"]));
+    assert_eq!(
+        claims["fhirUser"],
+        format!("{FHIR_BASE}/Practitioner/{ORG}.dr-alice")
+    );
+    let me = node
+        .get(&format!("/fhir/Practitioner/{ORG}.dr-alice"), &token)
+        .await;
+    let practitioner = me.expect_fhir(StatusCode::OK);
+    assert_eq!(practitioner["identifier"][0]["value"], alice.id);
+    assert_eq!(
+        practitioner["qualification"][0]["code"]["coding"][0]["code"],
+        "clinician"
+    );
+
+    // The code of the next step is valid and unused: only the password is wrong.
+    let next_code = totp_code(&secret, now_s() + 30);
+    login("not the password at all", next_code, "user/*.cruds")
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    let valid: BTreeSet<String> = [now_s() - 30, now_s(), now_s() + 30]
+        .iter()
+        .map(|at| totp_code(&secret, *at))
+        .collect();
+    let wrong_code = (0..10u32)
+        .map(|digit| format!("{digit}{digit}{digit}{digit}{digit}{digit}"))
+        .find(|code| !valid.contains(code))
+        .expect("a code that is not valid now");
+    login(PASSWORD, wrong_code, "user/*.cruds")
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    login(PASSWORD, first_code, "user/*.cruds")
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    let stranger = node
+        .token_request(&[
+            ("grant_type", "password"),
+            ("username", "nobody@hospital-a"),
+            ("password", PASSWORD),
+            ("totp", "123456"),
+            ("scope", "user/*.cruds"),
+        ])
+        .await;
+    stranger.expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+
+    node.token_request(&[("grant_type", "authorization_code"), ("code", "x")])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type");
+
+    // More than the account may hold is narrowed to what it may hold.
+    let wide = login(
+        PASSWORD,
+        totp_code(&secret, now_s() + 30),
+        "user/*.cruds system/*.cruds patient/*.rs openid offline_access",
+    )
+    .await;
+    assert_eq!(wide.status, StatusCode::OK, "{}", wide.text());
+    assert_eq!(wide.body["scope"], "user/*.cruds openid");
+    let claims = jwt_claims(wide.body["access_token"].as_str().expect("a token"));
+    assert_eq!(claims["scope"], "user/*.cruds openid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_client_gets_a_system_token_with_a_signed_assertion() {
+    // Goal: a backend client enrolled with an ES384 public key gets a system token for a
+    // fresh signed assertion; the token reads but cannot create, and replaying the same
+    // assertion is refused as invalid_client.
+    let node = Node::start().await;
+    let robot = node.new_member("dr-robot", Role::Clinician);
+    // The client acts as a member user with an account here: it signs with that key.
+    let key_file = node.save_key(&robot, "dr-robot.json");
+    node.add_account(&robot.id, AccountKind::Practitioner, "user/*.rs", &key_file);
+    let (pkcs8, jwk) = client_key("robot-key-1");
+    node.state
+        .accounts()
+        .add_client(Client {
+            client_id: "lab-robot".to_string(),
+            jwks: json!({ "keys": [jwk] }),
+            allowed_scopes: "system/*.rs".to_string(),
+            acts_as: robot.id.clone(),
+        })
+        .expect("the client is enrolled");
+
+    client_credentials_flow(&node, "lab-robot", &pkcs8, "robot-key-1").await;
+
+    // An assertion signed by a key that was not enrolled is refused.
+    let (other_pkcs8, _) = client_key("robot-key-1");
+    let forged = client_assertion(&other_pkcs8, "robot-key-1", "lab-robot", "assertion-2");
+    node.token_request(&[
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", JWT_BEARER),
+        ("client_assertion", forged.as_str()),
+        ("scope", "system/*.rs"),
+    ])
+    .await
+    .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_acting_as_a_user_without_an_account_gets_no_token() {
+    // Goal: a backend client whose user has no account at this node (so no key the node
+    // could sign with) is refused at the token endpoint as invalid_client, not with a 500.
+    let node = Node::start().await;
+    let (pkcs8, jwk) = client_key("orphan-key-1");
+    node.state
+        .accounts()
+        .add_client(Client {
+            client_id: "orphan".to_string(),
+            jwks: json!({ "keys": [jwk] }),
+            allowed_scopes: "system/*.rs".to_string(),
+            acts_as: format!("nobody@{ORG}"),
+        })
+        .expect("the client is enrolled");
+    let assertion = client_assertion(&pkcs8, "orphan-key-1", "orphan", "assertion-o1");
+    node.token_request(&[
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", JWT_BEARER),
+        ("client_assertion", assertion.as_str()),
+        ("scope", "system/*.rs"),
+    ])
+    .await
+    .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_with_401_and_narrow_scopes_with_403() {
+    // Goal: the FHIR endpoints refuse a missing, non-bearer, expired, other-audience,
+    // other-issuer, unsigned, foreign-signed or altered token with 401, a bearer challenge
+    // and an OperationOutcome naming the reason; a valid token whose scopes do not cover
+    // the interaction gets 403 insufficient_scope.
+    let node = Node::start().await;
+    let user = format!("dr-alice@{ORG}");
+    let organization = format!("/fhir/Organization/{ORG}");
+
+    // A sound token works, so every refusal below is about the token alone.
+    let good = node.token(&user, "user/*.rs", None);
+    assert_eq!(
+        node.get(&organization, &good)
+            .await
+            .expect_fhir(StatusCode::OK)["id"],
+        ORG
+    );
+
+    node.send(Method::GET, &organization, None, &[], Body::empty())
+        .await
+        .expect_unauthorized("token_missing");
+    let basic = node
+        .send(
+            Method::GET,
+            &organization,
+            None,
+            &[(header::AUTHORIZATION, "Basic ZHItYWxpY2U6cHc=")],
+            Body::empty(),
+        )
+        .await;
+    basic.expect_unauthorized("token_malformed");
+    node.get(&organization, "not-a-jwt")
+        .await
+        .expect_unauthorized("malformed");
+
+    let expired = node.token_at(&user, "user/*.rs", None, now_s() - TOKEN_LIFETIME_S - 60);
+    node.get(&organization, &expired)
+        .await
+        .expect_unauthorized("expired");
+
+    let same_keys =
+        || TokenKeys::load_or_create(&node.dir().join(TOKEN_KEY_FILE)).expect("the node's key");
+    let scopes = Scopes::parse("user/*.rs").expect("scopes");
+    let signed_by = |issuer: &TokenIssuer| {
+        issuer
+            .issue(&user, &scopes, None, None, None, &["pwd", "otp"], now_s())
+            .expect("a token")
+            .0
+    };
+    let elsewhere = TokenIssuer::new(
+        same_keys(),
+        API_URL,
+        "http://127.0.0.1:7401/fhir",
+        TOKEN_LIFETIME_S,
+    );
+    node.get(&organization, &signed_by(&elsewhere))
+        .await
+        .expect_unauthorized("wrong_audience");
+    let other_issuer = TokenIssuer::new(
+        same_keys(),
+        "http://127.0.0.1:7401",
+        FHIR_BASE,
+        TOKEN_LIFETIME_S,
+    );
+    node.get(&organization, &signed_by(&other_issuer))
+        .await
+        .expect_unauthorized("wrong_issuer");
+    let foreign = TokenIssuer::new(
+        TokenKeys::generate().expect("a key"),
+        API_URL,
+        FHIR_BASE,
+        TOKEN_LIFETIME_S,
+    );
+    node.get(&organization, &signed_by(&foreign))
+        .await
+        .expect_unauthorized("bad_signature");
+
+    let claims = jwt_claims(&good);
+    let unsigned = format!(
+        "{}.{}.",
+        b64_json(&json!({ "alg": "none", "typ": "at+jwt" })),
+        b64_json(&claims)
+    );
+    node.get(&organization, &unsigned)
+        .await
+        .expect_unauthorized("algorithm_not_allowed");
+
+    // The payload re-encoded with a wider scope, the original signature kept.
+    let narrow = node.token(&user, "user/Observation.r", None);
+    let parts: Vec<&str> = narrow.split('.').collect();
+    let mut widened = jwt_claims(&narrow);
+    widened["scope"] = json!("user/*.cruds");
+    let altered = format!("{}.{}.{}", parts[0], b64_json(&widened), parts[2]);
+    node.get(&organization, &altered)
+        .await
+        .expect_unauthorized("bad_signature");
+
+    // The unaltered narrow token is valid, but reading is not creating.
+    node.post(
+        "/fhir/Observation",
+        &narrow,
+        &json!({ "resourceType": "Observation" }),
+    )
+    .await
+    .expect_outcome(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("insufficient_scope"),
+    );
+    node.get(&organization, &narrow).await.expect_outcome(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("insufficient_scope"),
+    );
+}
+
+// ---- records ----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_created_read_versioned_searched_and_never_deleted() {
+    // Goal: with a clinician's token, a Patient (a new pseudonymous patient whose key the
+    // node keeps) and Observations are created, read, read by version, updated under
+    // If-Match, listed in their instance history, searched by patient, code, date, with
+    // paging, counting, sorting and the patient included, gathered by $everything, and
+    // cannot be deleted.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+
+    let created = node
+        .post("/fhir/Patient", &token, &patient_resource())
+        .await;
+    let patient_body = created.expect_fhir(StatusCode::CREATED).clone();
+    let patient = id_of(&patient_body);
+    assert!(
+        patient.starts_with("pt-") && patient.len() == 43,
+        "a pseudonym: {patient}"
+    );
+    assert_eq!(
+        created.header(header::LOCATION),
+        Some(format!("{FHIR_BASE}/Patient/{patient}/_history/1").as_str())
+    );
+    assert_eq!(created.header(header::ETAG), Some("W/\"1\""));
+    assert_eq!(patient_body["meta"]["versionId"], "1");
+    assert_eq!(patient_body["name"], patient_resource()["name"]);
+    let key_file = node.patient_key_file(&patient);
+    let kept = Identity::load(&key_file).expect("the patient's key file is kept");
+    assert_eq!(kept.id, patient);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file)
+            .expect("key file metadata")
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the key file is the owner's only: {mode:o}"
+    );
+
+    let posted = node
+        .post(
+            "/fhir/Observation",
+            &token,
+            &observation(&patient, HEART_RATE, "2025-03-10T08:00:00Z", 72),
+        )
+        .await;
+    let first = posted.expect_fhir(StatusCode::CREATED).clone();
+    let id = id_of(&first);
+    assert!(
+        id.starts_with(&format!("{ORG}.")),
+        "custodian in the id: {id}"
+    );
+    assert_eq!(posted.header(header::ETAG), Some("W/\"1\""));
+    assert_eq!(
+        posted.header(header::LOCATION),
+        Some(format!("{FHIR_BASE}/Observation/{id}/_history/1").as_str())
+    );
+    assert_eq!(first["valueQuantity"]["value"], 72);
+    let second = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-04-15T08:00:00Z", 75)
+        .await;
+    let third = node
+        .create_observation(&token, &patient, BODY_WEIGHT, "2024-12-01T08:00:00Z", 64)
+        .await;
+    let (second_id, third_id) = (id_of(&second), id_of(&third));
+
+    // Read and vread.
+    let uri = format!("/fhir/Observation/{id}");
+    let read = node.get(&uri, &token).await;
+    assert_eq!(read.expect_fhir(StatusCode::OK), &first);
+    assert_eq!(read.header(header::ETAG), Some("W/\"1\""));
+    assert!(read.header(header::LAST_MODIFIED).is_some());
+    assert_eq!(
+        node.get(&format!("/fhir/Patient/{patient}"), &token)
+            .await
+            .expect_fhir(StatusCode::OK),
+        &patient_body
+    );
+
+    // Update under If-Match; a stale one is refused.
+    let mut changed = first.clone();
+    changed["valueQuantity"]["value"] = json!(80);
+    let updated = node.put(&uri, &token, &changed, Some("W/\"1\"")).await;
+    let current = updated.expect_fhir(StatusCode::OK).clone();
+    assert_eq!(updated.header(header::ETAG), Some("W/\"2\""));
+    assert_eq!(current["meta"]["versionId"], "2");
+    assert_eq!(current["valueQuantity"]["value"], 80);
+    node.put(&uri, &token, &changed, Some("W/\"1\""))
+        .await
+        .expect_outcome(
+            StatusCode::PRECONDITION_FAILED,
+            "conflict",
+            Some("version_conflict"),
+        );
+    assert_eq!(
+        node.get(&uri, &token).await.expect_fhir(StatusCode::OK),
+        &current
+    );
+    let version_one = node.get(&format!("{uri}/_history/1"), &token).await;
+    assert_eq!(version_one.expect_fhir(StatusCode::OK), &first);
+    assert_eq!(version_one.header(header::ETAG), Some("W/\"1\""));
+    assert_eq!(
+        node.get(&format!("{uri}/_history/2"), &token)
+            .await
+            .expect_fhir(StatusCode::OK),
+        &current
+    );
+    node.get(&format!("{uri}/_history/3"), &token)
+        .await
+        .expect_outcome(StatusCode::NOT_FOUND, "not-found", None);
+
+    // Instance history, newest first.
+    let history = node.get(&format!("{uri}/_history"), &token).await;
+    let bundle = history.expect_fhir(StatusCode::OK);
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert_eq!(bundle["type"], "history");
+    assert_eq!(bundle["total"], 2);
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(2));
+    assert_eq!(bundle["entry"][0]["resource"], current);
+    assert_eq!(bundle["entry"][0]["response"]["etag"], "W/\"2\"");
+    assert_eq!(bundle["entry"][1]["resource"], first);
+    assert_eq!(bundle["entry"][1]["request"]["method"], "POST");
+
+    // Search by patient, two to a page, following the next link.
+    let search = |query: String| {
+        let token = token.clone();
+        let node = &node;
+        async move {
+            let answer = node
+                .get(&format!("/fhir/Observation?{query}"), &token)
+                .await;
+            let bundle = answer.expect_fhir(StatusCode::OK).clone();
+            assert_eq!(bundle["resourceType"], "Bundle", "{query}");
+            assert_eq!(bundle["type"], "searchset", "{query}");
+            bundle
+        }
+    };
+    let all: BTreeSet<String> = [id.clone(), second_id.clone(), third_id.clone()].into();
+    let page_one = search(format!("patient={patient}&_count=2")).await;
+    assert_eq!(page_one["total"], 3);
+    let mut seen = entry_ids(&page_one, "match");
+    assert_eq!(seen.len(), 2, "{page_one}");
+    assert!(link(&page_one, "previous").is_none());
+    let next = link(&page_one, "next").expect("a next link");
+    let page_two = node.get(&next, &token).await;
+    let page_two = page_two.expect_fhir(StatusCode::OK);
+    assert_eq!(page_two["total"], 3);
+    assert!(link(page_two, "next").is_none(), "{page_two}");
+    assert!(link(page_two, "previous").is_some(), "{page_two}");
+    seen.extend(entry_ids(page_two, "match"));
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), all);
+    // A search returns each record's current version.
+    let listed = page_one["entry"]
+        .as_array()
+        .into_iter()
+        .chain(page_two["entry"].as_array())
+        .flatten()
+        .find(|e| e["resource"]["id"] == id.as_str())
+        .expect("the updated record is listed");
+    assert_eq!(listed["resource"], current);
+    assert_eq!(listed["fullUrl"], format!("{FHIR_BASE}/Observation/{id}"));
+
+    let by_code = search(format!(
+        "patient=Patient/{patient}&code={}",
+        percent_encode(&format!("{LOINC}|{HEART_RATE}"))
+    ))
+    .await;
+    assert_eq!(by_code["total"], 2);
+    assert_eq!(
+        entry_ids(&by_code, "match")
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        [id.clone(), second_id.clone()].into()
+    );
+    let since_march = search(format!("subject={patient}&date=ge2025-03")).await;
+    assert_eq!(
+        entry_ids(&since_march, "match")
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        [id.clone(), second_id.clone()].into()
+    );
+    let last_year = search(format!("patient={patient}&date=lt2025-01-01")).await;
+    assert_eq!(entry_ids(&last_year, "match"), vec![third_id.clone()]);
+
+    let counted = search(format!("patient={patient}&_summary=count")).await;
+    assert_eq!(counted["total"], 3);
+    assert!(counted.get("entry").is_none(), "{counted}");
+
+    let newest_first = search(format!("patient={patient}&_sort=-date")).await;
+    assert_eq!(
+        entry_ids(&newest_first, "match"),
+        vec![second_id.clone(), id.clone(), third_id.clone()]
+    );
+    let oldest_first = search(format!("patient={patient}&_sort=date")).await;
+    assert_eq!(
+        entry_ids(&oldest_first, "match"),
+        vec![third_id.clone(), id.clone(), second_id.clone()]
+    );
+
+    let with_patient = search(format!("patient={patient}&_include=Observation:patient")).await;
+    assert_eq!(with_patient["total"], 3);
+    assert_eq!(entry_ids(&with_patient, "match").len(), 3);
+    assert_eq!(entry_ids(&with_patient, "include"), vec![patient.clone()]);
+    let included = with_patient["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["search"]["mode"] == "include")
+        .expect("the Patient is included");
+    assert_eq!(included["resource"], patient_body);
+
+    // $everything: the Patient first, then every record of the patient.
+    let everything = node
+        .get(&format!("/fhir/Patient/{patient}/$everything"), &token)
+        .await;
+    let everything = everything.expect_fhir(StatusCode::OK);
+    assert_eq!(everything["type"], "searchset");
+    assert_eq!(everything["total"], 4);
+    assert_eq!(everything["entry"][0]["resource"], patient_body);
+    let rest: BTreeSet<String> = everything["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .skip(1)
+        .map(|e| {
+            assert_eq!(e["resource"]["resourceType"], "Observation");
+            e["resource"]["id"].as_str().expect("an id").to_string()
+        })
+        .collect();
+    assert_eq!(rest, all);
+
+    // No delete: every version stays indexed.
+    node.send(Method::DELETE, &uri, Some(&token), &[], Body::empty())
+        .await
+        .expect_outcome(StatusCode::METHOD_NOT_ALLOWED, "not-supported", None);
+    assert_eq!(
+        node.get(&uri, &token).await.expect_fhir(StatusCode::OK),
+        &current
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_invalid_unknown_and_oversized_requests_get_operation_outcomes() {
+    // Goal: each kind of bad request gets its own status with an OperationOutcome: 400 for
+    // a body that is not JSON or not the URL's type and for searches without a patient or
+    // with an unknown parameter, 422 for JSON that is not valid FHIR, 404 for unknown types
+    // and ids, 405 for unsupported methods, 413 for oversized bodies, and 403 for a patient
+    // token reaching another patient's record; a body above the JSON API's own limit but
+    // within the FHIR one is accepted.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let record = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let id = id_of(&record);
+
+    node.post_bytes("/fhir/Observation", &token, "{\"resourceType\": \"Obs")
+        .await
+        .expect_outcome(StatusCode::BAD_REQUEST, "invalid", None);
+    node.post("/fhir/Observation", &token, &patient_resource())
+        .await
+        .expect_outcome(StatusCode::BAD_REQUEST, "invalid", None);
+    let mut no_status = observation(&patient, HEART_RATE, "2025-03-11", 70);
+    no_status
+        .as_object_mut()
+        .expect("an object")
+        .remove("status");
+    node.post("/fhir/Observation", &token, &no_status)
+        .await
+        .expect_outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            Some("invalid_resource"),
+        );
+    let mut other_id = record.clone();
+    other_id["id"] = json!(format!("{ORG}.someone-else"));
+    node.put(&format!("/fhir/Observation/{id}"), &token, &other_id, None)
+        .await
+        .expect_outcome(StatusCode::BAD_REQUEST, "invalid", None);
+
+    node.get("/fhir/Foo", &token).await.expect_outcome(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        Some("unsupported_type"),
+    );
+    node.post("/fhir/Foo", &token, &json!({ "resourceType": "Foo" }))
+        .await
+        .expect_outcome(StatusCode::NOT_FOUND, "not-found", Some("unsupported_type"));
+    node.get(
+        &format!("/fhir/Observation/{ORG}.000000000000000000000000"),
+        &token,
+    )
+    .await
+    .expect_outcome(StatusCode::NOT_FOUND, "not-found", None);
+    // A Patient id is not an Observation id.
+    node.get(&format!("/fhir/Observation/{patient}"), &token)
+        .await
+        .expect_outcome(StatusCode::NOT_FOUND, "not-found", None);
+    node.get("/fhir/Observation/a/b/c/d", &token)
+        .await
+        .expect_outcome(StatusCode::NOT_FOUND, "not-found", None);
+    node.send(
+        Method::PATCH,
+        &format!("/fhir/Observation/{id}"),
+        Some(&token),
+        &[],
+        Body::from("[]"),
+    )
+    .await
+    .expect_outcome(StatusCode::METHOD_NOT_ALLOWED, "not-supported", None);
+
+    node.get(
+        &format!("/fhir/Observation?code={LOINC}%7C{HEART_RATE}"),
+        &token,
+    )
+    .await
+    .expect_outcome(StatusCode::BAD_REQUEST, "invalid", Some("patient_required"));
+    node.get(
+        &format!("/fhir/Observation?patient={patient}&colour=blue"),
+        &token,
+    )
+    .await
+    .expect_outcome(StatusCode::BAD_REQUEST, "invalid", Some("invalid_search"));
+    node.get(
+        &format!("/fhir/Observation?patient={patient}&code:text=pulse"),
+        &token,
+    )
+    .await
+    .expect_outcome(StatusCode::BAD_REQUEST, "invalid", Some("invalid_search"));
+
+    // 200 KiB is over the JSON API's 64 KiB body limit but a fine FHIR resource.
+    let mut large = observation(&patient, HEART_RATE, "2025-03-12T08:00:00Z", 71);
+    large["note"] = json!([{ "text": "x".repeat(200 * 1024) }]);
+    node.post("/fhir/Observation", &token, &large)
+        .await
+        .expect_fhir(StatusCode::CREATED);
+    // Over the 1 MiB a resource may have, under the 2 MiB a body may have.
+    let mut too_large = large.clone();
+    too_large["note"] = json!([{ "text": "x".repeat(1536 * 1024) }]);
+    node.post("/fhir/Observation", &token, &too_large)
+        .await
+        .expect_outcome(StatusCode::PAYLOAD_TOO_LARGE, "too-long", None);
+    // Over 2 MiB: refused before the body is read.
+    let huge = vec![b' '; 2 * 1024 * 1024 + 1];
+    let refused = node.post_bytes("/fhir/Observation", &token, huge).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        refused.what
+    );
+
+    // A patient's token reaches only that patient's records.
+    let someone_else = Identity::new_patient().expect("a patient key").id;
+    let other = node.token(&someone_else, "patient/*.rs", Some(&someone_else));
+    node.get(&format!("/fhir/Observation/{id}"), &other)
+        .await
+        .expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("wrong_patient"));
+    node.get(&format!("/fhir/Observation?patient={patient}"), &other)
+        .await
+        .expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("wrong_patient"));
+    node.get(&format!("/fhir/Patient/{patient}/$everything"), &other)
+        .await
+        .expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("wrong_patient"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_two_mebibytes_gets_an_operation_outcome() {
+    // Goal: a request body over the FHIR API's 2 MiB limit is answered like every other
+    // FHIR error: 413 with an OperationOutcome in application/fhir+json.
+    let node = Node::start().await;
+    let token = node.token(&format!("dr-alice@{ORG}"), "user/*.cruds", None);
+    let huge = vec![b' '; 2 * 1024 * 1024 + 1];
+    node.post_bytes("/fhir/Observation", &token, huge)
+        .await
+        .expect_outcome(StatusCode::PAYLOAD_TOO_LARGE, "too-long", None);
+}
+
+// ---- consent, provenance, audit -----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patient_grants_and_revokes_consent_and_provenance_names_the_author() {
+    // Goal: only the patient grants and revokes consents (as FHIR Consent signed with the
+    // key the node keeps for them), and the ledger applies them at once: a nurse loses
+    // access when the organisation's consent is revoked, gains it through a Consent naming
+    // her, and loses it again when that Consent is set inactive; a clinician cannot create
+    // or read a patient's Consent; Provenance names each version's author and signature.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let nurse = node.enroll("nurse-nora", Role::Nurse).await;
+    let clinician = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&clinician).await;
+    let record = node
+        .create_observation(&clinician, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let id = id_of(&record);
+    let record_uri = format!("/fhir/Observation/{id}");
+    node.patient_account(&patient);
+    let own = node.token(
+        &patient,
+        "patient/*.rs patient/Consent.cruds",
+        Some(&patient),
+    );
+    let nora = node.token(&nurse.id, "user/*.rs", None);
+
+    // The organisation's consent from the patient's creation covers the nurse.
+    let consents = node
+        .get(&format!("/fhir/Consent?patient={patient}"), &own)
+        .await;
+    let consents = consents.expect_fhir(StatusCode::OK);
+    assert_eq!(consents["total"], 1, "{consents}");
+    let org_consent = &consents["entry"][0]["resource"];
+    assert_eq!(org_consent["status"], "active");
+    assert_eq!(
+        org_consent["provision"]["actor"][0]["reference"]["reference"],
+        format!("Organization/{ORG}")
+    );
+    assert_eq!(
+        org_consent["patient"]["reference"],
+        format!("Patient/{patient}")
+    );
+    node.get(&record_uri, &nora)
+        .await
+        .expect_fhir(StatusCode::OK);
+
+    // The patient revokes it; the nurse is refused, and the refusal is on the ledger.
+    let org_consent_id = id_of(org_consent);
+    let mut revoke = org_consent.clone();
+    revoke["status"] = json!("inactive");
+    let revoked = node
+        .put(
+            &format!("/fhir/Consent/{org_consent_id}"),
+            &own,
+            &revoke,
+            None,
+        )
+        .await;
+    let revoked = revoked.expect_fhir(StatusCode::OK);
+    assert_eq!(revoked["status"], "inactive");
+    assert!(revoked["provision"]["period"]["end"].is_string());
+    let refused = node.get(&record_uri, &nora).await;
+    refused.expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("access_denied"));
+    let diagnostics = refused.body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or("");
+    assert!(diagnostics.contains("no_consent"), "{diagnostics}");
+    let last = node.access_entries(&patient).await.pop().expect("an entry");
+    assert_eq!(last["actor"], nurse.id);
+    assert_eq!(last["decision"]["decision"], "denied");
+    assert!(
+        diagnostics.contains(last["tx_id"].as_str().expect("a tx id")),
+        "the outcome names the access entry: {diagnostics}"
+    );
+
+    // Nobody but the patient grants.
+    let grant = json!({
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
+        "patient": { "reference": format!("Patient/{patient}") },
+        "provision": {
+            "type": "permit",
+            "actor": [{
+                "role": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP" }] },
+                "reference": { "reference": format!("Practitioner/{ORG}.nurse-nora") },
+            }],
+            "action": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access" }] }],
+            "purpose": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT" }],
+        },
+    });
+    node.post("/fhir/Consent", &clinician, &grant)
+        .await
+        .expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("patient_only"));
+    node.get(&record_uri, &nora).await.expect_outcome(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("access_denied"),
+    );
+
+    // The patient grants the nurse.
+    let granted = node.post("/fhir/Consent", &own, &grant).await;
+    let consent = granted.expect_fhir(StatusCode::CREATED).clone();
+    let consent_id = id_of(&consent);
+    assert_eq!(
+        granted.header(header::LOCATION),
+        Some(format!("{FHIR_BASE}/Consent/{consent_id}/_history/1").as_str())
+    );
+    assert_eq!(consent["status"], "active");
+    assert_eq!(
+        consent["provision"]["actor"][0]["reference"]["reference"],
+        format!("Practitioner/{ORG}.nurse-nora")
+    );
+    assert_eq!(consent["provision"]["purpose"][0]["code"], "TREAT");
+    let consent_uri = format!("/fhir/Consent/{consent_id}");
+    let read = node.get(&consent_uri, &own).await;
+    assert_eq!(read.expect_fhir(StatusCode::OK), &consent);
+    node.get(&consent_uri, &clinician).await.expect_outcome(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("role_not_permitted"),
+    );
+    assert_eq!(
+        node.get(&record_uri, &nora)
+            .await
+            .expect_fhir(StatusCode::OK),
+        &record
+    );
+
+    // A clinician cannot revoke it; the patient can.
+    let mut inactive = consent.clone();
+    inactive["status"] = json!("inactive");
+    node.put(&consent_uri, &clinician, &inactive, None)
+        .await
+        .expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("patient_only"));
+    let ended = node.put(&consent_uri, &own, &inactive, None).await;
+    assert_eq!(ended.expect_fhir(StatusCode::OK)["status"], "inactive");
+    assert_eq!(
+        node.get(&consent_uri, &own)
+            .await
+            .expect_fhir(StatusCode::OK)["status"],
+        "inactive"
+    );
+    node.get(&record_uri, &nora).await.expect_outcome(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("access_denied"),
+    );
+
+    // Provenance: who wrote each version, with their signature, from the ledger's index.
+    let provenance = node
+        .get(
+            &format!("/fhir/Provenance?target=Observation/{id}"),
+            &clinician,
+        )
+        .await;
+    let provenance = provenance.expect_fhir(StatusCode::OK);
+    assert_eq!(provenance["total"], 1);
+    let entry = &provenance["entry"][0]["resource"];
+    assert_eq!(entry["resourceType"], "Provenance");
+    assert_eq!(
+        entry["target"][0]["reference"],
+        format!("Observation/{id}/_history/1")
+    );
+    let author = format!("Practitioner/{ORG}.dr-alice");
+    assert_eq!(entry["agent"][0]["who"]["reference"], author);
+    assert_eq!(
+        entry["agent"][0]["onBehalfOf"]["reference"],
+        format!("Organization/{ORG}")
+    );
+    assert_eq!(entry["signature"][0]["who"]["reference"], author);
+    let signature = entry["signature"][0]["data"].as_str().unwrap_or("");
+    assert!(
+        URL_SAFE_NO_PAD
+            .decode(signature)
+            .is_ok_and(|bytes| !bytes.is_empty()),
+        "signature data: {signature:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_are_exactly_the_patients_ledger_entries() {
+    // Goal: AuditEvent?patient=… shows the patient every ledger entry about them and only
+    // those, each with a link to its inclusion proof, including a refused read (outcome 4).
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let clinician = node.token(&alice.id, "user/*.cruds", None);
+    // Two patients whose entries alternate on the log, far enough to reach indexes with
+    // hex letters (0x0a..) and indexes past 0x10.
+    let other = node.create_patient(&clinician).await;
+    let other_record = node
+        .create_observation(&clinician, &other, HEART_RATE, "2025-01-10", 60)
+        .await;
+    let patient = node.create_patient(&clinician).await;
+    let record = node
+        .create_observation(&clinician, &patient, HEART_RATE, "2025-03-10", 72)
+        .await;
+    let other_uri = format!("/fhir/Observation/{}", id_of(&other_record));
+    let record_uri = format!("/fhir/Observation/{}", id_of(&record));
+    for _ in 0..6 {
+        for uri in [&other_uri, &other_uri, &other_uri, &record_uri] {
+            node.get(uri, &clinician).await.expect_fhir(StatusCode::OK);
+        }
+    }
+    node.patient_account(&patient);
+    let own = node.token(
+        &patient,
+        "patient/*.rs patient/Consent.cruds",
+        Some(&patient),
+    );
+    let consents = node
+        .get(&format!("/fhir/Consent?patient={patient}"), &own)
+        .await;
+    let mut revoke = consents.expect_fhir(StatusCode::OK)["entry"][0]["resource"].clone();
+    revoke["status"] = json!("inactive");
+    node.put(
+        &format!("/fhir/Consent/{}", id_of(&revoke)),
+        &own,
+        &revoke,
+        None,
+    )
+    .await
+    .expect_fhir(StatusCode::OK);
+    node.get(&record_uri, &clinician).await.expect_outcome(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("access_denied"),
+    );
+
+    let trail = node.audit_trail(&patient).await;
+    let expected: BTreeSet<String> = trail
+        .iter()
+        .map(|e| e["leaf_index"].as_u64().expect("a leaf index").to_string())
+        .collect();
+    assert!(
+        expected
+            .iter()
+            .any(|leaf| leaf.parse::<u64>().is_ok_and(|n| n > 16)),
+        "the trail reaches past leaf 0x10: {expected:?}"
+    );
+
+    let answer = node
+        .get(&format!("/fhir/AuditEvent?patient={patient}"), &own)
+        .await;
+    let bundle = answer.expect_fhir(StatusCode::OK);
+    let entries = bundle["entry"].as_array().expect("entries");
+    let mut denied = 0;
+    for entry in entries {
+        let event = &entry["resource"];
+        assert_eq!(event["resourceType"], "AuditEvent");
+        let about: Vec<&Value> = event["entity"]
+            .as_array()
+            .map(|e| e.iter().collect())
+            .unwrap_or_default();
+        assert!(
+            about
+                .iter()
+                .any(|e| e["what"]["reference"] == format!("Patient/{patient}")),
+            "about the patient: {event}"
+        );
+        let proof = event["extension"]
+            .as_array()
+            .and_then(|e| e.iter().find(|x| x["url"] == PROOF_EXTENSION))
+            .and_then(|x| x["valueUri"].as_str())
+            .expect("a link to the inclusion proof");
+        let path = proof.strip_prefix(API_URL).expect("a link to this node");
+        let answer = node.get_anonymous(path).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        assert_eq!(answer.body["leaf_index"].to_string(), id_of(event));
+        if event["outcome"] == "4" {
+            denied += 1;
+        }
+    }
+    let found: BTreeSet<String> = entries.iter().map(|e| id_of(&e["resource"])).collect();
+    assert_eq!(found, expected, "every entry about the patient is listed");
+    assert_eq!(denied, 1, "the refused read is listed as denied");
+}
+
+// ---- access entries -----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_and_search_leaves_an_access_entry_on_the_ledger() {
+    // Goal: reading and searching a patient's records through the FHIR API is logged on the
+    // ledger: a read at the custodian's own node adds exactly one access entry, for the
+    // reader, the record and a granted decision; a search of one type at one custodian
+    // adds one too, and so does a vread.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let record = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let id = id_of(&record);
+
+    let before = node.access_entries(&patient).await.len();
+    node.get(&format!("/fhir/Observation/{id}"), &token)
+        .await
+        .expect_fhir(StatusCode::OK);
+    let after_read = node.access_entries(&patient).await;
+    assert_eq!(after_read.len(), before + 1, "one entry for one read");
+    let entry = after_read.last().expect("the read's entry");
+    assert_eq!(entry["actor"], alice.id);
+    assert_eq!(entry["patient"], patient);
+    assert_eq!(entry["action"], "read");
+    assert_eq!(entry["purpose"], "treatment");
+    assert_eq!(entry["records"], json!([format!("{ORG}/{id}")]));
+    assert_eq!(entry["decision"]["decision"], "granted");
+
+    let search = node
+        .get(&format!("/fhir/Observation?patient={patient}"), &token)
+        .await;
+    assert_eq!(search.expect_fhir(StatusCode::OK)["total"], 1);
+    let after_search = node.access_entries(&patient).await;
+    assert_eq!(
+        after_search.len(),
+        after_read.len() + 1,
+        "one entry for one type at one custodian"
+    );
+    assert_eq!(
+        after_search.last().expect("the search's entry")["actor"],
+        alice.id
+    );
+
+    node.get(&format!("/fhir/Observation/{id}/_history/1"), &token)
+        .await
+        .expect_fhir(StatusCode::OK);
+    assert_eq!(
+        node.access_entries(&patient).await.len(),
+        after_search.len() + 1
+    );
+}
