@@ -403,6 +403,17 @@ impl Node {
         .await
     }
 
+    /// Asks for a system token with a client assertion (SMART Backend Services).
+    async fn assertion_request(&self, assertion: &str) -> Answer {
+        self.token_request(&[
+            ("grant_type", "client_credentials"),
+            ("client_assertion_type", JWT_BEARER),
+            ("client_assertion", assertion),
+            ("scope", "system/*.rs"),
+        ])
+        .await
+    }
+
     /// Creates a Patient through the API; returns its pseudonym.
     async fn create_patient(&self, token: &str) -> String {
         let created = self.post("/fhir/Patient", token, &patient_resource()).await;
@@ -586,13 +597,7 @@ fn client_assertion(pkcs8: &[u8], kid: &str, client_id: &str, jti: &str) -> Stri
 /// create.
 async fn client_credentials_flow(node: &Node, client_id: &str, pkcs8: &[u8], kid: &str) {
     let assertion = client_assertion(pkcs8, kid, client_id, "assertion-1");
-    let form = [
-        ("grant_type", "client_credentials"),
-        ("client_assertion_type", JWT_BEARER),
-        ("client_assertion", assertion.as_str()),
-        ("scope", "system/*.rs"),
-    ];
-    let granted = node.token_request(&form).await;
+    let granted = node.assertion_request(&assertion).await;
     assert_eq!(granted.status, StatusCode::OK, "{}", granted.text());
     assert_eq!(granted.header(header::CACHE_CONTROL), Some("no-store"));
     assert_eq!(granted.body["token_type"], "Bearer");
@@ -622,7 +627,7 @@ async fn client_credentials_flow(node: &Node, client_id: &str, pkcs8: &[u8], kid
         );
 
     // The same assertion a second time is a replay.
-    node.token_request(&form)
+    node.assertion_request(&assertion)
         .await
         .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
 }
@@ -879,14 +884,9 @@ async fn a_backend_client_gets_a_system_token_with_a_signed_assertion() {
     // An assertion signed by a key that was not enrolled is refused.
     let (other_pkcs8, _) = client_key("robot-key-1");
     let forged = client_assertion(&other_pkcs8, "robot-key-1", "lab-robot", "assertion-2");
-    node.token_request(&[
-        ("grant_type", "client_credentials"),
-        ("client_assertion_type", JWT_BEARER),
-        ("client_assertion", forged.as_str()),
-        ("scope", "system/*.rs"),
-    ])
-    .await
-    .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    node.assertion_request(&forged)
+        .await
+        .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -905,14 +905,9 @@ async fn a_client_acting_as_a_user_without_an_account_gets_no_token() {
         })
         .expect("the client is enrolled");
     let assertion = client_assertion(&pkcs8, "orphan-key-1", "orphan", "assertion-o1");
-    node.token_request(&[
-        ("grant_type", "client_credentials"),
-        ("client_assertion_type", JWT_BEARER),
-        ("client_assertion", assertion.as_str()),
-        ("scope", "system/*.rs"),
-    ])
-    .await
-    .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    node.assertion_request(&assertion)
+        .await
+        .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
