@@ -79,6 +79,29 @@ impl Default for OrderingConfig {
     }
 }
 
+/// How many times `Ledger::submit_signed` re-signs after losing a nonce race.
+pub const SIGNED_NONCE_RETRIES: usize = 3;
+
+/// The nonces one signer's transactions take: each above the last one taken here and
+/// above the one the ledger holds.
+#[derive(Debug, Default)]
+pub struct NonceCounter {
+    last: std::sync::Mutex<u64>,
+}
+
+impl NonceCounter {
+    /// Whether a nonce was taken yet (before that, the ledger's must be read).
+    fn started(&self) -> bool {
+        *self.last.lock().expect("nonce lock") > 0
+    }
+
+    fn next_above(&self, on_ledger: u64) -> u64 {
+        let mut last = self.last.lock().expect("nonce lock");
+        *last = (*last).max(on_ledger) + 1;
+        *last
+    }
+}
+
 /// A transaction's fate, once its block is durable.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -445,6 +468,51 @@ impl Ledger {
             Ok(verified) => Ok(verified),
             Err(SignatureCheck::Invalid) => Err(SubmitError::BadSignature),
             Err(SignatureCheck::Format(error)) => Err(SubmitError::Invalid(error.to_string())),
+        }
+    }
+
+    /// Signs `body(nonce)` as `signer` with `key` and submits it, taking the next nonce from
+    /// `nonces`; a nonce that lost a race with another of the signer's transactions (signed
+    /// elsewhere) is replaced and the transaction resent, up to `SIGNED_NONCE_RETRIES`
+    /// times. The transaction may be ordered for `lifetime_ms`.
+    pub async fn submit_signed<E: From<StoreError> + From<SubmitError>>(
+        &self,
+        signer: &str,
+        key: &KeyPair,
+        nonces: &NonceCounter,
+        lifetime_ms: u64,
+        mut body: impl FnMut(u64) -> TxBody,
+    ) -> Result<Committed, E> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // The ledger's nonce is read at the first use and after a lost race; otherwise
+            // the counter is ahead of it.
+            let on_ledger = if nonces.started() && attempt == 1 {
+                0
+            } else {
+                self.store()
+                    .snapshot()?
+                    .value::<u64>(&keys::nonce(signer))?
+                    .unwrap_or(0)
+            };
+            let nonce = nonces.next_above(on_ledger);
+            let payload = medledger_core::tx::TxPayload {
+                chain_id: self.chain_id().to_string(),
+                signer: signer.to_string(),
+                nonce,
+                expires_at_ms: now_ms() + lifetime_ms,
+                body: body(nonce),
+            };
+            let committed = self.submit(crate::consortium::sign(payload, key)).await?;
+            let stale = matches!(
+                &committed.outcome,
+                TxOutcome::Rejected { rejection }
+                    if matches!(rejection, medledger_core::contracts::Rejection::StaleNonce { .. })
+            );
+            if !stale || attempt > SIGNED_NONCE_RETRIES {
+                return Ok(committed);
+            }
         }
     }
 

@@ -166,8 +166,7 @@ impl Node {
             .await
             .expect("the organisation's encryption key is published");
         let state = Arc::new(
-            FhirState::open(ledger.clone(), records.clone(), dir.path(), API_URL)
-                .expect("the FHIR API opens"),
+            FhirState::open(records.clone(), dir.path(), API_URL).expect("the FHIR API opens"),
         );
         let app = medledger_node::api::router_with(
             ledger.clone(),

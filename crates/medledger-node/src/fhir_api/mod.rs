@@ -35,8 +35,9 @@ use crate::auth::{
     ScopeContext, Scopes, TokenError, TokenIssuer,
 };
 use crate::consortium::Identity;
-use crate::ledger::{now_ms, Committed, Ledger, SubmitError};
+use crate::ledger::{now_ms, Committed, Ledger, NonceCounter, SubmitError};
 use crate::records::{RecordError, RecordService};
+use crate::store::{Snapshot, StoreError};
 
 /// The media type of every FHIR answer.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -47,8 +48,6 @@ pub const SEARCH_PAGE_DEFAULT: usize = 20;
 pub const SEARCH_PAGE_MAX: usize = 200;
 /// How long a transaction the node signs for a person stays valid for ordering.
 const SIGNED_TX_LIFETIME_MS: u64 = 5 * 60 * 1000;
-/// Re-signing after losing a nonce race with another of the person's transactions.
-const NONCE_RETRIES: usize = 3;
 /// The node's accounts (people and systems), in its data directory.
 pub const ACCOUNTS_FILE: &str = "accounts.json";
 /// The key the node signs access tokens with, in its data directory.
@@ -82,15 +81,14 @@ pub struct FhirState {
 
 impl FhirState {
     pub fn new(
-        ledger: Arc<Ledger>,
         records: Arc<RecordService>,
         accounts: Arc<AccountStore>,
         tokens: TokenIssuer,
         config: FhirConfig,
     ) -> FhirState {
         FhirState {
-            signers: Signers::new(ledger.clone()),
-            ledger,
+            signers: Signers::default(),
+            ledger: records.ledger().clone(),
             records,
             accounts: Accounts::new(accounts, config.data_dir.join(ACCOUNTS_FILE)),
             tokens,
@@ -102,7 +100,6 @@ impl FhirState {
     /// The FHIR API of the node whose data directory is `data_dir` and whose API clients
     /// reach at `api_url`: its accounts file and token key (created on first use).
     pub fn open(
-        ledger: Arc<Ledger>,
         records: Arc<RecordService>,
         data_dir: &std::path::Path,
         api_url: &str,
@@ -118,19 +115,18 @@ impl FhirState {
             data_dir: data_dir.to_path_buf(),
         };
         let tokens = TokenIssuer::new(keys, &config.issuer, &config.base_url, TOKEN_LIFETIME_S);
-        Ok(FhirState::new(
-            ledger,
-            records,
-            Arc::new(accounts),
-            tokens,
-            config,
-        ))
+        Ok(FhirState::new(records, Arc::new(accounts), tokens, config))
     }
 
     /// The accounts as the file now holds them: `medledger account add` writes the file
     /// while the node runs, and the node reads it again when it changed.
     pub fn accounts(&self) -> Arc<AccountStore> {
         self.accounts.current()
+    }
+
+    /// The ledger's state now.
+    pub(crate) fn snapshot(&self) -> Result<Snapshot, Outcome> {
+        Ok(self.ledger.store().snapshot()?)
     }
 
     pub fn token_url(&self) -> String {
@@ -149,7 +145,6 @@ pub fn node_api(
     let fhir = match &records {
         None => None,
         Some(records) => Some(router(Arc::new(FhirState::open(
-            ledger.clone(),
             records.clone(),
             data_dir,
             api_url,
@@ -324,6 +319,12 @@ impl From<RecordError> for Outcome {
             RecordError::Ledger(_) | RecordError::Store(_) => Outcome::internal(error.to_string()),
         };
         outcome.detail(code)
+    }
+}
+
+impl From<StoreError> for Outcome {
+    fn from(error: StoreError) -> Outcome {
+        Outcome::internal(error.to_string())
     }
 }
 
@@ -504,67 +505,11 @@ impl Accounts {
 
 // ---- signing for callers ---------------------------------------------------------------------
 
-/// Signs ledger transactions with the keys of the people (and systems) the node acts for.
+/// The keys of the people (and systems) the node signs for, and their nonces.
+#[derive(Default)]
 struct Signers {
-    ledger: Arc<Ledger>,
     identities: Mutex<HashMap<String, Arc<Identity>>>,
-    nonces: Mutex<HashMap<String, u64>>,
-}
-
-impl Signers {
-    fn new(ledger: Arc<Ledger>) -> Signers {
-        Signers {
-            ledger,
-            identities: Mutex::new(HashMap::new()),
-            nonces: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Signs `body` as `identity` with a nonce above any it used, and submits it; a nonce
-    /// that lost a race (the person signed elsewhere too) is replaced and resent.
-    async fn submit(&self, identity: &Identity, body: TxBody) -> Result<Committed, Outcome> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let known = self
-                .nonces
-                .lock()
-                .expect("nonce lock")
-                .get(&identity.id)
-                .copied();
-            let on_ledger: u64 = match known {
-                Some(_) if attempt == 1 => 0,
-                _ => self
-                    .ledger
-                    .store()
-                    .snapshot()
-                    .map_err(|e| Outcome::internal(e.to_string()))?
-                    .value(&medledger_core::state::keys::nonce(&identity.id))
-                    .map_err(|e| Outcome::internal(e.to_string()))?
-                    .unwrap_or(0),
-            };
-            let nonce = {
-                let mut nonces = self.nonces.lock().expect("nonce lock");
-                let last = nonces.entry(identity.id.clone()).or_insert(0);
-                *last = (*last).max(on_ledger) + 1;
-                *last
-            };
-            let tx = identity.sign(
-                self.ledger.chain_id(),
-                nonce,
-                now_ms() + SIGNED_TX_LIFETIME_MS,
-                body.clone(),
-            );
-            let committed = self.ledger.submit(tx).await?;
-            let stale = matches!(
-                &committed.outcome,
-                TxOutcome::Rejected { rejection } if matches!(rejection, Rejection::StaleNonce { .. })
-            );
-            if !stale || attempt > NONCE_RETRIES {
-                return Ok(committed);
-            }
-        }
-    }
+    nonces: Mutex<HashMap<String, Arc<NonceCounter>>>,
 }
 
 impl FhirState {
@@ -629,7 +574,24 @@ impl FhirState {
     }
 
     async fn submit_as(&self, identity: &Identity, body: TxBody) -> Result<Committed, Outcome> {
-        let committed = self.signers.submit(identity, body).await?;
+        let nonces = self
+            .signers
+            .nonces
+            .lock()
+            .expect("nonce lock")
+            .entry(identity.id.clone())
+            .or_default()
+            .clone();
+        let committed: Committed = self
+            .ledger
+            .submit_signed::<Outcome>(
+                &identity.id,
+                &identity.key,
+                &nonces,
+                SIGNED_TX_LIFETIME_MS,
+                |_| body.clone(),
+            )
+            .await?;
         match &committed.outcome {
             TxOutcome::Committed { .. } => Ok(committed),
             TxOutcome::Rejected { rejection } => Err(rejected(rejection)),
@@ -678,14 +640,28 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     response
 }
 
+/// What a login gets: the scopes it asked for, narrowed to what the account or client
+/// (`whose`) may have.
+fn grant(requested: &Scopes, allowed: &str, whose: &str) -> Result<Scopes, Box<Response>> {
+    let allowed = Scopes::parse(allowed).map_err(|_| {
+        Box::new(oauth_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            &format!("the {whose}'s scopes do not parse"),
+        ))
+    })?;
+    Ok(requested.intersect(&allowed))
+}
+
 /// `POST /auth/token`, form-encoded:
 /// - `grant_type=password`, `username`, `password`, `totp` (the second factor), `scope`:
 ///   a person's login;
 /// - `grant_type=client_credentials`, `client_assertion_type` (jwt-bearer),
 ///   `client_assertion`, `scope`: SMART Backend Services.
 async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
-    let form: HashMap<String, String> = match serde_urlencoded_pairs(&body) {
-        Some(form) => form,
+    let form: HashMap<String, String> = match std::str::from_utf8(&body).ok().and_then(decode_pairs)
+    {
+        Some(pairs) => pairs.into_iter().collect(),
         None => {
             return oauth_error(
                 StatusCode::BAD_REQUEST,
@@ -726,17 +702,10 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                     )
                 }
             };
-            let allowed = match Scopes::parse(&account.allowed_scopes) {
-                Ok(allowed) => allowed,
-                Err(_) => {
-                    return oauth_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        "the account's scopes do not parse",
-                    )
-                }
+            let granted = match grant(&requested, &account.allowed_scopes, "account") {
+                Ok(granted) => granted,
+                Err(refusal) => return *refusal,
             };
-            let granted = requested.intersect(&allowed);
             let (patient, fhir_user) = match account.kind {
                 AccountKind::Patient => (
                     Some(account.username.clone()),
@@ -786,17 +755,10 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                     return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &e.to_string())
                 }
             };
-            let allowed = match Scopes::parse(&client.allowed_scopes) {
-                Ok(allowed) => allowed,
-                Err(_) => {
-                    return oauth_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        "the client's scopes do not parse",
-                    )
-                }
+            let granted = match grant(&requested, &client.allowed_scopes, "client") {
+                Ok(granted) => granted,
+                Err(refusal) => return *refusal,
             };
-            let granted = requested.intersect(&allowed);
             // The user the client acts as signs through their own account at this node.
             let acts_as = match state.accounts().account(&client.acts_as) {
                 Some(account) => account.username,
@@ -847,15 +809,16 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
     }
 }
 
-/// `application/x-www-form-urlencoded` pairs; None when the body is not.
-fn serde_urlencoded_pairs(body: &[u8]) -> Option<HashMap<String, String>> {
-    let text = std::str::from_utf8(body).ok()?;
-    let mut out = HashMap::new();
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(percent_decode(name)?, percent_decode(value)?);
-    }
-    Some(out)
+/// `name=value` pairs joined by `&`, decoded, in order: a query string or a form body.
+/// None when an escape or the text is not well formed.
+fn decode_pairs(text: &str) -> Option<Vec<(String, String)>> {
+    text.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(name)?, percent_decode(value)?))
+        })
+        .collect()
 }
 
 /// Decodes `%XX` escapes and `+` (a space in forms and query strings).
@@ -880,18 +843,8 @@ pub fn percent_decode(text: &str) -> Option<String> {
 
 /// Query pairs in order, decoded; a malformed escape is a 400.
 pub fn query_pairs(query: &RawQuery) -> Result<Vec<(String, String)>, Outcome> {
-    let Some(text) = &query.0 else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match (percent_decode(name), percent_decode(value)) {
-            (Some(name), Some(value)) => out.push((name, value)),
-            _ => return Err(Outcome::bad_request("the query string is not well encoded")),
-        }
-    }
-    Ok(out)
+    decode_pairs(query.0.as_deref().unwrap_or(""))
+        .ok_or_else(|| Outcome::bad_request("the query string is not well encoded"))
 }
 
 /// The path parameters of a resource route.

@@ -105,8 +105,8 @@ fn resource_response(
     response
 }
 
-/// The JSON body of a create or update; 400 when it is not JSON, 422 when it is not the
-/// type the URL names.
+/// The JSON body of a create or update: 413 over the limits, 400 when it is not JSON or
+/// not the type the URL names.
 fn parse_body(resource_type: &str, body: &Result<Bytes, BytesRejection>) -> Result<Value, Outcome> {
     let body = match body {
         Ok(body) => body,
@@ -148,27 +148,19 @@ fn parse_body(resource_type: &str, body: &Result<Bytes, BytesRejection>) -> Resu
 /// Where a record lives: the custodian a FHIR id names (a Patient is looked up by its
 /// pseudonym, preferring this node's copy).
 fn locate(state: &FhirState, resource_type: &str, id: &str) -> Result<(String, Record), Outcome> {
-    let snapshot = state
-        .ledger
-        .store()
-        .snapshot()
-        .map_err(|e| Outcome::internal(e.to_string()))?;
+    let snapshot = state.snapshot()?;
     let not_found = || Outcome::not_found(format!("{resource_type}/{id} is not known"));
     let custodian = if resource_type == "Patient" {
         let local = state.records.org().to_string();
         if snapshot
-            .value::<Record>(&keys::record(&local, id))
-            .map_err(|e| Outcome::internal(e.to_string()))?
+            .value::<Record>(&keys::record(&local, id))?
             .is_some()
         {
             local
         } else {
             let prefix = keys::patient_records_prefix(id);
             let mut found = None;
-            for (key, _) in snapshot
-                .scan(&prefix, None, 1000)
-                .map_err(|e| Outcome::internal(e.to_string()))?
-            {
+            for (key, _) in snapshot.scan(&prefix, None, 1000)? {
                 if let Some((custodian, record_id)) = key[prefix.len()..].split_once('/') {
                     if record_id == id {
                         found = Some(custodian.to_string());
@@ -182,8 +174,7 @@ fn locate(state: &FhirState, resource_type: &str, id: &str) -> Result<(String, R
         custodian_of(id, state.records.org()).to_string()
     };
     let record: Record = snapshot
-        .value(&keys::record(&custodian, id))
-        .map_err(|e| Outcome::internal(e.to_string()))?
+        .value(&keys::record(&custodian, id))?
         .ok_or_else(not_found)?;
     if record.resource_type != resource_type {
         return Err(not_found());
@@ -276,12 +267,8 @@ pub async fn update(
         .detail("not_custodian"));
     }
     let current = state
-        .ledger
-        .store()
-        .snapshot()
-        .map_err(|e| Outcome::internal(e.to_string()))?
-        .value::<Record>(&keys::record(&custodian, &id))
-        .map_err(|e| Outcome::internal(e.to_string()))?
+        .snapshot()?
+        .value::<Record>(&keys::record(&custodian, &id))?
         .map(|r| r.versions.len() as u64);
     if let Some(expected) = expected {
         if current != Some(expected) {
@@ -326,12 +313,15 @@ async fn write_version(
     resource: Value,
     record_id: Option<String>,
 ) -> Result<Value, Outcome> {
-    let patient = crate::fhir::check_resource(
-        &serde_json::to_vec(&resource).map_err(|e| Outcome::bad_request(e.to_string()))?,
-    )
-    .map_err(|e| Outcome::from(crate::records::RecordError::from(e)))?
-    .patient;
-    caller.require_patient(&patient)?;
+    // A patient token may write only its own patient's records: that is checked before
+    // anything is sealed. (`prepare` checks the resource itself, once, for everyone else.)
+    if caller.patient.is_some() {
+        let bytes =
+            serde_json::to_vec(&resource).map_err(|e| Outcome::bad_request(e.to_string()))?;
+        let checked = crate::fhir::check_resource(&bytes)
+            .map_err(|e| Outcome::from(crate::records::RecordError::from(e)))?;
+        caller.require_patient(&checked.patient)?;
+    }
     let prepared = state
         .records
         .prepare(PrepareRequest {
@@ -541,15 +531,6 @@ async fn everything(
     pairs: &[(String, String)],
 ) -> FhirResult {
     caller.require_patient(patient)?;
-    if !medledger_core::model::RESOURCE_TYPES
-        .iter()
-        .any(|(t, _)| caller.scopes.allows(caller.context, t, Interaction::Read))
-    {
-        return Err(
-            Outcome::forbidden("the token's scopes allow reading no record type")
-                .detail("insufficient_scope"),
-        );
-    }
     for (name, _) in pairs {
         if !matches!(name.as_str(), "_count" | "_format") {
             return Err(Outcome::bad_request(format!(
@@ -563,6 +544,12 @@ async fn everything(
         .map(|(t, _)| t.to_string())
         .filter(|t| caller.scopes.allows(caller.context, t, Interaction::Read))
         .collect();
+    if types.is_empty() {
+        return Err(
+            Outcome::forbidden("the token's scopes allow reading no record type")
+                .detail("insufficient_scope"),
+        );
+    }
     let history = state
         .records
         .history_of(&caller.actor, patient, caller.purpose(), Some(&types), true)
@@ -596,7 +583,8 @@ async fn everything(
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
-fn entry(state: &FhirState, resource: Value, mode: &str) -> Value {
+/// A searchset entry: the resource, its full URL and why it is there.
+pub(super) fn entry(state: &FhirState, resource: Value, mode: &str) -> Value {
     let full_url = format!(
         "{}/{}/{}",
         state.config.base_url,

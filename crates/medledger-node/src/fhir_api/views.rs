@@ -123,21 +123,11 @@ pub fn http_date(instant: &str) -> Option<String> {
     ))
 }
 
-fn snapshot(state: &FhirState) -> Result<Snapshot, Outcome> {
-    state
-        .ledger
-        .store()
-        .snapshot()
-        .map_err(|e| Outcome::internal(e.to_string()))
-}
-
 fn value<T: serde::de::DeserializeOwned>(
     snapshot: &Snapshot,
     key: &str,
 ) -> Result<Option<T>, Outcome> {
-    snapshot
-        .value(key)
-        .map_err(|e| Outcome::internal(e.to_string()))
+    Ok(snapshot.value(key)?)
 }
 
 fn purpose_code(purpose: Purpose) -> &'static str {
@@ -399,7 +389,7 @@ pub async fn create_consent(state: &FhirState, caller: &Caller, resource: Value)
     }
     let body = grant_of(&resource)?;
     let committed = state.submit_for(caller, body).await?;
-    let snapshot = snapshot(state)?;
+    let snapshot = state.snapshot()?;
     let consent: Consent = value(&snapshot, &keys::consent(&committed.tx_id))?
         .ok_or_else(|| Outcome::internal("the grant committed without its consent"))?;
     let resource = consent_resource(&consent, now_ms());
@@ -424,7 +414,7 @@ pub async fn update_consent(
     resource: Value,
 ) -> FhirResult {
     let grant_id = Hash::from_hex(id).map_err(|_| Outcome::not_found("no such Consent"))?;
-    let snapshot = snapshot(state)?;
+    let snapshot = state.snapshot()?;
     let consent: Consent = value(&snapshot, &keys::consent(&grant_id))?
         .ok_or_else(|| Outcome::not_found("no such Consent"))?;
     if caller.context != ScopeContext::Patient || caller.actor != consent.patient {
@@ -453,16 +443,12 @@ pub async fn update_consent(
             .submit_for(caller, TxBody::Revoke { grant_id })
             .await?;
     }
-    let consent: Consent = value(&snapshot_after(state)?, &keys::consent(&grant_id))?
+    let consent: Consent = value(&state.snapshot()?, &keys::consent(&grant_id))?
         .ok_or_else(|| Outcome::internal("the consent vanished"))?;
     Ok(fhir_json(
         StatusCode::OK,
         &consent_resource(&consent, now_ms()),
     ))
-}
-
-fn snapshot_after(state: &FhirState) -> Result<Snapshot, Outcome> {
-    snapshot(state)
 }
 
 // ---- reads and searches of ledger types ---------------------------------------------------------
@@ -498,7 +484,7 @@ pub fn read(
     resource_type: &str,
     id: &str,
 ) -> Result<Value, Outcome> {
-    let snapshot = snapshot(state)?;
+    let snapshot = state.snapshot()?;
     match resource_type {
         "Practitioner" => {
             let user_id = user_of_practitioner(id)
@@ -543,7 +529,7 @@ pub async fn search(
     resource_type: &str,
     pairs: &[(String, String)],
 ) -> Result<Value, Outcome> {
-    let snapshot = snapshot(state)?;
+    let snapshot = state.snapshot()?;
     let mut patient: Option<String> = caller.patient.clone();
     let mut target: Option<String> = None;
     let mut count = 50usize;
@@ -582,10 +568,7 @@ pub async fn search(
             may_see_patient_ledger(&snapshot, caller, &patient)?;
             let prefix = keys::patient_consent_prefix(&patient);
             let mut out = Vec::new();
-            for (key, _) in snapshot
-                .scan(&prefix, None, 1024)
-                .map_err(|e| Outcome::internal(e.to_string()))?
-            {
+            for (key, _) in snapshot.scan(&prefix, None, 1024)? {
                 let Ok(id) = Hash::from_hex(&key[prefix.len()..]) else {
                     continue;
                 };
@@ -604,9 +587,7 @@ pub async fn search(
             let mut leaves = Vec::new();
             let mut after: Option<String> = None;
             loop {
-                let page = snapshot
-                    .scan(&prefix, after.as_deref(), 1000)
-                    .map_err(|e| Outcome::internal(e.to_string()))?;
+                let page = snapshot.scan(&prefix, after.as_deref(), 1000)?;
                 let Some((last, _)) = page.last() else { break };
                 after = Some(last.clone());
                 for (key, _) in &page {
@@ -654,18 +635,7 @@ pub async fn search(
     };
     let entries: Vec<Value> = entries
         .into_iter()
-        .map(|resource| {
-            let id = resource
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            json!({
-                "fullUrl": format!("{}/{resource_type}/{id}", state.config.base_url),
-                "resource": resource,
-                "search": { "mode": "match" },
-            })
-        })
+        .map(|resource| super::resources::entry(state, resource, "match"))
         .collect();
     Ok(json!({
         "resourceType": "Bundle",
@@ -787,8 +757,7 @@ fn provenance(
     let recorded = state
         .ledger
         .store()
-        .block(version.height)
-        .map_err(|e| Outcome::internal(e.to_string()))?
+        .block(version.height)?
         .map(|block| instant(block.header.time_ms))
         .ok_or_else(|| Outcome::internal(format!("block {} is missing", version.height)))?;
     Ok(json!({

@@ -36,15 +36,14 @@ use medledger_core::model::{
     AccessDecision, AuditEvent, EncryptionKey, Patient, Purpose, Record, RecordVersion, User,
 };
 use medledger_core::state::keys;
-use medledger_core::tx::{SignedTx, TxBody, TxPayload};
+use medledger_core::tx::{SignedTx, TxBody};
 use medledger_core::Hash;
 use serde::{Deserialize, Serialize};
 
 use super::{RecordStore, RecordStoreError, BLOB_BYTES_MAX};
-use crate::consortium::sign;
 use crate::fhir::{self, AttachmentRef, FhirError};
 use crate::keywrap::{EncryptionKeyPair, EncryptionPublicKey, WrapContext, WrappedKey};
-use crate::ledger::{now_ms, Ledger, SubmitError};
+use crate::ledger::{now_ms, Ledger, NonceCounter, SubmitError};
 use crate::sealing::{self, associated_data, content_id};
 use crate::store::{Snapshot, StoreError};
 
@@ -58,8 +57,6 @@ pub const ATTACHMENT_BYTES_MAX: usize = BLOB_BYTES_MAX - 64;
 const HISTORY_CALLS_MAX: usize = 8;
 /// How long a requester waits for its own ledger to reach the custodian's access entry.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many times an access entry is re-signed after losing a nonce race.
-const NONCE_RETRIES: usize = 3;
 /// Create transactions whose author signature was checked, remembered up to this many.
 const VERIFIED_CACHE_MAX: usize = 100_000;
 /// How long an access entry signed by this node stays valid for ordering.
@@ -346,7 +343,7 @@ pub struct RecordService {
     /// The organisation's encryption key pairs, oldest first.
     keys: Vec<EncryptionKeyPair>,
     link: Option<Arc<dyn CustodianLink>>,
-    last_nonce: Mutex<u64>,
+    nonces: NonceCounter,
     verified_versions: Mutex<HashSet<Hash>>,
 }
 
@@ -373,7 +370,7 @@ impl RecordService {
             org,
             keys,
             link,
-            last_nonce: Mutex::new(0),
+            nonces: NonceCounter::default(),
             verified_versions: Mutex::new(HashSet::new()),
         })
     }
@@ -414,47 +411,20 @@ impl RecordService {
         Ok(self.ledger.store().snapshot()?)
     }
 
-    /// Signs `body` as this node with a nonce above any it used, and submits it; a nonce
-    /// that lost a race with another of this node's transactions is replaced and resent.
+    /// Signs `body` as this node with a nonce above any it used, and submits it.
     async fn submit_signed(
         &self,
-        mut body: impl FnMut(u64) -> TxBody,
+        body: impl FnMut(u64) -> TxBody,
     ) -> Result<crate::ledger::Committed, RecordError> {
-        let signer = self.ledger.node_id().to_string();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            // The ledger's nonce is read at the first use and after a lost race (someone
-            // else signed as this node); otherwise this service's own count is ahead of it.
-            let known = *self.last_nonce.lock().expect("nonce lock");
-            let on_ledger: u64 = if known == 0 || attempt > 1 {
-                self.snapshot()?.value(&keys::nonce(&signer))?.unwrap_or(0)
-            } else {
-                0
-            };
-            let nonce = {
-                let mut last = self.last_nonce.lock().expect("nonce lock");
-                *last = (*last).max(on_ledger) + 1;
-                *last
-            };
-            let payload = TxPayload {
-                chain_id: self.ledger.chain_id().to_string(),
-                signer: signer.clone(),
-                nonce,
-                expires_at_ms: now_ms() + ACCESS_TX_LIFETIME_MS,
-                body: body(nonce),
-            };
-            let tx = sign(payload, &self.ledger.identity().key);
-            let committed = self.ledger.submit(tx).await?;
-            let stale = matches!(
-                &committed.outcome,
-                TxOutcome::Rejected { rejection }
-                    if matches!(rejection, medledger_core::contracts::Rejection::StaleNonce { .. })
-            );
-            if !stale || attempt > NONCE_RETRIES {
-                return Ok(committed);
-            }
-        }
+        self.ledger
+            .submit_signed(
+                self.ledger.node_id(),
+                &self.ledger.identity().key,
+                &self.nonces,
+                ACCESS_TX_LIFETIME_MS,
+                body,
+            )
+            .await
     }
 
     /// Checks, seals and stores a new version; returns the body for its author to sign.
@@ -1413,7 +1383,9 @@ fn canonical<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, RecordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consortium::sign;
     use crate::pki::KeyPair;
+    use medledger_core::tx::TxPayload;
 
     fn signed_version(author: &KeyPair) -> (SignedTx, Record, RecordVersion) {
         let body = TxBody::CreateRecord {
