@@ -369,8 +369,28 @@ fn count_contributions<S: StateRead + ?Sized>(
         };
         match (&tx.payload.body, access) {
             (TxBody::CreateRecord { .. }, _) => entry(&mut counts, org).records_held += 1,
-            (TxBody::LogAccess { .. }, Some(decision)) if decision.is_granted() => {
-                entry(&mut counts, org).accesses_served += 1
+            (
+                TxBody::LogAccess {
+                    records,
+                    custodians,
+                    ..
+                },
+                Some(decision),
+            ) if decision.is_granted() => {
+                // Each custodian the entry lets the requester ask serves it once.
+                let mut served: Vec<String> = custodians.clone();
+                for record in records {
+                    let custodian = match record.split_once('/') {
+                        Some((custodian, _)) => custodian.to_string(),
+                        None => org.clone(),
+                    };
+                    if !served.contains(&custodian) {
+                        served.push(custodian);
+                    }
+                }
+                for custodian in served {
+                    entry(&mut counts, custodian).accesses_served += 1;
+                }
             }
             _ => {}
         }

@@ -1462,6 +1462,7 @@ mod tests {
                 action: Action::Search,
                 records: vec![],
                 resource_types: vec!["Observation".into()],
+                custodians: vec!["hospital-a".into(), "lab".into()],
                 purpose: Purpose::Emergency,
                 custodian_denial: Some(DenialReason::NotFound),
                 query_commitment: hash("q"),
@@ -1473,6 +1474,7 @@ mod tests {
                 action: Action::Read,
                 records: vec!["hospital-a/obs-1".into()],
                 resource_types: vec![],
+                custodians: vec![],
                 purpose: Purpose::Treatment,
                 custodian_denial: None,
                 query_commitment: hash("q"),
@@ -1587,6 +1589,16 @@ mod tests {
             patient: full.then(|| "pt-1".into()),
             records: if full {
                 vec!["hospital-a/obs-1".into()]
+            } else {
+                vec![]
+            },
+            resource_types: if full {
+                vec!["Observation".into()]
+            } else {
+                vec![]
+            },
+            custodians: if full {
+                vec!["hospital-a".into()]
             } else {
                 vec![]
             },

@@ -422,6 +422,12 @@ pub struct AuditEvent {
     /// `custodian/record_id` of every record concerned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub records: Vec<String>,
+    /// For an access entry: the resource types decided on (the records' types, and for a
+    /// search the types searched), and the custodians it lets the requester ask.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resource_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custodians: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

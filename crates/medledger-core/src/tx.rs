@@ -125,16 +125,22 @@ pub enum TxBody {
         break_glass_id: Hash,
         verdict: BreakGlassVerdict,
     },
-    /// A custodian records an access attempt; the ledger decides it (see `contracts::access`).
+    /// A member's node records an access attempt (one per request, by the node the requester
+    /// called); the ledger decides it (see `contracts::access`).
     LogAccess {
         actor: String,
         patient: String,
         action: Action,
-        /// Records at the signer's organisation; empty for a search.
+        /// The records read, each `custodian/record_id` (a bare id is at the signer's
+        /// organisation); empty for a search.
         records: Vec<String>,
         /// Resource types searched; for reads and writes the records' own types count.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         resource_types: Vec<String>,
+        /// For a search: the custodians the requester will ask for the matching records.
+        /// A read's custodians are its records'.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        custodians: Vec<String>,
         purpose: Purpose,
         /// Set when the custodian refused the request before asking the ledger.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -308,6 +308,25 @@ pub struct Ledger {
     config: OrderingConfig,
 }
 
+tokio::task_local! {
+    /// The access entries signed while one API request is served (`collect_access_entries`).
+    static ACCESS_ENTRIES: std::cell::RefCell<Vec<TxId>>;
+}
+
+/// Runs `work` and returns, with its output, the access entries (`log_access` and
+/// `create_record` transactions, committed or refused by their contract) that
+/// `Ledger::submit_signed` committed for it in its own task: an API names them in its
+/// answer, so a caller can prove what its request left on the ledger.
+pub async fn collect_access_entries<F: std::future::Future>(work: F) -> (F::Output, Vec<TxId>) {
+    ACCESS_ENTRIES
+        .scope(std::cell::RefCell::new(Vec::new()), async {
+            let output = work.await;
+            let entries = ACCESS_ENTRIES.with(|entries| entries.take());
+            (output, entries)
+        })
+        .await
+}
+
 /// Unix time in milliseconds: the shell's clock, passed into the core as block time.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -504,6 +523,10 @@ impl Ledger {
                 expires_at_ms: now_ms() + lifetime_ms,
                 body: body(nonce),
             };
+            let is_access = matches!(
+                payload.body,
+                TxBody::LogAccess { .. } | TxBody::CreateRecord { .. }
+            );
             let committed = self.submit(crate::consortium::sign(payload, key)).await?;
             let stale = matches!(
                 &committed.outcome,
@@ -511,6 +534,12 @@ impl Ledger {
                     if matches!(rejection, medledger_core::contracts::Rejection::StaleNonce { .. })
             );
             if !stale || attempt > SIGNED_NONCE_RETRIES {
+                if is_access {
+                    // A stale nonce's leaf has no event; only the entry that counts is noted.
+                    let _ = ACCESS_ENTRIES.try_with(|entries| {
+                        entries.borrow_mut().push(committed.tx_id);
+                    });
+                }
                 return Ok(committed);
             }
         }

@@ -659,6 +659,7 @@ async fn tell_story(api: &Api) -> Story {
         action: Action::Read,
         records: vec!["obs-1".into()],
         resource_types: vec![],
+        custodians: vec![],
         purpose: Purpose::Treatment,
         custodian_denial: None,
         query_commitment: Hash::digest(b"query"),

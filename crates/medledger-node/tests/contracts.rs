@@ -673,6 +673,7 @@ fn access(
         action,
         records: records.iter().map(|r| r.to_string()).collect(),
         resource_types: resource_types.iter().map(|t| t.to_string()).collect(),
+        custodians: vec![],
         purpose,
         custodian_denial,
         query_commitment: Hash::digest(b"salt|query"),
@@ -694,6 +695,18 @@ fn search(actor: &str, patient: &str, resource_types: &[&str], purpose: Purpose)
         purpose,
         None,
     )
+}
+
+/// A search of the patient's observations that names the custodians to be asked.
+fn search_at(actor: &str, patient: &str, custodians: &[&str]) -> TxBody {
+    let mut body = search(actor, patient, &["Observation"], Purpose::Treatment);
+    if let TxBody::LogAccess {
+        custodians: named, ..
+    } = &mut body
+    {
+        named.extend(custodians.iter().map(|c| c.to_string()));
+    }
+    body
 }
 
 fn propose(action: GovernanceAction) -> TxBody {
@@ -2424,9 +2437,11 @@ fn break_glass_refuses_non_clinicians_bad_windows_and_bad_reviews() {
 
 #[test]
 fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodian() {
-    // Proves that only a custodian (its node or admin) logs access, to its own records of
-    // the named patient, with records for reads and writes and 1 to 32 supported types
-    // for searches, and at most 256 records per entry.
+    // Proves that only a member's node or admin logs access, to records of the named
+    // patient (a bare id at its own organisation, `custodian/record_id` at any), with
+    // records for reads and writes, each named once, at most 256 per entry, and 1 to 32
+    // supported types for searches, whose custodians (if named) are organisations, each
+    // named once.
     let (base, world) = world();
     let cases = [
         case(
@@ -2481,7 +2496,7 @@ fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodi
             },
         ),
         case(
-            "an entry naming a record at another custodian",
+            "a bare record id names a record of the signer's organisation",
             Refused("not_found"),
             |l, w| {
                 l.sign(
@@ -2490,6 +2505,74 @@ fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodi
                 )
             },
         ),
+        case(
+            "a requester's node names a record at another custodian",
+            Committed,
+            |l, w| {
+                l.sign(
+                    w.node("hospital-b"),
+                    read(
+                        &w.bob.id,
+                        &w.p.id,
+                        &["hospital-a/obs-1"],
+                        Purpose::Treatment,
+                    ),
+                )
+            },
+        ),
+        case(
+            "an entry naming a record twice",
+            Refused("invalid"),
+            |l, w| {
+                l.sign(
+                    w.node("hospital-a"),
+                    read(
+                        &w.alice.id,
+                        &w.p.id,
+                        &["obs-1", "hospital-a/obs-1"],
+                        Purpose::Treatment,
+                    ),
+                )
+            },
+        ),
+        case("a search naming its custodians", Committed, |l, w| {
+            l.sign(
+                w.node("hospital-b"),
+                search_at(&w.bob.id, &w.p.id, &["hospital-a", "hospital-b"]),
+            )
+        }),
+        case(
+            "a search naming an unknown custodian",
+            Refused("not_found"),
+            |l, w| {
+                l.sign(
+                    w.node("hospital-b"),
+                    search_at(&w.bob.id, &w.p.id, &["hospital-z"]),
+                )
+            },
+        ),
+        case(
+            "a search naming a custodian twice",
+            Refused("invalid"),
+            |l, w| {
+                l.sign(
+                    w.node("hospital-b"),
+                    search_at(&w.bob.id, &w.p.id, &["hospital-a", "hospital-a"]),
+                )
+            },
+        ),
+        case("a read naming custodians", Refused("invalid"), |l, w| {
+            let mut body = read(
+                &w.bob.id,
+                &w.p.id,
+                &["hospital-a/obs-1"],
+                Purpose::Treatment,
+            );
+            if let TxBody::LogAccess { custodians, .. } = &mut body {
+                custodians.push("hospital-a".into());
+            }
+            l.sign(w.node("hospital-b"), body)
+        }),
         case(
             "an entry naming an unknown record",
             Refused("not_found"),
@@ -2562,13 +2645,6 @@ fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodi
         }),
         case("an entry naming 257 records", Refused("invalid"), |l, w| {
             let many = vec!["obs-1"; ACCESS_RECORDS_MAX + 1];
-            l.sign(
-                w.node("hospital-a"),
-                read(&w.alice.id, &w.p.id, &many, Purpose::Treatment),
-            )
-        }),
-        case("an entry naming 256 records", Committed, |l, w| {
-            let many = vec!["obs-1"; ACCESS_RECORDS_MAX];
             l.sign(
                 w.node("hospital-a"),
                 read(&w.alice.id, &w.p.id, &many, Purpose::Treatment),

@@ -19,6 +19,7 @@ use base64::Engine;
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use medledger_core::identity::Role;
+use medledger_core::state::keys;
 use medledger_core::tx::TxBody;
 use medledger_node::auth::{totp_code, AccountKind, Client, Scopes, TokenIssuer, TokenKeys};
 use medledger_node::consortium::{Consortium, Identity};
@@ -1744,4 +1745,239 @@ async fn every_read_and_search_leaves_an_access_entry_on_the_ledger() {
         node.access_entries(&patient).await.len(),
         after_search.len() + 1
     );
+}
+
+/// One request of the random mix below, and the status it must answer.
+#[derive(Debug, Clone)]
+struct Call {
+    method: Method,
+    uri: String,
+    body: Option<Value>,
+    status: StatusCode,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_random_fhir_requests_leave_a_thousand_provable_access_entries() {
+    // Goal: every FHIR request that touches patient data, allowed or denied, leaves exactly
+    // one access entry on the ledger, named in its `x-access-entry` header. 1,000 seeded
+    // random requests, eight at a time: reads, vreads, instance histories, searches with
+    // random parameters, `$everything`, creates and updates for a consenting patient, and
+    // searches, `$everything` and creates for a patient who gave this organisation no
+    // consent (denied by the ledger). Each answer names exactly one entry; the 1,000 names
+    // are distinct, are exactly the access and record entries the ledger gained (no request
+    // left an unnamed one), carry the decision the caller saw, and each is proven in the
+    // Merkle log against the final tree head.
+    let node = Arc::new(Node::start().await);
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let consenting = node.create_patient(&token).await;
+    // A patient registered on the ledger with an encryption key, but no consent to anyone.
+    let stranger = Identity::new_patient().expect("a patient identity");
+    node.commit(
+        &stranger,
+        TxBody::RegisterPatient {
+            public_key: stranger.key.public_key(),
+        },
+    )
+    .await;
+    node.commit(
+        &stranger,
+        TxBody::SetEncryptionKey {
+            public_key: stranger
+                .encryption_key()
+                .expect("a patient has an encryption key")
+                .public_key()
+                .to_base64url(),
+        },
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let day = format!("2025-03-{:02}T08:00:00Z", 10 + n);
+        let created = node
+            .create_observation(&token, &consenting, HEART_RATE, &day, 70 + n)
+            .await;
+        ids.push(id_of(&created));
+    }
+    let ids = Arc::new(Mutex::new(ids));
+    let start = node.ledger.store().head().unwrap().unwrap().log_size;
+
+    let mut seed: u64 = 0x00c0_ffee_1000;
+    let mut random = move |bound: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % bound as u64) as usize
+    };
+    let total = 1000;
+    let mut named: Vec<(String, StatusCode)> = Vec::new();
+    let mut kinds = [0usize; 11];
+    while named.len() < total {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..8.min(total - named.len()) {
+            let known = ids.lock().unwrap().clone();
+            let id = known[random(known.len())].clone();
+            let kind = random(kinds.len());
+            kinds[kind] += 1;
+            let codes = [HEART_RATE, BODY_WEIGHT];
+            let call = match kind {
+                0 => Call::get(&format!("/fhir/Observation/{id}"), StatusCode::OK),
+                1 => Call::get(
+                    &format!("/fhir/Observation/{id}/_history/1"),
+                    StatusCode::OK,
+                ),
+                2 => Call::get(&format!("/fhir/Observation/{id}/_history"), StatusCode::OK),
+                3 => {
+                    let filters = [
+                        format!("code={LOINC}|{}", codes[random(2)]),
+                        format!("date=ge2025-03-{:02}", 9 + random(6)),
+                        format!("_count={}", 1 + random(5)),
+                        "_sort=-date".to_string(),
+                        "_include=Observation:patient".to_string(),
+                    ];
+                    let filter = &filters[random(filters.len())];
+                    Call::get(
+                        &format!("/fhir/Observation?patient={consenting}&{filter}"),
+                        StatusCode::OK,
+                    )
+                }
+                4 => Call::get(
+                    &format!("/fhir/Patient/{consenting}/$everything"),
+                    StatusCode::OK,
+                ),
+                5 => Call::get(
+                    &format!("/fhir/Observation?patient={}", stranger.id),
+                    StatusCode::OK,
+                ),
+                6 => Call::get(
+                    &format!("/fhir/Patient/{}/$everything", stranger.id),
+                    StatusCode::OK,
+                ),
+                7 => Call {
+                    method: Method::POST,
+                    uri: "/fhir/Observation".into(),
+                    body: Some(observation(
+                        &consenting,
+                        codes[random(2)],
+                        "2025-03-20T09:30:00Z",
+                        60 + random(40) as u64,
+                    )),
+                    status: StatusCode::CREATED,
+                },
+                8 => {
+                    let mut resource =
+                        observation(&consenting, HEART_RATE, "2025-03-21T10:00:00Z", 80);
+                    resource["id"] = json!(id);
+                    Call {
+                        method: Method::PUT,
+                        uri: format!("/fhir/Observation/{id}"),
+                        body: Some(resource),
+                        status: StatusCode::OK,
+                    }
+                }
+                9 => Call {
+                    method: Method::POST,
+                    uri: "/fhir/Observation".into(),
+                    body: Some(observation(
+                        &stranger.id,
+                        HEART_RATE,
+                        "2025-03-22T11:00:00Z",
+                        75,
+                    )),
+                    status: StatusCode::FORBIDDEN,
+                },
+                _ => Call::get(&format!("/fhir/Patient/{consenting}"), StatusCode::OK),
+            };
+            let (node, token, ids) = (node.clone(), token.clone(), ids.clone());
+            batch.spawn(async move {
+                let body = match &call.body {
+                    Some(resource) => Body::from(resource.to_string()),
+                    None => Body::empty(),
+                };
+                let extra = [(header::CONTENT_TYPE, "application/fhir+json")];
+                let answer = node
+                    .send(call.method.clone(), &call.uri, Some(&token), &extra, body)
+                    .await;
+                assert_eq!(answer.status, call.status, "{call:?}: {}", answer.text());
+                if call.status == StatusCode::CREATED {
+                    ids.lock().unwrap().push(id_of(&answer.body));
+                }
+                let header = answer
+                    .headers
+                    .get(fhir_api::ACCESS_ENTRY_HEADER)
+                    .unwrap_or_else(|| panic!("{call:?} names no access entry"))
+                    .to_str()
+                    .expect("a hex header")
+                    .to_string();
+                assert!(!header.contains(','), "{call:?} left several: {header}");
+                (header, answer.status)
+            });
+        }
+        while let Some(done) = batch.join_next().await {
+            named.push(done.expect("a request task"));
+        }
+    }
+    assert!(
+        kinds.iter().all(|&n| n > 40),
+        "every kind was exercised: {kinds:?}"
+    );
+
+    // The entries the ledger gained are exactly the ones the answers named.
+    let store = node.ledger.store();
+    let end = store.head().unwrap().unwrap().log_size;
+    let snapshot = store.snapshot().unwrap();
+    let mut on_ledger: HashMap<String, u64> = HashMap::new();
+    let mut events: HashMap<u64, medledger_core::model::AuditEvent> = HashMap::new();
+    for leaf in start..end {
+        let Some(event) = snapshot
+            .value::<medledger_core::model::AuditEvent>(&keys::event(leaf))
+            .unwrap()
+        else {
+            continue;
+        };
+        if event.kind == "log_access" || event.kind == "create_record" {
+            on_ledger.insert(event.tx_id.to_hex(), leaf);
+            events.insert(leaf, event);
+        }
+    }
+    let named_ids: BTreeSet<&String> = named.iter().map(|(id, _)| id).collect();
+    assert_eq!(named_ids.len(), total, "every request named its own entry");
+    assert_eq!(
+        on_ledger.len(),
+        total,
+        "the ledger gained one entry per request"
+    );
+    for (id, status) in &named {
+        let leaf = *on_ledger
+            .get(id)
+            .unwrap_or_else(|| panic!("entry {id} is not a new access entry"));
+        let event = &events[&leaf];
+        let granted = match &event.decision {
+            Some(decision) => decision.is_granted(),
+            None => event.rejected.is_none(),
+        };
+        let denied_patient = event.patient.as_deref() == Some(stranger.id.as_str());
+        assert_eq!(
+            granted, !denied_patient,
+            "entry {id} ({}) decided as the caller saw",
+            event.kind
+        );
+        assert_eq!(
+            *status == StatusCode::FORBIDDEN,
+            event.kind == "create_record" && !granted
+        );
+        common::prove_leaf(store, event.height, leaf, &format!("entry {id}"));
+    }
+    println!("1,000 requests by kind {kinds:?}: 1,000 distinct entries, each proven");
+}
+
+impl Call {
+    fn get(uri: &str, status: StatusCode) -> Call {
+        Call {
+            method: Method::GET,
+            uri: uri.to_string(),
+            body: None,
+            status,
+        }
+    }
 }

@@ -617,7 +617,7 @@ pub enum TxCommand {
         #[arg(long)]
         verdict: String,
     },
-    /// As a custodian, record an access attempt; the ledger decides it.
+    /// As a member's node, record an access attempt by one of its users; the ledger decides it.
     LogAccess {
         #[arg(long)]
         actor: String,
@@ -629,6 +629,9 @@ pub enum TxCommand {
         records: Option<String>,
         #[arg(long)]
         types: Option<String>,
+        /// For a search: the custodians to be asked (comma-separated).
+        #[arg(long)]
+        custodians: Option<String>,
         #[arg(long, default_value = "treatment")]
         purpose: String,
         /// unauthenticated, not_found or invalid_request.
@@ -793,6 +796,7 @@ fn tx_body(command: TxCommand, signer: &Identity) -> Result<TxBody, String> {
             action,
             records,
             types,
+            custodians,
             purpose,
             custodian_denial,
             query,
@@ -802,6 +806,7 @@ fn tx_body(command: TxCommand, signer: &Identity) -> Result<TxBody, String> {
             action: parse_word(&action)?,
             records: words(&records),
             resource_types: words(&types),
+            custodians: words(&custodians),
             purpose: parse_word::<Purpose>(&purpose)?,
             custodian_denial: custodian_denial
                 .as_deref()

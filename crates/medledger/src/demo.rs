@@ -79,9 +79,9 @@ impl Story {
             .ok_or_else(|| format!("{org} runs no node"))
     }
 
-    /// A user asks their own organisation's node for a record held by `custodian`. The
-    /// custodian's node commits the access entry before anything leaves it; the reader's
-    /// node checks what arrives against its own copy of the ledger and decrypts it.
+    /// A user asks their own organisation's node for a record held by `custodian`. That
+    /// node commits the access entry; the custodian serves only under it, once granted; the
+    /// reader's node checks what arrives against its own copy of the ledger and decrypts it.
     /// Returns the access entry's id and whether it was granted.
     fn read(
         &self,
@@ -466,7 +466,7 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         );
     }
     println!(
-        "   {} versions from {} custodians; {} access entries on the ledger",
+        "   {} versions from {} custodians under one access entry on the ledger  [{}]",
         history.versions.len(),
         history
             .versions
@@ -474,7 +474,7 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
             .map(|v| v.custodian.as_str())
             .collect::<std::collections::BTreeSet<_>>()
             .len(),
-        history.access.len()
+        short(&history.access.tx_id.to_hex())
     );
 
     story.chapter("Maria revokes that consent; from its commit on, the same read is denied");

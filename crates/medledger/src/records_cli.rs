@@ -182,16 +182,15 @@ pub fn record(command: RecordCommand) -> CliResult {
                     version.author
                 );
             }
-            let denied = history
-                .access
-                .iter()
-                .filter(|a| !a.decision.is_granted())
-                .count();
             println!(
-                "{} versions; {} access entries ({} denied); {} failures",
+                "{} versions; access entry {} ({}); {} failures",
                 history.versions.len(),
-                history.access.len(),
-                denied,
+                history.access.tx_id,
+                if history.access.decision.is_granted() {
+                    "granted"
+                } else {
+                    "denied"
+                },
                 history.failures.len()
             );
             for failure in &history.failures {

@@ -1,12 +1,15 @@
-//! Access entries: a custodian records every attempt to read, write or search its records,
-//! and the ledger decides it.
+//! Access entries: a member's node records every attempt by one of its users to read or
+//! search a patient's records, and the ledger decides it.
 //!
-//! The custodian does not assert a decision; the contract computes it with the same policy
-//! at the transaction's place in the order, so a revoke committed before the entry always
-//! wins, and no entry can claim a grant the policy would not give. The custodian may only
-//! add a refusal of its own (an unauthenticated requester, say). The query and the answer
-//! appear only as salted commitments: the custodian can later prove what was asked and
-//! answered, and nobody can test guesses of health data against the ledger.
+//! The entry is written once per request by the node the requester called, before any
+//! custodian is asked; the custodians then serve only under a granted entry that names them
+//! (see the node's record service). The node does not assert a decision; the contract
+//! computes it with the same policy at the transaction's place in the order, so a revoke
+//! committed before the entry always wins, and no entry can claim a grant the policy would
+//! not give. The node may only add a refusal of its own (an unauthenticated requester,
+//! say). The query and the answer appear only as salted commitments: the node can later
+//! prove what was asked and answered, and nobody can test guesses of health data against
+//! the ledger.
 
 use crate::identity::Role;
 use crate::model::{category_of, AccessDecision, AccessDenial, Action, AuditEvent, Record};
@@ -28,6 +31,7 @@ pub(super) fn log<S: StateRead + ?Sized>(
         action,
         records,
         resource_types,
+        custodians,
         purpose,
         custodian_denial,
         query_commitment: _,
@@ -36,7 +40,7 @@ pub(super) fn log<S: StateRead + ?Sized>(
     else {
         unreachable!("dispatch routes only log_access here")
     };
-    let (_, custodian) = context
+    let (_, signer_org) = context
         .signer
         .member_with_role(&[Role::Node, Role::OrgAdmin])?;
     event.patient = Some(patient.clone());
@@ -50,18 +54,38 @@ pub(super) fn log<S: StateRead + ?Sized>(
             format!("at most {ACCESS_RECORDS_MAX}"),
         ));
     }
+    if custodians.len() > super::consent::LIST_ENTRIES_MAX {
+        return Err(Rejection::invalid(
+            "custodians",
+            format!("at most {}", super::consent::LIST_ENTRIES_MAX),
+        ));
+    }
     let mut types: Vec<String> = Vec::new();
-    for record_id in records {
+    let mut named: Vec<String> = Vec::new();
+    for name in records {
+        let (custodian, record_id) = name
+            .split_once('/')
+            .unwrap_or((signer_org.id.as_str(), name.as_str()));
+        let qualified = format!("{custodian}/{record_id}");
+        if event.records.contains(&qualified) {
+            return Err(Rejection::invalid(
+                "records",
+                format!("{qualified} is named twice"),
+            ));
+        }
         let record: Record = state
-            .get_value(&keys::record(&custodian.id, record_id))
-            .ok_or_else(|| Rejection::not_found(format!("record {}/{record_id}", custodian.id)))?;
+            .get_value(&keys::record(custodian, record_id))
+            .ok_or_else(|| Rejection::not_found(format!("record {qualified}")))?;
         if record.patient != *patient {
             return Err(Rejection::invalid(
                 "records",
                 "every record must be the patient's",
             ));
         }
-        event.records.push(format!("{}/{record_id}", custodian.id));
+        event.records.push(qualified);
+        if !named.contains(&record.custodian) {
+            named.push(record.custodian);
+        }
         if !types.contains(&record.resource_type) {
             types.push(record.resource_type);
         }
@@ -86,8 +110,26 @@ pub(super) fn log<S: StateRead + ?Sized>(
                     types.push(resource_type.clone());
                 }
             }
+            for custodian in custodians {
+                if named.contains(custodian) {
+                    return Err(Rejection::invalid(
+                        "custodians",
+                        format!("{custodian:?} is named twice"),
+                    ));
+                }
+                if !state.contains(&keys::org(custodian)) {
+                    return Err(Rejection::not_found(format!("organisation {custodian}")));
+                }
+                named.push(custodian.clone());
+            }
         }
         Action::Read | Action::Write => {
+            if !custodians.is_empty() {
+                return Err(Rejection::invalid(
+                    "custodians",
+                    "only a search names custodians; a read's are its records'",
+                ));
+            }
             if records.is_empty() {
                 return Err(Rejection::invalid(
                     "records",
@@ -102,6 +144,8 @@ pub(super) fn log<S: StateRead + ?Sized>(
             }
         }
     }
+    event.resource_types = types.clone();
+    event.custodians = named;
     let decision = match custodian_denial {
         Some(denial) => AccessDecision::Denied {
             denial: AccessDenial::Custodian { denial: *denial },

@@ -373,6 +373,8 @@ pub fn execute<S: StateRead + ?Sized>(
                 actor: None,
                 patient: None,
                 records: Vec::new(),
+                resource_types: Vec::new(),
+                custodians: Vec::new(),
                 action: None,
                 purpose: None,
                 decision: None,

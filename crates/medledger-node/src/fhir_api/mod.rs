@@ -181,6 +181,7 @@ pub fn router(state: Arc<FhirState>) -> Router {
         .fallback(fhir_not_found)
         .method_not_allowed_fallback(fhir_method_not_allowed)
         .layer(DefaultBodyLimit::max(FHIR_BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn(name_access_entries))
         .with_state(state.clone());
     Router::new()
         .route("/.well-known/smart-configuration", get(smart_configuration))
@@ -188,6 +189,27 @@ pub fn router(state: Arc<FhirState>) -> Router {
         .route("/auth/jwks", get(jwks))
         .with_state(state)
         .nest("/fhir", fhir)
+}
+
+/// The header naming the ledger entries a FHIR request left: its access entry (a read or
+/// search, granted or denied) or its record version (a create or update), as transaction
+/// ids in hex, comma-separated when a request made several.
+pub const ACCESS_ENTRY_HEADER: &str = "x-access-entry";
+
+/// Answers every FHIR request with the access entries it committed, so a client can fetch
+/// their inclusion proofs (`/v1/proofs/inclusion`).
+async fn name_access_entries(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (mut response, entries) = crate::ledger::collect_access_entries(next.run(request)).await;
+    if !entries.is_empty() {
+        let names: Vec<String> = entries.iter().map(|id| id.to_hex()).collect();
+        if let Ok(value) = HeaderValue::from_str(&names.join(",")) {
+            response.headers_mut().insert(ACCESS_ENTRY_HEADER, value);
+        }
+    }
+    response
 }
 
 async fn fhir_method_not_allowed() -> Response {

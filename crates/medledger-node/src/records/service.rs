@@ -9,11 +9,20 @@
 //! signs the `create_record` transaction that names them; a version is acknowledged only
 //! when that transaction is committed.
 //!
-//! **Serving** (`serve`, the custodian's side of an exchange): the custodian commits a
-//! `log_access` entry (its node signs; the requester is the actor; the query and the answer
-//! appear as salted commitments) and waits for the ledger's decision at the entry's place
-//! in the order. Only a granted entry lets data leave: the ciphertext as stored and the data
-//! key re-wrapped for the requester's organisation. A denied entry answers with its reason.
+//! **Auditing** (`log_access`, the requester's side): each request, a read, a record's
+//! history or a search across custodians, first commits exactly one `log_access` entry,
+//! signed by the node the requester called (the requester is the actor; the query and the
+//! answer appear as salted commitments), and waits for the ledger's decision at the
+//! entry's place in the order. A denied entry ends the request there: no custodian is
+//! asked.
+//!
+//! **Serving** (`serve`, the custodian's side of an exchange): a custodian serves only
+//! under a granted entry on its own copy of the ledger that the requester's node signed,
+//! for this actor, patient and purpose, that names this custodian and covers every version
+//! asked for (named, or of a searched type, and indexed no later than the entry), is
+//! recent, and whose grant still holds on the custodian's ledger now (a revoke committed
+//! since stops it). Then the ciphertext as stored leaves with the data key re-wrapped for
+//! the requester's organisation.
 //!
 //! **Reading** (`read`, `history`, the requester's side): every served version is checked
 //! against the requester's own copy of the ledger: its content id, the author's signature
@@ -29,13 +38,14 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use medledger_core::canonical::to_canonical_bytes;
-use medledger_core::contracts::TxOutcome;
+use medledger_core::contracts::{decide, AccessQuery, TxOutcome};
 use medledger_core::crypto::PublicKey;
 use medledger_core::identity::{is_patient_pseudonym, split_user_id};
 use medledger_core::model::{
-    AccessDecision, AuditEvent, EncryptionKey, Patient, Purpose, Record, RecordVersion, User,
+    AccessDecision, Action, AuditEvent, EncryptionKey, Patient, Purpose, Record, RecordVersion,
+    User, RESOURCE_TYPES,
 };
-use medledger_core::state::keys;
+use medledger_core::state::{keys, Overlay};
 use medledger_core::tx::{SignedTx, TxBody};
 use medledger_core::Hash;
 use serde::{Deserialize, Serialize};
@@ -55,8 +65,10 @@ pub const ATTACHMENTS_MAX: usize = 16;
 pub const ATTACHMENT_BYTES_MAX: usize = BLOB_BYTES_MAX - 64;
 /// Custodian calls one history makes at once.
 const HISTORY_CALLS_MAX: usize = 8;
-/// How long a requester waits for its own ledger to reach the custodian's access entry.
+/// How long a custodian waits for its ledger to reach the requester's access entry.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after its block a custodian serves under an access entry.
+pub const ACCESS_ENTRY_TTL_MS: u64 = 2 * 60 * 1000;
 /// Create transactions whose author signature was checked, remembered up to this many.
 const VERIFIED_CACHE_MAX: usize = 100_000;
 /// How long an access entry signed by this node stays valid for ordering.
@@ -221,7 +233,7 @@ pub struct VersionRef {
     pub version: u64,
 }
 
-/// What a requester's node asks a custodian for.
+/// What a requester's node asks a custodian for, under the access entry it committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FetchRequest {
@@ -232,9 +244,12 @@ pub struct FetchRequest {
     pub versions: Vec<VersionRef>,
     /// Whether to include the versions' attachments.
     pub attachments: bool,
+    /// The requester's granted access entry for this request, and the block holding it.
+    pub access_tx: Hash,
+    pub access_height: u64,
 }
 
-/// The access entry a custodian committed for a request.
+/// The access entry a requester's node committed for a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessReceipt {
     pub tx_id: Hash,
@@ -265,11 +280,10 @@ pub struct ServedVersion {
     pub attachments: Vec<BlobCopy>,
 }
 
-/// A custodian's answer: the access entry, and the versions if it was granted.
+/// A custodian's answer: the versions asked for, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchAnswer {
     pub custodian: String,
-    pub access: AccessReceipt,
     pub versions: Vec<ServedVersion>,
 }
 
@@ -329,10 +343,50 @@ pub struct ReadRequest {
 pub struct History {
     pub patient: String,
     pub versions: Vec<OpenedVersion>,
-    /// Every access entry the call caused, granted or denied.
-    pub access: Vec<AccessReceipt>,
+    /// The one access entry the call committed, granted or denied.
+    pub access: AccessReceipt,
     /// Custodians that could not answer, and versions that failed their checks.
     pub failures: Vec<WireError>,
+}
+
+/// What one request's access entry says it is about (the query it commits to).
+#[derive(Debug, Serialize)]
+struct AccessPlan<'a> {
+    actor: &'a str,
+    patient: &'a str,
+    action: Action,
+    /// `custodian/record_id` of each record read.
+    records: Vec<String>,
+    resource_types: Vec<String>,
+    custodians: Vec<String>,
+    purpose: Purpose,
+}
+
+impl<'a> AccessPlan<'a> {
+    fn read(actor: &'a str, record: &'a Record, purpose: Purpose) -> AccessPlan<'a> {
+        AccessPlan {
+            actor,
+            patient: &record.patient,
+            action: Action::Read,
+            records: vec![format!("{}/{}", record.custodian, record.record_id)],
+            resource_types: Vec::new(),
+            custodians: Vec::new(),
+            purpose,
+        }
+    }
+}
+
+impl AccessReceipt {
+    /// The ledger's refusal as an error, or nothing if it granted.
+    fn require_granted(&self) -> Result<(), RecordError> {
+        match &self.decision {
+            AccessDecision::Denied { denial } => Err(RecordError::Denied {
+                reason: denial_code(denial),
+                access_tx: self.tx_id,
+            }),
+            AccessDecision::Granted { .. } => Ok(()),
+        }
+    }
 }
 
 /// A custodian's record service.
@@ -589,9 +643,9 @@ impl RecordService {
             .map_err(|_| RecordError::NoEncryptionKey(format!("{party} (its key is unusable)")))
     }
 
-    /// The custodian's side of an exchange: commits the access entry, then serves the
-    /// versions only if the ledger granted it. `requester_org` is the organisation whose
-    /// node asks (authenticated by mutual TLS, or this node itself).
+    /// The custodian's side of an exchange: serves the versions only under the requester's
+    /// granted access entry (see the module notes). `requester_org` is the organisation
+    /// whose node asks (authenticated by mutual TLS, or this node itself).
     pub async fn serve(
         &self,
         requester_org: &str,
@@ -620,9 +674,10 @@ impl RecordService {
                 "a fetch names 1 to {FETCH_VERSIONS_MAX} versions"
             )));
         }
+        self.wait_for_height(request.access_height).await?;
         let snapshot = self.snapshot()?;
+        let entry = self.access_entry_for(&snapshot, requester_org, &request)?;
         let requester_key = self.published_key(&snapshot, requester_org)?;
-        let mut record_ids: Vec<String> = Vec::new();
         let mut served: Vec<(VersionRef, RecordVersion)> = Vec::new();
         for wanted in &request.versions {
             let record = snapshot
@@ -634,78 +689,31 @@ impl RecordService {
                         self.org, wanted.record_id
                     ))
                 })?;
+            let covered = entry
+                .records
+                .contains(&format!("{}/{}", self.org, wanted.record_id))
+                || (entry.action == Some(Action::Search)
+                    && entry.resource_types.contains(&record.resource_type));
+            if !covered {
+                return Err(RecordError::Invalid(format!(
+                    "access entry {} does not cover {}/{}",
+                    request.access_tx, self.org, wanted.record_id
+                )));
+            }
             let version = record
                 .versions
                 .iter()
-                .find(|v| v.version == wanted.version)
+                .find(|v| v.version == wanted.version && v.height <= entry.height)
                 .cloned()
                 .ok_or_else(|| {
                     RecordError::NotFound(format!(
-                        "version {} of {}/{}",
-                        wanted.version, self.org, wanted.record_id
+                        "version {} of {}/{} as of access entry {}",
+                        wanted.version, self.org, wanted.record_id, request.access_tx
                     ))
                 })?;
-            if !record_ids.contains(&wanted.record_id) {
-                record_ids.push(wanted.record_id.clone());
-            }
             served.push((wanted.clone(), version));
         }
         drop(snapshot);
-
-        let answer: Vec<(&str, u64, &str)> = served
-            .iter()
-            .map(|(w, v)| (w.record_id.as_str(), v.version, v.cid.as_str()))
-            .collect();
-        let query = canonical(&request)?;
-        let answer = canonical(&answer)?;
-        let mut salts = (Hash([0; 32]), Hash([0; 32]));
-        let committed = self
-            .submit_signed(|nonce| {
-                salts = (self.salt(b"query", nonce), self.salt(b"answer", nonce));
-                TxBody::LogAccess {
-                    actor: request.actor.clone(),
-                    patient: request.patient.clone(),
-                    action: medledger_core::model::Action::Read,
-                    records: record_ids.clone(),
-                    resource_types: Vec::new(),
-                    purpose: request.purpose,
-                    custodian_denial: None,
-                    query_commitment: Hash::digest_parts(&[&salts.0 .0, &query]),
-                    answer_commitment: Hash::digest_parts(&[&salts.1 .0, &answer]),
-                }
-            })
-            .await?;
-        let (query_salt, answer_salt) = salts;
-        let decision = match committed.outcome {
-            TxOutcome::Committed {
-                access: Some(decision),
-            } => decision,
-            TxOutcome::Committed { access: None } => {
-                return Err(RecordError::Ledger(
-                    "an access entry without a decision".into(),
-                ))
-            }
-            TxOutcome::Rejected { rejection } => {
-                return Err(RecordError::Ledger(format!(
-                    "the access entry was refused: {rejection}"
-                )))
-            }
-        };
-        let access = AccessReceipt {
-            tx_id: committed.tx_id,
-            height: committed.height,
-            leaf_index: committed.leaf_index,
-            decision: decision.clone(),
-            query_salt,
-            answer_salt,
-        };
-        if !decision.is_granted() {
-            return Ok(FetchAnswer {
-                custodian: self.org.clone(),
-                access,
-                versions: Vec::new(),
-            });
-        }
         let store = self.store.clone();
         let keys = self.keys.clone();
         let org = self.org.clone();
@@ -731,9 +739,66 @@ impl RecordService {
         .await?;
         Ok(FetchAnswer {
             custodian: self.org.clone(),
-            access,
             versions,
         })
+    }
+
+    /// The requester's access entry, if it lets this custodian serve `request`: on this
+    /// node's ledger, signed by the requester's node, granted, for this actor, patient and
+    /// purpose, naming this custodian, recent, and still granted by the ledger's state now.
+    fn access_entry_for(
+        &self,
+        snapshot: &Snapshot,
+        requester_org: &str,
+        request: &FetchRequest,
+    ) -> Result<AuditEvent, RecordError> {
+        let refuse = |detail: &str| {
+            RecordError::Invalid(format!("access entry {}: {detail}", request.access_tx))
+        };
+        let leaf: u64 = snapshot
+            .value(&keys::tx(&request.access_tx))?
+            .ok_or_else(|| refuse("is not on the custodian's ledger"))?;
+        let entry: AuditEvent = snapshot
+            .value(&keys::event(leaf))?
+            .ok_or_else(|| refuse("has no audit event"))?;
+        let signer_org = split_user_id(&entry.signer).map(|(org, _)| org);
+        let fits = entry.kind == "log_access"
+            && entry.rejected.is_none()
+            && signer_org == Some(requester_org)
+            && entry.actor.as_deref() == Some(request.actor.as_str())
+            && entry.patient.as_deref() == Some(request.patient.as_str())
+            && entry.purpose == Some(request.purpose)
+            && entry.custodians.contains(&self.org);
+        if !fits {
+            return Err(refuse(
+                "is not the requester's entry for this actor, patient, purpose and custodian",
+            ));
+        }
+        if !entry.decision.as_ref().is_some_and(|d| d.is_granted()) {
+            return Err(refuse("was denied"));
+        }
+        let now = now_ms();
+        if now.saturating_sub(entry.time_ms) > ACCESS_ENTRY_TTL_MS {
+            return Err(refuse("has expired: a new request makes a new entry"));
+        }
+        let decision = decide(
+            &Overlay::new(snapshot),
+            &AccessQuery {
+                actor: &request.actor,
+                patient: &request.patient,
+                action: entry.action.unwrap_or(Action::Read),
+                resource_types: &entry.resource_types,
+                purpose: Some(request.purpose),
+                time_ms: now,
+            },
+        );
+        if let AccessDecision::Denied { denial } = decision {
+            return Err(RecordError::Denied {
+                reason: denial_code(&denial),
+                access_tx: request.access_tx,
+            });
+        }
+        Ok(entry)
     }
 
     /// A salt only this organisation can recompute: from its newest key and the access
@@ -766,164 +831,77 @@ impl RecordService {
         link.fetch(custodian, request).await
     }
 
-    /// Reads one version (the latest unless named) from whichever custodian holds it.
-    pub async fn read(&self, request: ReadRequest) -> Result<OpenedVersion, RecordError> {
-        let record: Record = self
-            .snapshot()?
-            .value(&keys::record(&request.custodian, &request.record_id))?
-            .ok_or_else(|| {
-                RecordError::NotFound(format!(
-                    "record {}/{}",
-                    request.custodian, request.record_id
-                ))
-            })?;
-        let version = match request.version {
-            Some(version) => version,
-            None => record.versions.last().map(|v| v.version).unwrap_or(1),
-        };
-        let fetch = FetchRequest {
-            actor: request.actor.clone(),
-            patient: record.patient.clone(),
-            purpose: request.purpose,
-            versions: vec![VersionRef {
-                record_id: request.record_id.clone(),
-                version,
-            }],
-            attachments: request.attachments,
-        };
-        let answer = self.fetch(&request.custodian, &fetch).await?;
-        if answer.custodian != request.custodian {
-            return Err(RecordError::Integrity {
-                record: format!("{}/{}", request.custodian, request.record_id),
-                detail: format!("answered by {}", answer.custodian),
-            });
-        }
-        if let AccessDecision::Denied { denial } = &answer.access.decision {
-            return Err(RecordError::Denied {
-                reason: denial_code(denial),
-                access_tx: answer.access.tx_id,
-            });
-        }
-        let mut opened = self.open_answer(&answer, &fetch).await?;
-        match opened.pop() {
-            Some(Ok(version)) if opened.is_empty() => Ok(version),
-            Some(Err(error)) => Err(error),
-            _ => Err(RecordError::Integrity {
-                record: format!("{}/{}", request.custodian, request.record_id),
-                detail: "the custodian served a different set of versions".into(),
-            }),
-        }
-    }
-
-    /// Every version of one record, oldest first, under one access entry per
-    /// `FETCH_VERSIONS_MAX` versions: a FHIR instance history.
-    pub async fn versions(
+    /// Commits the one access entry of a request and returns the ledger's decision on it.
+    /// `planned` is every version the request will ask for, by custodian; only its salted
+    /// commitment reaches the ledger, with one of the query.
+    async fn log_access(
         &self,
-        actor: &str,
-        custodian: &str,
-        record_id: &str,
-        purpose: Purpose,
-    ) -> Result<Vec<OpenedVersion>, RecordError> {
-        let record: Record = self
-            .snapshot()?
-            .value(&keys::record(custodian, record_id))?
-            .ok_or_else(|| RecordError::NotFound(format!("record {custodian}/{record_id}")))?;
-        let mut out = Vec::new();
-        for chunk in record.versions.chunks(FETCH_VERSIONS_MAX) {
-            let fetch = FetchRequest {
-                actor: actor.to_string(),
-                patient: record.patient.clone(),
-                purpose,
-                versions: chunk
-                    .iter()
-                    .map(|v| VersionRef {
-                        record_id: record_id.to_string(),
-                        version: v.version,
-                    })
-                    .collect(),
-                attachments: false,
-            };
-            let answer = self.fetch(custodian, &fetch).await?;
-            if answer.custodian != custodian {
-                return Err(RecordError::Integrity {
-                    record: format!("{custodian}/{record_id}"),
-                    detail: format!("answered by {}", answer.custodian),
-                });
-            }
-            if let AccessDecision::Denied { denial } = &answer.access.decision {
-                return Err(RecordError::Denied {
-                    reason: denial_code(denial),
-                    access_tx: answer.access.tx_id,
-                });
-            }
-            for opened in self.open_answer(&answer, &fetch).await? {
-                out.push(opened?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every version of the patient's records the actor may see, from every custodian.
-    /// One access entry per custodian and resource type (and per group of
-    /// `FETCH_VERSIONS_MAX` versions); what is denied is simply absent.
-    pub async fn history(
-        self: &Arc<Self>,
-        actor: &str,
-        patient: &str,
-        purpose: Purpose,
-    ) -> Result<History, RecordError> {
-        self.history_of(actor, patient, purpose, None, false).await
-    }
-
-    /// A patient's history limited to `types` (all types when None), and to each record's
-    /// latest version when `latest_only`: what a FHIR search or `$everything` reads.
-    pub async fn history_of(
-        self: &Arc<Self>,
-        actor: &str,
-        patient: &str,
-        purpose: Purpose,
-        types: Option<&[String]>,
-        latest_only: bool,
-    ) -> Result<History, RecordError> {
-        let snapshot = self.snapshot()?;
-        snapshot
-            .value::<Patient>(&keys::patient(patient))?
-            .ok_or_else(|| RecordError::NotFound(format!("patient {patient}")))?;
-        let mut groups: BTreeMap<(String, String), Vec<VersionRef>> = BTreeMap::new();
-        let prefix = keys::patient_records_prefix(patient);
-        let mut after: Option<String> = None;
-        loop {
-            let page = snapshot.scan(&prefix, after.as_deref(), 1000)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (key, _) in &page {
-                let Some((custodian, record_id)) = key[prefix.len()..].split_once('/') else {
-                    continue;
-                };
-                let Some(record) = snapshot.value::<Record>(&keys::record(custodian, record_id))?
-                else {
-                    continue;
-                };
-                if types.is_some_and(|types| !types.contains(&record.resource_type)) {
-                    continue;
+        query: &AccessPlan<'_>,
+        planned: &[(String, VersionRef)],
+    ) -> Result<AccessReceipt, RecordError> {
+        let query_bytes = canonical(query)?;
+        let answer_bytes = canonical(planned)?;
+        let mut salts = (Hash([0; 32]), Hash([0; 32]));
+        let committed = self
+            .submit_signed(|nonce| {
+                salts = (self.salt(b"query", nonce), self.salt(b"answer", nonce));
+                TxBody::LogAccess {
+                    actor: query.actor.to_string(),
+                    patient: query.patient.to_string(),
+                    action: query.action,
+                    records: query.records.clone(),
+                    resource_types: query.resource_types.clone(),
+                    custodians: query.custodians.clone(),
+                    purpose: query.purpose,
+                    custodian_denial: None,
+                    query_commitment: Hash::digest_parts(&[&salts.0 .0, &query_bytes]),
+                    answer_commitment: Hash::digest_parts(&[&salts.1 .0, &answer_bytes]),
                 }
-                let group = groups
-                    .entry((custodian.to_string(), record.resource_type.clone()))
-                    .or_default();
-                let skip = if latest_only {
-                    record.versions.len().saturating_sub(1)
-                } else {
-                    0
-                };
-                group.extend(record.versions.iter().skip(skip).map(|v| VersionRef {
-                    record_id: record_id.to_string(),
-                    version: v.version,
-                }));
+            })
+            .await?;
+        let (query_salt, answer_salt) = salts;
+        let decision = match committed.outcome {
+            TxOutcome::Committed {
+                access: Some(decision),
+            } => decision,
+            TxOutcome::Committed { access: None } => {
+                return Err(RecordError::Ledger(
+                    "an access entry without a decision".into(),
+                ))
             }
+            TxOutcome::Rejected { rejection } => {
+                return Err(RecordError::Ledger(format!(
+                    "the access entry was refused: {rejection}"
+                )))
+            }
+        };
+        Ok(AccessReceipt {
+            tx_id: committed.tx_id,
+            height: committed.height,
+            leaf_index: committed.leaf_index,
+            decision,
+            query_salt,
+            answer_salt,
+        })
+    }
+
+    /// Asks each custodian for its part of `planned` under the granted entry `access`,
+    /// `FETCH_VERSIONS_MAX` versions a call and a few calls at once, and opens what they
+    /// serve. A custodian that fails is reported in the failures; the rest still count.
+    async fn fetch_all(
+        self: &Arc<Self>,
+        actor: &str,
+        patient: &str,
+        purpose: Purpose,
+        access: &AccessReceipt,
+        planned: Vec<(String, VersionRef)>,
+    ) -> Result<(Vec<OpenedVersion>, Vec<WireError>), RecordError> {
+        let mut groups: BTreeMap<String, Vec<VersionRef>> = BTreeMap::new();
+        for (custodian, version) in planned {
+            groups.entry(custodian).or_default().push(version);
         }
-        drop(snapshot);
         let mut calls = Vec::new();
-        for ((custodian, _), versions) in groups {
+        for (custodian, versions) in groups {
             for chunk in versions.chunks(FETCH_VERSIONS_MAX) {
                 let request = FetchRequest {
                     actor: actor.to_string(),
@@ -931,6 +909,8 @@ impl RecordService {
                     purpose,
                     versions: chunk.to_vec(),
                     attachments: false,
+                    access_tx: access.tx_id,
+                    access_height: access.height,
                 };
                 calls.push((custodian.clone(), request));
             }
@@ -957,44 +937,248 @@ impl RecordService {
                 ),
             }
         }
-        let mut history = History {
-            patient: patient.to_string(),
-            versions: Vec::new(),
-            access: Vec::new(),
-            failures: Vec::new(),
-        };
+        let mut versions = Vec::new();
+        let mut failures = Vec::new();
         for (custodian, request, answer) in answers {
             match answer {
-                Err(error) => history.failures.push(WireError {
+                Err(error) => failures.push(WireError {
                     message: format!("{custodian}: {error}"),
                     ..WireError::from(&error)
                 }),
                 Ok(answer) => {
-                    history.access.push(answer.access.clone());
-                    if !answer.access.decision.is_granted() {
-                        continue;
-                    }
-                    for opened in self.open_answer(&answer, &request).await? {
+                    for opened in self.open_answer(&answer, &request, access.tx_id)? {
                         match opened {
-                            Ok(version) => history.versions.push(version),
-                            Err(error) => history.failures.push(WireError::from(&error)),
+                            Ok(version) => versions.push(version),
+                            Err(error) => failures.push(WireError::from(&error)),
                         }
                     }
                 }
             }
         }
+        Ok((versions, failures))
+    }
+
+    /// Reads one version (the latest unless named) from whichever custodian holds it,
+    /// under one access entry.
+    pub async fn read(&self, request: ReadRequest) -> Result<OpenedVersion, RecordError> {
+        let record: Record = self
+            .snapshot()?
+            .value(&keys::record(&request.custodian, &request.record_id))?
+            .ok_or_else(|| {
+                RecordError::NotFound(format!(
+                    "record {}/{}",
+                    request.custodian, request.record_id
+                ))
+            })?;
+        let version = match request.version {
+            Some(version) => version,
+            None => record.versions.last().map(|v| v.version).unwrap_or(1),
+        };
+        let wanted = VersionRef {
+            record_id: request.record_id.clone(),
+            version,
+        };
+        let access = self
+            .log_access(
+                &AccessPlan::read(&request.actor, &record, request.purpose),
+                &[(request.custodian.clone(), wanted.clone())],
+            )
+            .await?;
+        access.require_granted()?;
+        let fetch = FetchRequest {
+            actor: request.actor.clone(),
+            patient: record.patient.clone(),
+            purpose: request.purpose,
+            versions: vec![wanted],
+            attachments: request.attachments,
+            access_tx: access.tx_id,
+            access_height: access.height,
+        };
+        let answer = self.fetch(&request.custodian, &fetch).await?;
+        if answer.custodian != request.custodian {
+            return Err(RecordError::Integrity {
+                record: format!("{}/{}", request.custodian, request.record_id),
+                detail: format!("answered by {}", answer.custodian),
+            });
+        }
+        let mut opened = self.open_answer(&answer, &fetch, access.tx_id)?;
+        match opened.pop() {
+            Some(Ok(version)) if opened.is_empty() => Ok(version),
+            Some(Err(error)) => Err(error),
+            _ => Err(RecordError::Integrity {
+                record: format!("{}/{}", request.custodian, request.record_id),
+                detail: "the custodian served a different set of versions".into(),
+            }),
+        }
+    }
+
+    /// Every version of one record, oldest first, under one access entry: a FHIR instance
+    /// history.
+    pub async fn versions(
+        self: &Arc<Self>,
+        actor: &str,
+        custodian: &str,
+        record_id: &str,
+        purpose: Purpose,
+    ) -> Result<Vec<OpenedVersion>, RecordError> {
+        let record: Record = self
+            .snapshot()?
+            .value(&keys::record(custodian, record_id))?
+            .ok_or_else(|| RecordError::NotFound(format!("record {custodian}/{record_id}")))?;
+        let planned: Vec<(String, VersionRef)> = record
+            .versions
+            .iter()
+            .map(|v| {
+                (
+                    custodian.to_string(),
+                    VersionRef {
+                        record_id: record_id.to_string(),
+                        version: v.version,
+                    },
+                )
+            })
+            .collect();
+        let access = self
+            .log_access(&AccessPlan::read(actor, &record, purpose), &planned)
+            .await?;
+        access.require_granted()?;
+        let (mut versions, failures) = self
+            .fetch_all(actor, &record.patient, purpose, &access, planned)
+            .await?;
+        if let Some(failure) = failures.into_iter().next() {
+            return Err(failure.into_error(custodian));
+        }
+        versions.sort_by_key(|v| v.version);
+        Ok(versions)
+    }
+
+    /// Every version of the patient's records the actor may see, from every custodian,
+    /// under one access entry; what is denied is simply absent.
+    pub async fn history(
+        self: &Arc<Self>,
+        actor: &str,
+        patient: &str,
+        purpose: Purpose,
+    ) -> Result<History, RecordError> {
+        self.history_of(actor, patient, purpose, None, false).await
+    }
+
+    /// A patient's history limited to `types` (all types when None), and to each record's
+    /// latest version when `latest_only`: what a FHIR search or `$everything` reads.
+    ///
+    /// One access entry, a search: of the types asked for, it names those the ledger would
+    /// grant now (so a consent that covers only some leaves the rest absent rather than
+    /// refusing all), or all of them when none would be granted, so that the refusal is on
+    /// the ledger too; and it names the custodians holding records of the granted types.
+    pub async fn history_of(
+        self: &Arc<Self>,
+        actor: &str,
+        patient: &str,
+        purpose: Purpose,
+        types: Option<&[String]>,
+        latest_only: bool,
+    ) -> Result<History, RecordError> {
+        let snapshot = self.snapshot()?;
+        snapshot
+            .value::<Patient>(&keys::patient(patient))?
+            .ok_or_else(|| RecordError::NotFound(format!("patient {patient}")))?;
+        let asked: Vec<String> = match types {
+            Some(types) => types.to_vec(),
+            None => RESOURCE_TYPES.iter().map(|(t, _)| t.to_string()).collect(),
+        };
+        let state = Overlay::new(&snapshot);
+        let now = now_ms();
+        let granted: Vec<String> = asked
+            .iter()
+            .filter(|t| {
+                decide(
+                    &state,
+                    &AccessQuery {
+                        actor,
+                        patient,
+                        action: Action::Search,
+                        resource_types: std::slice::from_ref(*t),
+                        purpose: Some(purpose),
+                        time_ms: now,
+                    },
+                )
+                .is_granted()
+            })
+            .cloned()
+            .collect();
+        drop(state);
+        let mut planned: Vec<(String, VersionRef)> = Vec::new();
+        let prefix = keys::patient_records_prefix(patient);
+        let mut after: Option<String> = None;
+        while !granted.is_empty() {
+            let page = snapshot.scan(&prefix, after.as_deref(), 1000)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, _) in &page {
+                let Some((custodian, record_id)) = key[prefix.len()..].split_once('/') else {
+                    continue;
+                };
+                let Some(record) = snapshot.value::<Record>(&keys::record(custodian, record_id))?
+                else {
+                    continue;
+                };
+                if !granted.contains(&record.resource_type) {
+                    continue;
+                }
+                let skip = if latest_only {
+                    record.versions.len().saturating_sub(1)
+                } else {
+                    0
+                };
+                planned.extend(record.versions.iter().skip(skip).map(|v| {
+                    (
+                        custodian.to_string(),
+                        VersionRef {
+                            record_id: record_id.to_string(),
+                            version: v.version,
+                        },
+                    )
+                }));
+            }
+        }
+        drop(snapshot);
+        let mut custodians: Vec<String> = planned.iter().map(|(c, _)| c.clone()).collect();
+        custodians.sort();
+        custodians.dedup();
+        let plan = AccessPlan {
+            actor,
+            patient,
+            action: Action::Search,
+            records: Vec::new(),
+            resource_types: if granted.is_empty() { asked } else { granted },
+            custodians,
+            purpose,
+        };
+        let access = self.log_access(&plan, &planned).await?;
+        let mut history = History {
+            patient: patient.to_string(),
+            versions: Vec::new(),
+            access: access.clone(),
+            failures: Vec::new(),
+        };
+        if access.decision.is_granted() && !planned.is_empty() {
+            let (versions, failures) = self
+                .fetch_all(actor, patient, purpose, &access, planned)
+                .await?;
+            history.versions = versions;
+            history.failures = failures;
+        }
         Ok(history)
     }
 
     /// Checks and decrypts what a custodian served, version by version.
-    async fn open_answer(
+    fn open_answer(
         &self,
         answer: &FetchAnswer,
         request: &FetchRequest,
+        access_tx: Hash,
     ) -> Result<Vec<Result<OpenedVersion, RecordError>>, RecordError> {
-        self.wait_for_height(answer.access.height).await?;
         let snapshot = self.snapshot()?;
-        self.check_access_entry(&snapshot, answer, request)?;
         let mut out = Vec::new();
         let mut expected = request.versions.iter();
         for served in &answer.versions {
@@ -1010,7 +1194,7 @@ impl RecordService {
                 }),
             }
             .map(|mut version| {
-                version.access_tx = answer.access.tx_id;
+                version.access_tx = access_tx;
                 version
             });
             if let Err(error) = &result {
@@ -1025,37 +1209,6 @@ impl RecordService {
             }));
         }
         Ok(out)
-    }
-
-    /// The access entry the custodian claims is on this node's ledger, signed by the
-    /// custodian's node, granted, and for this actor and patient.
-    fn check_access_entry(
-        &self,
-        snapshot: &Snapshot,
-        answer: &FetchAnswer,
-        request: &FetchRequest,
-    ) -> Result<(), RecordError> {
-        let refuse = |detail: &str| RecordError::Integrity {
-            record: answer.custodian.clone(),
-            detail: format!("access entry {}: {detail}", answer.access.tx_id),
-        };
-        let leaf: u64 = snapshot
-            .value(&keys::tx(&answer.access.tx_id))?
-            .ok_or_else(|| refuse("not on this node's ledger"))?;
-        let event: AuditEvent = snapshot
-            .value(&keys::event(leaf))?
-            .ok_or_else(|| refuse("has no audit event"))?;
-        let signer_org = split_user_id(&event.signer).map(|(org, _)| org);
-        let fits = event.kind == "log_access"
-            && signer_org == Some(answer.custodian.as_str())
-            && event.actor.as_deref() == Some(request.actor.as_str())
-            && event.patient.as_deref() == Some(request.patient.as_str())
-            && event.decision.as_ref() == Some(&answer.access.decision);
-        if fits {
-            Ok(())
-        } else {
-            Err(refuse("does not match the request or the decision"))
-        }
     }
 
     async fn wait_for_height(&self, height: u64) -> Result<(), RecordError> {

@@ -1,5 +1,5 @@
 //! What several test binaries share: the small ledger the store and verify tests tamper
-//! with, and a PostgreSQL server for the record store tests.
+//! with, a PostgreSQL server for the record store tests, and an inclusion proof check.
 
 #![allow(dead_code)] // each test binary that includes this module uses part of it
 
@@ -181,4 +181,28 @@ impl Drop for TestPostgres {
 
 fn script() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-postgres")
+}
+
+/// Proves that the transaction at `leaf`, in the block at `height`, is included in the log
+/// of `store` as of its current head; panics (naming `what`) otherwise.
+pub fn prove_leaf(store: &Store, height: u64, leaf: u64, what: &str) {
+    let head = store.head().unwrap().unwrap();
+    let snapshot = store.snapshot().unwrap();
+    let block = store.block(height).unwrap().unwrap();
+    let position = leaf - (block.header.log_size - block.header.tx_count);
+    let bytes = medledger_core::block::tx_leaf_bytes(
+        height,
+        position,
+        &block.txs[position as usize],
+        &block.outcomes[position as usize],
+    );
+    let path = snapshot.inclusion_proof(leaf, head.log_size).unwrap();
+    medledger_core::merkle::verify_inclusion(
+        &medledger_core::merkle::leaf_hash(&bytes),
+        leaf,
+        head.log_size,
+        &path,
+        &head.log_root,
+    )
+    .unwrap_or_else(|e| panic!("{what} is not proven in the log: {e:?}"));
 }
