@@ -1403,6 +1403,16 @@ mod tests {
                 resource_type: "Observation".into(),
                 cid: "bafkrei".into(),
                 commitment: hash("c"),
+                deleted: false,
+            },
+            TxBody::CreateRecord {
+                patient: "pt-1".into(),
+                record_id: "obs-1".into(),
+                version: 3,
+                resource_type: "Observation".into(),
+                cid: "bafkrei".into(),
+                commitment: hash("c"),
+                deleted: true,
             },
             TxBody::Grant {
                 grantee: Grantee::Role {

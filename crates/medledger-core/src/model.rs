@@ -256,6 +256,9 @@ pub struct RecordVersion {
     pub tx_id: TxRef,
     pub author_signature: Signature,
     pub height: u64,
+    /// A tombstone: the resource was deleted at this version. Omitted when false.
+    #[serde(default, skip_serializing_if = "crate::tx::is_false")]
+    pub deleted: bool,
 }
 
 /// A transaction id as stored in state.

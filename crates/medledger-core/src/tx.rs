@@ -85,6 +85,11 @@ pub enum TxBody {
         cid: String,
         /// SHA-256 over a salt and the plaintext; the salt travels inside the ciphertext.
         commitment: Hash,
+        /// Set on a tombstone: the version that records the resource's deletion. Its
+        /// sealed content is a stub naming only the type, id and version; earlier versions
+        /// stay indexed. Omitted when false, so every other version encodes as before.
+        #[serde(default, skip_serializing_if = "is_false")]
+        deleted: bool,
     },
     /// A patient grants a consent.
     Grant {
@@ -176,6 +181,11 @@ impl TxBody {
     pub fn is_urgent(&self) -> bool {
         matches!(self, TxBody::BreakGlass { .. })
     }
+}
+
+/// For `skip_serializing_if`: a flag that is false is omitted, so it has one encoding.
+pub fn is_false(flag: &bool) -> bool {
+    !*flag
 }
 
 /// A payload and its signature, as submitted and as stored in blocks.
@@ -349,6 +359,30 @@ mod tests {
         assert!(serde_json::from_str::<SignedTx>(&float_nonce).is_err());
         let unknown_type = VECTOR_TX.replacen("register_patient", "register_doctor", 1);
         assert!(serde_json::from_str::<SignedTx>(&unknown_type).is_err());
+    }
+
+    #[test]
+    fn a_create_record_names_deleted_only_on_a_tombstone() {
+        // Proves the flag keeps one canonical encoding: an ordinary version encodes exactly
+        // as before the flag existed, a tombstone with `"deleted":true`, and a payload
+        // spelling out `"deleted":false` decodes to the one encoding without it.
+        let body = |deleted| TxBody::CreateRecord {
+            patient: "pt-1".into(),
+            record_id: "obs-1".into(),
+            version: 2,
+            resource_type: "Observation".into(),
+            cid: "bafkrei".into(),
+            commitment: Hash::digest(b"c"),
+            deleted,
+        };
+        let live = String::from_utf8(to_canonical_bytes(&body(false)).unwrap()).unwrap();
+        assert!(!live.contains("deleted"), "{live}");
+        let gone = String::from_utf8(to_canonical_bytes(&body(true)).unwrap()).unwrap();
+        assert!(gone.contains("\"deleted\":true"), "{gone}");
+        let spelled = live.replacen("{", "{\"deleted\":false,", 1);
+        let decoded: TxBody = serde_json::from_str(&spelled).unwrap();
+        assert_eq!(decoded, body(false));
+        assert_eq!(to_canonical_bytes(&decoded).unwrap(), live.as_bytes());
     }
 
     #[test]

@@ -1690,6 +1690,44 @@ pub fn set_version_identity(value: &mut Value, id: &str, version: u64, last_upda
     }
 }
 
+/// What a tombstone version seals: the type, the id and `meta` (version and time of the
+/// deletion), nothing of the deleted resource. It is not a resource a client ever sees; a
+/// history lists it as a DELETE entry.
+pub fn tombstone(resource_type: &str, id: &str, version: u64, deleted_ms: u64) -> Value {
+    serde_json::json!({
+        "resourceType": resource_type,
+        "id": id,
+        "meta": {
+            "versionId": version.to_string(),
+            "lastUpdated": format_instant(deleted_ms),
+        },
+    })
+}
+
+/// Checks decrypted tombstone bytes: exactly `tombstone`'s shape, for this type and id.
+pub fn check_tombstone(bytes: &[u8], resource_type: &str, id: &str) -> Result<Value, String> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|_| "the tombstone is not JSON".to_string())?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| "the tombstone is not an object".to_string())?;
+    let meta = object
+        .get("meta")
+        .and_then(Value::as_object)
+        .ok_or_else(|| "the tombstone has no meta".to_string())?;
+    let fits = object.len() == 3
+        && object.get("resourceType").and_then(Value::as_str) == Some(resource_type)
+        && object.get("id").and_then(Value::as_str) == Some(id)
+        && meta.len() == 2
+        && meta.get("versionId").is_some_and(Value::is_string)
+        && meta.get("lastUpdated").is_some_and(Value::is_string);
+    if fits {
+        Ok(value)
+    } else {
+        Err("the tombstone does not name exactly this record".to_string())
+    }
+}
+
 /// Milliseconds since the Unix epoch as a FHIR instant in UTC with milliseconds.
 pub fn format_instant(ms: u64) -> String {
     let ms = ms.min(LAST_INSTANT_MS);
@@ -3491,5 +3529,31 @@ mod tests {
             "InvalidValue",
             "DocumentReference.content[1].attachment.url",
         );
+    }
+
+    #[test]
+    fn a_tombstone_checks_only_for_its_own_record_and_shape() {
+        // Proves that a reader accepts a decrypted tombstone only when it is exactly the
+        // stub for the indexed type and id: not another record's, not another type's, not
+        // one carrying anything of a resource, and not something that is no object at all.
+        let stub = crate::fhir::tombstone("Observation", "hospital-a.1", 3, 1_700_000_000_000);
+        let bytes = serde_json::to_vec(&stub).unwrap();
+        assert_eq!(
+            crate::fhir::check_tombstone(&bytes, "Observation", "hospital-a.1"),
+            Ok(stub.clone())
+        );
+        assert_eq!(stub["meta"]["versionId"], "3");
+        assert!(crate::fhir::check_tombstone(&bytes, "Observation", "hospital-a.2").is_err());
+        assert!(crate::fhir::check_tombstone(&bytes, "Condition", "hospital-a.1").is_err());
+        let mut extra = stub.clone();
+        extra["status"] = json!("final");
+        let extra = serde_json::to_vec(&extra).unwrap();
+        assert!(crate::fhir::check_tombstone(&extra, "Observation", "hospital-a.1").is_err());
+        let mut no_meta = stub.clone();
+        no_meta.as_object_mut().unwrap().remove("meta");
+        let no_meta = serde_json::to_vec(&no_meta).unwrap();
+        assert!(crate::fhir::check_tombstone(&no_meta, "Observation", "hospital-a.1").is_err());
+        assert!(crate::fhir::check_tombstone(b"[1]", "Observation", "hospital-a.1").is_err());
+        assert!(crate::fhir::check_tombstone(b"\xff", "Observation", "hospital-a.1").is_err());
     }
 }

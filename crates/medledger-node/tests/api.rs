@@ -323,6 +323,7 @@ fn create_record(patient: &Identity, record_id: &str, version: u64) -> TxBody {
         resource_type: "Observation".into(),
         cid: sealed.cid,
         commitment: sealed.commitment,
+        deleted: false,
     }
 }
 

@@ -655,6 +655,32 @@ fn create_with_cid(
         resource_type: resource_type.to_string(),
         cid: cid.to_string(),
         commitment: Hash::digest(format!("salt|{record_id}|{version}").as_bytes()),
+        deleted: false,
+    }
+}
+
+/// The tombstone that deletes `record_id` at `version`: a version like any other, flagged.
+fn tombstone(patient: &str, record_id: &str, version: u64, resource_type: &str) -> TxBody {
+    let TxBody::CreateRecord {
+        patient,
+        record_id,
+        version,
+        resource_type,
+        cid,
+        commitment,
+        ..
+    } = create(patient, record_id, version, resource_type)
+    else {
+        unreachable!("create builds a create_record")
+    };
+    TxBody::CreateRecord {
+        patient,
+        record_id,
+        version,
+        resource_type,
+        cid,
+        commitment,
+        deleted: true,
     }
 }
 
@@ -2067,6 +2093,96 @@ fn record_creation_refuses_bad_authors_ids_types_cids_versions_and_missing_conse
         ),
     ];
     check_each(&base, &world, &cases);
+}
+
+#[test]
+fn a_tombstone_is_a_version_that_deletes_a_live_record_once() {
+    // Proves that a delete is a version like any other: the same author roles and the
+    // same consent to write, the next version number, kept in the record's version list
+    // with its flag; that only an existing, live record can be deleted (not an unknown
+    // one, not a deleted one again); and that a later ordinary version recreates it.
+    let (base, world) = world();
+    let refusals = [
+        case(
+            "a tombstone of a record that does not exist",
+            Refused("not_found"),
+            |l, w| l.sign(&w.alice, tombstone(&w.p.id, "obs-9", 1, "Observation")),
+        ),
+        case(
+            "a tombstone numbered as a first version of an existing record",
+            Refused("conflict"),
+            |l, w| l.sign(&w.alice, tombstone(&w.p.id, "obs-1", 1, "Observation")),
+        ),
+        case(
+            "a tombstone leaving a version gap",
+            Refused("conflict"),
+            |l, w| l.sign(&w.alice, tombstone(&w.p.id, "obs-1", 3, "Observation")),
+        ),
+        case(
+            "a tombstone signed by the patient",
+            Refused("not_permitted"),
+            |l, w| l.sign(&w.p, tombstone(&w.p.id, "obs-1", 2, "Observation")),
+        ),
+        case(
+            "a tombstone by a clinician without consent to write",
+            Refused("no_consent"),
+            |l, w| l.sign(&w.bob, tombstone(&w.p.id, "obs-1", 2, "Observation")),
+        ),
+        case(
+            "a tombstone changing the record's type",
+            Refused("conflict"),
+            |l, w| l.sign(&w.alice, tombstone(&w.p.id, "obs-1", 2, "Condition")),
+        ),
+    ];
+    check_each(&base, &world, &refusals);
+
+    let mut ledger = base.clone();
+    let in_order = [
+        case("the tombstone", Committed, |l, w| {
+            l.sign(&w.alice, tombstone(&w.p.id, "obs-1", 2, "Observation"))
+        })
+        .then(|l, w| {
+            let record = l.record("hospital-a", "obs-1");
+            assert_eq!(record.versions.len(), 2, "the earlier version stays");
+            assert!(!record.versions[0].deleted);
+            assert!(record.versions[1].deleted, "the new version is a tombstone");
+            assert_eq!(record.versions[1].author, w.alice.id);
+            assert_eq!(record.versions[1].tx_id, l.last("create_record"));
+            let event = l.last_event();
+            assert_eq!(event.action, Some(Action::Write));
+            assert_eq!(event.records, vec!["hospital-a/obs-1".to_string()]);
+        }),
+        case(
+            "deleting the deleted record again",
+            Refused("conflict"),
+            |l, w| l.sign(&w.alice, tombstone(&w.p.id, "obs-1", 3, "Observation")),
+        ),
+        case(
+            "a version after the tombstone recreates it",
+            Committed,
+            |l, w| l.sign(&w.alice, create(&w.p.id, "obs-1", 3, "Observation")),
+        )
+        .then(|l, _| {
+            let record = l.record("hospital-a", "obs-1");
+            let flags: Vec<bool> = record.versions.iter().map(|v| v.deleted).collect();
+            assert_eq!(flags, vec![false, true, false]);
+        }),
+        case("and it can be deleted again", Committed, |l, w| {
+            l.sign(&w.alice, tombstone(&w.p.id, "obs-1", 4, "Observation"))
+        }),
+    ];
+    check_in_order(&mut ledger, &world, &in_order);
+    // Only a tombstone's own value carries the flag: the live record's stored bytes are
+    // what they were before the field existed.
+    let live: Vec<u8> = base.state[&keys::record("hospital-a", "cond-1")].clone();
+    assert!(!String::from_utf8_lossy(&live).contains("deleted"));
+    let deleted = &ledger.state[&keys::record("hospital-a", "obs-1")];
+    assert_eq!(
+        String::from_utf8_lossy(deleted)
+            .matches("\"deleted\":true")
+            .count(),
+        2
+    );
 }
 
 #[test]

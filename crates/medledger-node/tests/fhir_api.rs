@@ -19,6 +19,7 @@ use base64::Engine;
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use medledger_core::identity::Role;
+use medledger_core::model::Record;
 use medledger_core::state::keys;
 use medledger_core::tx::TxBody;
 use medledger_node::auth::{totp_code, AccountKind, Client, Scopes, TokenIssuer, TokenKeys};
@@ -680,7 +681,10 @@ async fn metadata_and_smart_discovery_need_no_token() {
     ] {
         assert!(codes.contains(code), "Observation lists {code}: {codes:?}");
     }
-    assert!(!codes.contains("delete"), "{codes:?}");
+    assert!(
+        codes.contains("delete"),
+        "deletes are tombstones: {codes:?}"
+    );
     let params: BTreeSet<&str> = observation["searchParam"]
         .as_array()
         .expect("search parameters")
@@ -1030,12 +1034,11 @@ async fn bad_tokens_are_refused_with_401_and_narrow_scopes_with_403() {
 // ---- records ----------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_are_created_read_versioned_searched_and_never_deleted() {
+async fn records_are_created_read_versioned_and_searched() {
     // Goal: with a clinician's token, a Patient (a new pseudonymous patient whose key the
     // node keeps) and Observations are created, read, read by version, updated under
     // If-Match, listed in their instance history, searched by patient, code, date, with
-    // paging, counting, sorting and the patient included, gathered by $everything, and
-    // cannot be deleted.
+    // paging, counting, sorting and the patient included, and gathered by $everything.
     let node = Node::start().await;
     let alice = node.clinician("dr-alice").await;
     let token = node.token(&alice.id, "user/*.cruds", None);
@@ -1262,15 +1265,184 @@ async fn records_are_created_read_versioned_searched_and_never_deleted() {
         })
         .collect();
     assert_eq!(rest, all);
+}
 
-    // No delete: every version stays indexed.
-    node.send(Method::DELETE, &uri, Some(&token), &[], Body::empty())
+/// The record `id` of hospital-a as this node's ledger indexes it.
+fn indexed_record(node: &Node, id: &str) -> Record {
+    node.ledger
+        .store()
+        .snapshot()
+        .expect("a snapshot")
+        .value::<Record>(&keys::record(ORG, id))
+        .expect("the state reads")
+        .expect("the record is indexed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_is_a_tombstone_version_that_history_keeps_and_an_update_undoes() {
+    // Goal: DELETE adds a tombstone version signed by the clinician (200 with an
+    // OperationOutcome and the tombstone's ETag); afterwards the resource reads 410 Gone,
+    // its earlier versions still vread, the tombstone's own version reads 410, the instance
+    // history lists a DELETE entry answered "410 Gone" above the earlier versions, searches
+    // and $everything leave it out, a second delete adds nothing, an unknown id is 404, a
+    // token without `d` cannot delete, a stale If-Match is 412, and an update recreates
+    // the resource as a new version.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let first = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let kept = node
+        .create_observation(&token, &patient, BODY_WEIGHT, "2025-03-10T08:00:00Z", 64)
+        .await;
+    let (id, kept_id) = (id_of(&first), id_of(&kept));
+    let uri = format!("/fhir/Observation/{id}");
+    let mut changed = first.clone();
+    changed["valueQuantity"]["value"] = json!(80);
+    let second = node
+        .put(&uri, &token, &changed, Some("W/\"1\""))
         .await
-        .expect_outcome(StatusCode::METHOD_NOT_ALLOWED, "not-supported", None);
+        .expect_fhir(StatusCode::OK)
+        .clone();
+
+    // The token's scopes and the If-Match come first: neither refusal leaves a version.
+    // (The ledger's consent to write is checked as for any version: contracts.rs.)
+    let no_delete = node.token(&alice.id, "user/*.crus", None);
+    node.send(Method::DELETE, &uri, Some(&no_delete), &[], Body::empty())
+        .await
+        .expect_outcome(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            Some("insufficient_scope"),
+        );
+    node.send(
+        Method::DELETE,
+        &uri,
+        Some(&token),
+        &[(header::IF_MATCH, "W/\"1\"")],
+        Body::empty(),
+    )
+    .await
+    .expect_outcome(
+        StatusCode::PRECONDITION_FAILED,
+        "conflict",
+        Some("version_conflict"),
+    );
+    assert_eq!(indexed_record(&node, &id).versions.len(), 2);
+
+    let deleted = node
+        .send(Method::DELETE, &uri, Some(&token), &[], Body::empty())
+        .await;
+    let outcome = deleted.expect_fhir(StatusCode::OK);
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["severity"], "information");
+    assert_eq!(deleted.header(header::ETAG), Some("W/\"3\""));
+    assert!(deleted.header(header::LAST_MODIFIED).is_some());
+    let record = indexed_record(&node, &id);
+    let flags: Vec<bool> = record.versions.iter().map(|v| v.deleted).collect();
+    assert_eq!(flags, vec![false, false, true]);
+    assert_eq!(
+        record.versions[2].author, alice.id,
+        "the clinician signed it"
+    );
+
+    node.get(&uri, &token)
+        .await
+        .expect_outcome(StatusCode::GONE, "deleted", Some("deleted"));
+    node.get(&format!("{uri}/_history/3"), &token)
+        .await
+        .expect_outcome(StatusCode::GONE, "deleted", Some("deleted"));
+    assert_eq!(
+        node.get(&format!("{uri}/_history/1"), &token)
+            .await
+            .expect_fhir(StatusCode::OK),
+        &first
+    );
+    assert_eq!(
+        node.get(&format!("{uri}/_history/2"), &token)
+            .await
+            .expect_fhir(StatusCode::OK),
+        &second
+    );
+
+    let history = node.get(&format!("{uri}/_history"), &token).await;
+    let bundle = history.expect_fhir(StatusCode::OK).clone();
+    assert_eq!(bundle["total"], 3);
+    let top = &bundle["entry"][0];
+    assert_eq!(top["request"]["method"], "DELETE");
+    assert_eq!(top["request"]["url"], format!("Observation/{id}"));
+    assert_eq!(top["response"]["status"], "410 Gone");
+    assert_eq!(top["response"]["etag"], "W/\"3\"");
+    assert!(top["response"]["lastModified"].is_string(), "{top}");
+    assert!(
+        top.get("resource").is_none(),
+        "a deletion has no resource: {top}"
+    );
+    assert_eq!(bundle["entry"][1]["resource"], second);
+    assert_eq!(bundle["entry"][2]["resource"], first);
+
+    let search = node
+        .get(&format!("/fhir/Observation?patient={patient}"), &token)
+        .await;
+    let search = search.expect_fhir(StatusCode::OK);
+    assert_eq!(search["total"], 1);
+    assert_eq!(entry_ids(search, "match"), vec![kept_id.clone()]);
+    let everything = node
+        .get(&format!("/fhir/Patient/{patient}/$everything"), &token)
+        .await;
+    let ids: Vec<String> = everything.expect_fhir(StatusCode::OK)["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| id_of(&e["resource"]))
+        .collect();
+    assert_eq!(ids, vec![patient.clone(), kept_id.clone()]);
+
+    // Deleting again is answered alike and adds no version; an unknown id is 404.
+    let again = node
+        .send(Method::DELETE, &uri, Some(&token), &[], Body::empty())
+        .await;
+    again.expect_fhir(StatusCode::OK);
+    assert_eq!(again.header(header::ETAG), Some("W/\"3\""));
+    assert_eq!(indexed_record(&node, &id).versions.len(), 3);
+    node.send(
+        Method::DELETE,
+        &format!("/fhir/Observation/{ORG}.0000"),
+        Some(&token),
+        &[],
+        Body::empty(),
+    )
+    .await
+    .expect_outcome(StatusCode::NOT_FOUND, "not-found", None);
+
+    // Provenance names the tombstone as a deletion.
+    let provenance = node
+        .get(&format!("/fhir/Provenance?target=Observation/{id}"), &token)
+        .await;
+    let provenance = provenance.expect_fhir(StatusCode::OK);
+    assert_eq!(provenance["total"], 3);
+    assert_eq!(
+        provenance["entry"][0]["resource"]["activity"]["coding"][0]["code"],
+        "DELETE"
+    );
+
+    // An update recreates it: 201, a fourth version, readable again.
+    let mut revived = second.clone();
+    revived["valueQuantity"]["value"] = json!(90);
+    let recreated = node.put(&uri, &token, &revived, Some("W/\"3\"")).await;
+    let recreated_body = recreated.expect_fhir(StatusCode::CREATED).clone();
+    assert_eq!(recreated.header(header::ETAG), Some("W/\"4\""));
+    assert_eq!(recreated_body["meta"]["versionId"], "4");
     assert_eq!(
         node.get(&uri, &token).await.expect_fhir(StatusCode::OK),
-        &current
+        &recreated_body
     );
+    let history = node.get(&format!("{uri}/_history"), &token).await;
+    let top = &history.expect_fhir(StatusCode::OK)["entry"][0];
+    assert_eq!(top["request"]["method"], "PUT");
+    assert_eq!(top["response"]["status"], "201 Created");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

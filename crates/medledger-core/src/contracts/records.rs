@@ -1,5 +1,6 @@
 //! The record index: every version of every record, at its custodian, for its patient.
 
+use crate::hash::Hash;
 use crate::identity::Role;
 use crate::model::{category_of, AccessDecision, Action, AuditEvent, Record, RecordVersion};
 use crate::state::{keys, Overlay, StateRead};
@@ -47,20 +48,73 @@ pub(super) fn create<S: StateRead + ?Sized>(
         resource_type,
         cid,
         commitment,
+        deleted,
     } = body
     else {
         unreachable!("dispatch routes only create_record here")
     };
-    let (author, org) = context.signer.member_with_role(&[
-        Role::Clinician,
-        Role::Nurse,
-        Role::Radiologist,
-        Role::LabTechnician,
-    ])?;
+    let (author, org) = context.signer.member_with_role(&AUTHOR_ROLES)?;
     let custodian = org.id.clone();
     event.patient = Some(patient.clone());
     event.records = vec![format!("{custodian}/{record_id}")];
     event.action = Some(Action::Write);
+    let decision = add_version(
+        state,
+        context,
+        &author.id,
+        &custodian,
+        &NewVersion {
+            patient,
+            record_id,
+            version: *version,
+            resource_type,
+            cid,
+            commitment,
+            deleted: *deleted,
+        },
+    )?;
+    event.decision = Some(decision);
+    Ok(())
+}
+
+/// The roles that author record versions.
+const AUTHOR_ROLES: [Role; 4] = [
+    Role::Clinician,
+    Role::Nurse,
+    Role::Radiologist,
+    Role::LabTechnician,
+];
+
+/// One version as a transaction names it.
+struct NewVersion<'b> {
+    patient: &'b String,
+    record_id: &'b String,
+    version: u64,
+    resource_type: &'b String,
+    cid: &'b String,
+    commitment: &'b Hash,
+    deleted: bool,
+}
+
+/// Checks one version against the state (patient, id, type, CID, consent, numbering,
+/// tombstone rules) and indexes it. Writes only when every check passed; the caller's
+/// transaction is discarded as a whole on any refusal.
+fn add_version<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    context: &TxContext<'_>,
+    author: &str,
+    custodian: &str,
+    new: &NewVersion<'_>,
+) -> Result<AccessDecision, Rejection> {
+    let NewVersion {
+        patient,
+        record_id,
+        version,
+        resource_type,
+        cid,
+        commitment,
+        deleted,
+    } = *new;
     registered_patient(state, patient)?;
     if !is_valid_record_id(record_id) {
         return Err(Rejection::invalid(
@@ -90,7 +144,7 @@ pub(super) fn create<S: StateRead + ?Sized>(
     let decision = decide(
         state,
         &AccessQuery {
-            actor: &author.id,
+            actor: author,
             patient,
             action: Action::Write,
             resource_types: std::slice::from_ref(resource_type),
@@ -103,10 +157,16 @@ pub(super) fn create<S: StateRead + ?Sized>(
             resource_type: resource_type.clone(),
         });
     }
-    let key = keys::record(&custodian, record_id);
+    let key = keys::record(custodian, record_id);
     let mut record = match state.get_value::<Record>(&key) {
+        // A tombstone deletes something: there is no first version that is one.
+        None if deleted => {
+            return Err(Rejection::not_found(format!(
+                "record {custodian}/{record_id} to delete"
+            )))
+        }
         None => Record {
-            custodian: custodian.clone(),
+            custodian: custodian.to_string(),
             record_id: record_id.clone(),
             patient: patient.clone(),
             resource_type: resource_type.clone(),
@@ -122,30 +182,37 @@ pub(super) fn create<S: StateRead + ?Sized>(
         }
     };
     let expected = record.versions.len() as u64 + 1;
-    if *version != expected {
+    if version != expected {
         return Err(Rejection::conflict(format!(
             "record {record_id} expects version {expected}, not {version}"
         )));
     }
-    if *version > RECORD_VERSIONS_MAX {
+    if version > RECORD_VERSIONS_MAX {
         return Err(Rejection::invalid("version", "too many versions"));
     }
+    // One tombstone per deletion: deleting again adds nothing (FHIR's delete is
+    // idempotent), and a later ordinary version recreates the resource.
+    if deleted && record.versions.last().is_some_and(|last| last.deleted) {
+        return Err(Rejection::conflict(format!(
+            "record {record_id} is already deleted"
+        )));
+    }
     record.versions.push(RecordVersion {
-        version: *version,
+        version,
         cid: cid.clone(),
         commitment: *commitment,
-        author: author.id.clone(),
+        author: author.to_string(),
         tx_id: context.tx_id,
         author_signature: context.tx.signature,
         height: context.height,
+        deleted,
     });
-    if *version == 1 {
+    if version == 1 {
         state.put_raw(
-            keys::patient_record(patient, &custodian, record_id),
+            keys::patient_record(patient, custodian, record_id),
             Vec::new(),
         );
     }
     state.put(key, &record);
-    event.decision = Some(decision);
-    Ok(())
+    Ok(decision)
 }

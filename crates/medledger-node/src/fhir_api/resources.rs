@@ -21,7 +21,7 @@ use super::{
 use crate::auth::Interaction;
 use crate::consortium::Identity;
 use crate::fhir_search::{self, SearchParams};
-use crate::records::service::{custodian_of, OpenedVersion, PrepareRequest, ReadRequest};
+use crate::records::service::{custodian_of, OpenedVersion, PrepareRequest, Prepared, ReadRequest};
 
 /// Types served from the ledger rather than from records.
 const LEDGER_TYPES: [&str; 5] = [
@@ -77,11 +77,9 @@ fn resource_response(
 ) -> Response {
     let mut response = fhir_json(status, resource);
     let headers = response.headers_mut();
+    set_version_headers(headers, resource);
     let id = resource.get("id").and_then(Value::as_str).unwrap_or("");
     if let Some(version) = resource.pointer("/meta/versionId").and_then(Value::as_str) {
-        if let Ok(value) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
-            headers.insert(header::ETAG, value);
-        }
         if status == StatusCode::CREATED {
             let location = format!(
                 "{}/{resource_type}/{id}/_history/{version}",
@@ -93,6 +91,16 @@ fn resource_response(
             }
         }
     }
+    response
+}
+
+/// ETag and Last-Modified from a resource's (or a tombstone's) `meta`.
+fn set_version_headers(headers: &mut HeaderMap, resource: &Value) {
+    if let Some(version) = resource.pointer("/meta/versionId").and_then(Value::as_str) {
+        if let Ok(value) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+            headers.insert(header::ETAG, value);
+        }
+    }
     if let Some(updated) = resource
         .pointer("/meta/lastUpdated")
         .and_then(Value::as_str)
@@ -102,7 +110,6 @@ fn resource_response(
             headers.insert(header::LAST_MODIFIED, value);
         }
     }
-    response
 }
 
 /// The JSON body of a create or update: 413 over the limits, 400 when it is not JSON or
@@ -243,66 +250,216 @@ pub async fn update(
             "{resource_type} resources come from the ledger and cannot be changed here"
         )));
     }
-    let expected = match headers.get(header::IF_MATCH) {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(etag_version)
-                .ok_or_else(|| Outcome::bad_request("If-Match is not an ETag like W/\"2\""))?,
-        ),
+    let expected = if_match(&headers)?;
+    let reply = update_record(&state, &caller, &resource_type, &id, resource, expected).await?;
+    Ok(reply.into_response(&state, &resource_type))
+}
+
+/// An update of a record kept here (or its creation under the client's id): 200 for a new
+/// version of a live resource, 201 when it creates or recreates a deleted one.
+pub(super) async fn update_record(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    resource: Value,
+    expected: Option<u64>,
+) -> Result<Reply, Outcome> {
+    let custodian = writable_here(state, resource_type, id)?;
+    let current = state
+        .snapshot()?
+        .value::<Record>(&keys::record(&custodian, id))?
+        .and_then(|r| r.versions.last().map(|v| (v.version, v.deleted)));
+    check_if_match(expected, current.map(|(version, _)| version))?;
+    let stored = write_version(state, caller, resource, Some(id.to_string())).await?;
+    let status = match current {
+        Some((_, false)) => StatusCode::OK,
+        Some((_, true)) | None => StatusCode::CREATED,
     };
+    Ok(Reply::Resource(status, stored))
+}
+
+pub async fn delete(
+    State(state): State<Arc<FhirState>>,
+    Path((resource_type, id)): TypeAndId,
+    headers: HeaderMap,
+) -> FhirResult {
+    let caller = admit(&state, &headers, &resource_type, Interaction::Delete)?;
+    let expected = if_match(&headers)?;
+    let reply = delete_resource(&state, &caller, &resource_type, &id, expected).await?;
+    Ok(reply.into_response(&state, &resource_type))
+}
+
+/// What a write (or a delete) produced, for an HTTP response or a Bundle entry.
+pub(super) enum Reply {
+    /// A resource as stored, with the status to answer (its `meta` names the version).
+    Resource(StatusCode, Value),
+    /// A deletion. `stub` is the tombstone (`fhir::tombstone`): its `meta` names the
+    /// tombstone's version and time. `already` when the resource was deleted before.
+    Deleted { stub: Value, already: bool },
+}
+
+impl Reply {
+    pub(super) fn into_response(self, state: &FhirState, resource_type: &str) -> Response {
+        match self {
+            Reply::Resource(status, resource) => {
+                resource_response(state, status, resource_type, &resource)
+            }
+            Reply::Deleted { stub, already } => {
+                let mut response = fhir_json(StatusCode::OK, &deletion_outcome(&stub, already));
+                set_version_headers(response.headers_mut(), &stub);
+                response
+            }
+        }
+    }
+}
+
+/// The OperationOutcome a delete answers with (severity information).
+pub(super) fn deletion_outcome(stub: &Value, already: bool) -> Value {
+    let name = format!(
+        "{}/{}",
+        stub.get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        stub.get("id").and_then(Value::as_str).unwrap_or("")
+    );
+    let version = stub
+        .pointer("/meta/versionId")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let text = if already {
+        format!("{name} was already deleted; version {version} is its tombstone")
+    } else {
+        format!("{name} deleted; version {version} is its tombstone, earlier versions stay in its history")
+    };
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "information", "code": "informational", "diagnostics": text }],
+    })
+}
+
+/// The version an `If-Match` header names, if there is one; 400 when it is no ETag.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Outcome> {
+    match headers.get(header::IF_MATCH) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(etag_version)
+            .map(Some)
+            .ok_or_else(|| Outcome::bad_request("If-Match is not an ETag like W/\"2\"")),
+    }
+}
+
+/// 412 unless the record's current version is `expected` (when an If-Match names one).
+fn check_if_match(expected: Option<u64>, current: Option<u64>) -> Result<(), Outcome> {
+    match expected {
+        Some(expected) if current != Some(expected) => Err(Outcome::new(
+            StatusCode::PRECONDITION_FAILED,
+            "conflict",
+            format!(
+                "If-Match names version {expected}; the current version is {}",
+                current.map_or("none".to_string(), |v| v.to_string())
+            ),
+        )
+        .detail("version_conflict")),
+        _ => Ok(()),
+    }
+}
+
+/// The custodian that must write `resource_type/id`: this node, or 422 naming the one
+/// that keeps it.
+fn writable_here(state: &FhirState, resource_type: &str, id: &str) -> Result<String, Outcome> {
     let custodian = if resource_type == "Patient" {
         state.records.org().to_string()
     } else {
-        custodian_of(&id, state.records.org()).to_string()
+        custodian_of(id, state.records.org()).to_string()
     };
     if custodian != state.records.org() {
         return Err(Outcome::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "business-rule",
-            format!("{resource_type}/{id} is kept by {custodian}: update it there"),
+            format!("{resource_type}/{id} is kept by {custodian}: change it there"),
         )
         .detail("not_custodian"));
     }
-    let current = state
-        .snapshot()?
-        .value::<Record>(&keys::record(&custodian, &id))?
-        .map(|r| r.versions.len() as u64);
-    if let Some(expected) = expected {
-        if current != Some(expected) {
-            return Err(Outcome::new(
-                StatusCode::PRECONDITION_FAILED,
-                "conflict",
-                format!(
-                    "If-Match names version {expected}; the current version is {}",
-                    current.map_or("none".to_string(), |v| v.to_string())
-                ),
-            )
-            .detail("version_conflict"));
-        }
-    }
-    let stored = write_version(&state, &caller, resource, Some(id)).await?;
-    let status = if current.is_some() {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    Ok(resource_response(&state, status, &resource_type, &stored))
+    Ok(custodian)
 }
 
-pub async fn delete(
-    State(state): State<Arc<FhirState>>,
-    Path((resource_type, _id)): TypeAndId,
-    headers: HeaderMap,
-) -> FhirResult {
-    check_type(&resource_type)?;
-    authenticate(&state, &headers)?;
-    Err(Outcome::not_supported(
-        "delete is not supported: every version stays on the ledger's index; \
-         mark the resource entered-in-error with an update instead",
-    ))
+/// 410 Gone for a tombstone: the ledger's index says so, nothing is fetched or decrypted.
+fn gone(resource_type: &str, id: &str, version: u64) -> Outcome {
+    Outcome::new(
+        StatusCode::GONE,
+        "deleted",
+        format!("{resource_type}/{id} was deleted at version {version}"),
+    )
+    .detail("deleted")
+}
+
+/// Deletes a record kept at this custodian: its next version is a tombstone signed by the
+/// caller under the same consent a write needs. Deleting a deleted record adds nothing.
+pub(super) async fn delete_resource(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    expected: Option<u64>,
+) -> Result<Reply, Outcome> {
+    if !is_record_type(resource_type) {
+        return Err(Outcome::not_supported(format!(
+            "{resource_type} resources come from the ledger and cannot be deleted{}",
+            if resource_type == "Consent" {
+                "; revoke a Consent by updating it to inactive"
+            } else {
+                ""
+            }
+        )));
+    }
+    let prepared = match prepare_delete(state, caller, resource_type, id, expected).await? {
+        Err(already) => return Ok(already),
+        Ok(prepared) => prepared,
+    };
+    state.submit_for(caller, prepared.body).await?;
+    Ok(Reply::Deleted {
+        stub: prepared.resource,
+        already: false,
+    })
+}
+
+/// Everything a delete checks, then the sealed tombstone waiting for its signature; or
+/// Err(the reply) when the record is deleted already.
+async fn prepare_delete(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    expected: Option<u64>,
+) -> Result<Result<Prepared, Reply>, Outcome> {
+    let custodian = writable_here(state, resource_type, id)?;
+    let record = state
+        .snapshot()?
+        .value::<Record>(&keys::record(&custodian, id))?
+        .filter(|r| r.resource_type == resource_type)
+        .ok_or_else(|| Outcome::not_found(format!("{resource_type}/{id} is not known")))?;
+    caller.require_patient(&record.patient)?;
+    let last = record
+        .versions
+        .last()
+        .ok_or_else(|| Outcome::internal("a record without versions"))?;
+    check_if_match(expected, Some(last.version))?;
+    if last.deleted {
+        let time_ms = state
+            .ledger
+            .store()
+            .block(last.height)?
+            .map(|block| block.header.time_ms)
+            .unwrap_or(0);
+        return Ok(Err(Reply::Deleted {
+            stub: crate::fhir::tombstone(resource_type, id, last.version, time_ms),
+            already: true,
+        }));
+    }
+    Ok(Ok(state.records.prepare_tombstone(id).await?))
 }
 
 /// Seals a version at this custodian and indexes it on the ledger under the caller's
@@ -448,12 +605,21 @@ async fn read_version(
 ) -> Result<OpenedVersion, Outcome> {
     let (custodian, record) = locate(state, resource_type, id)?;
     caller.require_patient(&record.patient)?;
-    if let Some(version) = version {
-        if !record.versions.iter().any(|v| v.version == version) {
+    let wanted = match version {
+        None => record.versions.last(),
+        Some(version) => record.versions.iter().find(|v| v.version == version),
+    };
+    match wanted {
+        None => {
             return Err(Outcome::not_found(format!(
-                "{resource_type}/{id} has no version {version}"
-            )));
+                "{resource_type}/{id} has no version {}",
+                version.unwrap_or(0)
+            )))
         }
+        Some(tombstone) if tombstone.deleted => {
+            return Err(gone(resource_type, id, tombstone.version))
+        }
+        Some(_) => {}
     }
     Ok(state
         .records
@@ -488,20 +654,11 @@ pub async fn instance_operation(
                 .await?;
             let entries: Vec<Value> = versions
                 .iter()
+                .enumerate()
                 .rev()
-                .map(|v| {
-                    json!({
-                        "fullUrl": format!("{}/{resource_type}/{id}", state.config.base_url),
-                        "resource": v.resource,
-                        "request": {
-                            "method": if v.version == 1 { "POST" } else { "PUT" },
-                            "url": if v.version == 1 { resource_type.clone() } else { format!("{resource_type}/{id}") },
-                        },
-                        "response": {
-                            "status": if v.version == 1 { "201 Created" } else { "200 OK" },
-                            "etag": format!("W/\"{}\"", v.version),
-                        },
-                    })
+                .map(|(index, v)| {
+                    let after_delete = index > 0 && versions[index - 1].deleted;
+                    history_entry(&state, &resource_type, &id, v, after_delete)
                 })
                 .collect();
             let bundle = json!({
@@ -521,6 +678,41 @@ pub async fn instance_operation(
             "no operation {operation:?} on {resource_type}"
         ))),
     }
+}
+
+/// One version in an instance history (FHIR 3.1.0.11.2: a deletion is a DELETE entry
+/// without a resource, answered 410 Gone).
+fn history_entry(
+    state: &FhirState,
+    resource_type: &str,
+    id: &str,
+    version: &OpenedVersion,
+    after_delete: bool,
+) -> Value {
+    let mut response = json!({ "etag": format!("W/\"{}\"", version.version) });
+    if let Some(updated) = version.resource.pointer("/meta/lastUpdated") {
+        response["lastModified"] = updated.clone();
+    }
+    let instance = format!("{resource_type}/{id}");
+    let (method, url, status) = if version.deleted {
+        ("DELETE", instance, "410 Gone")
+    } else if version.version == 1 {
+        ("POST", resource_type.to_string(), "201 Created")
+    } else if after_delete {
+        ("PUT", instance, "201 Created")
+    } else {
+        ("PUT", instance, "200 OK")
+    };
+    response["status"] = json!(status);
+    let mut entry = json!({
+        "fullUrl": format!("{}/{resource_type}/{id}", state.config.base_url),
+        "request": { "method": method, "url": url },
+        "response": response,
+    });
+    if !version.deleted {
+        entry["resource"] = version.resource.clone();
+    }
+    entry
 }
 
 /// Every record of the patient the caller may see, latest versions, from every custodian.
@@ -554,7 +746,13 @@ async fn everything(
         .records
         .history_of(&caller.actor, patient, caller.purpose(), Some(&types), true)
         .await?;
-    let mut resources: Vec<Value> = history.versions.into_iter().map(|v| v.resource).collect();
+    // A deleted record's latest version is its tombstone: it is left out.
+    let mut resources: Vec<Value> = history
+        .versions
+        .into_iter()
+        .filter(|v| !v.deleted)
+        .map(|v| v.resource)
+        .collect();
     // The Patient first, then the rest by type and id: a stable order clients can page.
     resources.sort_by_key(|r| {
         (
@@ -644,7 +842,7 @@ pub async fn search(
         .await?;
     let mut matched = Vec::new();
     let mut patients = Vec::new();
-    for version in history.versions {
+    for version in history.versions.into_iter().filter(|v| !v.deleted) {
         if version.resource_type == resource_type {
             if fhir_search::matches(&resource_type, &params, &version.resource) {
                 matched.push(version.resource);

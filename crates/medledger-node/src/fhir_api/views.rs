@@ -760,7 +760,7 @@ fn provenance(
         .block(version.height)?
         .map(|block| instant(block.header.time_ms))
         .ok_or_else(|| Outcome::internal(format!("block {} is missing", version.height)))?;
-    Ok(json!({
+    let mut resource = json!({
         "resourceType": "Provenance",
         "id": format!("{}-{}", version.tx_id.to_hex().get(..16).unwrap_or(""), version.version),
         "extension": [{ "url": LEDGER_EXTENSION, "valueString": format!("height {} tx {}", version.height, version.tx_id.to_hex()) }],
@@ -779,7 +779,12 @@ fn provenance(
             "data": version.author_signature.to_base64url(),
         }],
         "entity": [{ "role": "source", "what": { "identifier": { "system": "urn:ietf:rfc:3986", "value": format!("cid:{}", version.cid) } } }],
-    }))
+    });
+    if version.deleted {
+        // FHIR's code for a deletion (v3 DataOperation DELETE) marks a tombstone.
+        resource["activity"] = json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "DELETE" }] });
+    }
+    Ok(resource)
 }
 
 // ---- CapabilityStatement ------------------------------------------------------------------------
@@ -805,6 +810,7 @@ pub async fn capability_statement(State(state): State<Arc<FhirState>>) -> Respon
             "conditionalDelete": "not-supported",
             "interaction": [
                 { "code": "read" }, { "code": "vread" }, { "code": "update" },
+                { "code": "delete", "documentation": "A delete adds a tombstone version signed by its author under the patient's consent to write; earlier versions stay readable by vread and in the history. A deleted resource reads 410 Gone and is left out of searches; an update recreates it." },
                 { "code": "history-instance" }, { "code": "create" }, { "code": "search-type" }
             ],
             "searchInclude": [format!("{resource_type}:patient")],

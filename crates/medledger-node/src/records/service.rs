@@ -225,6 +225,17 @@ pub struct Prepared {
     pub resource: serde_json::Value,
 }
 
+/// Where and for whom one version is sealed.
+#[derive(Clone, Copy)]
+struct Sealing<'a> {
+    record_id: &'a str,
+    version: u64,
+    patient: &'a str,
+    custodian_key: &'a EncryptionPublicKey,
+    patient_key: &'a EncryptionPublicKey,
+    data_key: &'a [u8; 32],
+}
+
 /// One version asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -321,6 +332,9 @@ pub struct OpenedVersion {
     pub attachments: Vec<OpenedAttachment>,
     /// The access entry under which it was served.
     pub access_tx: Hash,
+    /// A tombstone, as the ledger indexes it: `resource` is the stub (`fhir::tombstone`).
+    #[serde(default, skip_serializing_if = "medledger_core::tx::is_false")]
+    pub deleted: bool,
 }
 
 /// What one read asks for.
@@ -522,14 +536,7 @@ impl RecordService {
                 record.versions.len() as u64 + 1
             }
         };
-        let custodian_key = self.published_key(&snapshot, &self.org)?;
-        if !self.keys.iter().any(|k| k.public_key() == custodian_key) {
-            return Err(RecordError::NoEncryptionKey(format!(
-                "{} (the published key is not in this node's identity file)",
-                self.org
-            )));
-        }
-        let patient_key = self.published_key(&snapshot, &patient)?;
+        let (custodian_key, patient_key) = self.recipient_keys(&snapshot, &patient)?;
         drop(snapshot);
 
         let data_key = sealing::fresh_key().map_err(|e| RecordError::Store(e.to_string()))?;
@@ -572,20 +579,140 @@ impl RecordService {
             fhir::add_attachments(&mut checked.value, &refs)?;
         }
         fhir::set_version_identity(&mut checked.value, &record_id, version, now_ms());
+        let attachments: Vec<String> = blobs.iter().map(|(cid, _)| cid.clone()).collect();
+        let (cid, commitment) = self
+            .seal_and_store(
+                &Sealing {
+                    record_id: &record_id,
+                    version,
+                    patient: &patient,
+                    custodian_key: &custodian_key,
+                    patient_key: &patient_key,
+                    data_key: &data_key,
+                },
+                &checked.value,
+                blobs,
+            )
+            .await?;
+        Ok(Prepared {
+            body: TxBody::CreateRecord {
+                patient,
+                record_id: record_id.clone(),
+                version,
+                resource_type: checked.resource_type,
+                cid: cid.clone(),
+                commitment,
+                deleted: false,
+            },
+            record_id,
+            version,
+            cid,
+            attachments,
+            resource: checked.value,
+        })
+    }
+
+    /// Seals and stores the tombstone that deletes this custodian's record `record_id`:
+    /// the next version, whose content is a stub naming only the type, id, version and
+    /// time (`fhir::tombstone`). Returns the `create_record` body (with `deleted`) for the
+    /// author to sign. Refused when the record is unknown here or already deleted.
+    pub async fn prepare_tombstone(&self, record_id: &str) -> Result<Prepared, RecordError> {
+        let snapshot = self.snapshot()?;
+        let record: Record = snapshot
+            .value(&keys::record(&self.org, record_id))?
+            .ok_or_else(|| RecordError::NotFound(format!("record {}/{record_id}", self.org)))?;
+        if record.versions.last().is_some_and(|last| last.deleted) {
+            return Err(RecordError::Conflict(format!(
+                "record {}/{record_id} is already deleted",
+                self.org
+            )));
+        }
+        let version = record.versions.len() as u64 + 1;
+        let (custodian_key, patient_key) = self.recipient_keys(&snapshot, &record.patient)?;
+        drop(snapshot);
+        let data_key = sealing::fresh_key().map_err(|e| RecordError::Store(e.to_string()))?;
+        let stub = fhir::tombstone(&record.resource_type, record_id, version, now_ms());
+        let (cid, commitment) = self
+            .seal_and_store(
+                &Sealing {
+                    record_id,
+                    version,
+                    patient: &record.patient,
+                    custodian_key: &custodian_key,
+                    patient_key: &patient_key,
+                    data_key: &data_key,
+                },
+                &stub,
+                Vec::new(),
+            )
+            .await?;
+        Ok(Prepared {
+            body: TxBody::CreateRecord {
+                patient: record.patient.clone(),
+                record_id: record_id.to_string(),
+                version,
+                resource_type: record.resource_type.clone(),
+                cid: cid.clone(),
+                commitment,
+                deleted: true,
+            },
+            record_id: record_id.to_string(),
+            version,
+            cid,
+            attachments: Vec::new(),
+            resource: stub,
+        })
+    }
+
+    /// The published encryption keys of this custodian (which must be one this node
+    /// holds) and of the patient: every version's data key is wrapped for both.
+    fn recipient_keys(
+        &self,
+        snapshot: &Snapshot,
+        patient: &str,
+    ) -> Result<(EncryptionPublicKey, EncryptionPublicKey), RecordError> {
+        let custodian_key = self.published_key(snapshot, &self.org)?;
+        if !self.keys.iter().any(|k| k.public_key() == custodian_key) {
+            return Err(RecordError::NoEncryptionKey(format!(
+                "{} (the published key is not in this node's identity file)",
+                self.org
+            )));
+        }
+        let patient_key = self.published_key(snapshot, patient)?;
+        Ok((custodian_key, patient_key))
+    }
+
+    /// Seals `resource` under `data_key` and the version's binding, wraps the key for the
+    /// custodian and the patient, and stores the ciphertext, `blobs` (the attachments,
+    /// sealed already) and the envelopes in one store commit. Returns the CID and the
+    /// plaintext commitment for the `create_record` body.
+    async fn seal_and_store(
+        &self,
+        sealing: &Sealing<'_>,
+        resource: &serde_json::Value,
+        mut blobs: Vec<(String, Vec<u8>)>,
+    ) -> Result<(String, Hash), RecordError> {
+        let Sealing {
+            record_id,
+            version,
+            patient,
+            custodian_key,
+            patient_key,
+            data_key,
+        } = *sealing;
         let plaintext =
-            serde_json::to_vec(&checked.value).map_err(|e| RecordError::Invalid(e.to_string()))?;
-        let resource = checked.value;
+            serde_json::to_vec(resource).map_err(|e| RecordError::Invalid(e.to_string()))?;
         let sealed = sealing::seal_with_key(
-            &data_key,
+            data_key,
             &plaintext,
-            &associated_data(&self.org, &record_id, version, None),
+            &associated_data(&self.org, record_id, version, None),
         )
         .map_err(|e| RecordError::Store(e.to_string()))?;
         let wrap = |recipient: &str, key: &EncryptionPublicKey| {
             key.wrap_key(
-                &data_key,
+                data_key,
                 &WrapContext {
-                    record: &record_id,
+                    record: record_id,
                     version,
                     custodian: &self.org,
                     recipient,
@@ -594,10 +721,9 @@ impl RecordService {
             .map_err(|e| RecordError::Store(e.to_string()))
         };
         let envelopes = [
-            (self.org.clone(), wrap(&self.org, &custodian_key)?),
-            (patient.clone(), wrap(&patient, &patient_key)?),
+            (self.org.clone(), wrap(&self.org, custodian_key)?),
+            (patient.to_string(), wrap(patient, patient_key)?),
         ];
-        let attachments: Vec<String> = blobs.iter().map(|(cid, _)| cid.clone()).collect();
         let cid = sealed.cid.clone();
         blobs.push((sealed.cid.clone(), sealed.ciphertext));
         let store = self.store.clone();
@@ -614,21 +740,7 @@ impl RecordService {
             Ok(store.put_version(&blobs, &envelopes)?)
         })
         .await?;
-        Ok(Prepared {
-            body: TxBody::CreateRecord {
-                patient,
-                record_id: record_id.clone(),
-                version,
-                resource_type: checked.resource_type,
-                cid: cid.clone(),
-                commitment: sealed.commitment,
-            },
-            record_id,
-            version,
-            cid,
-            attachments,
-            resource,
-        })
+        Ok((cid, sealed.commitment))
     }
 
     fn published_key(
@@ -1275,6 +1387,28 @@ impl RecordService {
         .ok_or_else(|| {
             refuse("does not decrypt under its binding or does not match its commitment".into())
         })?;
+        if indexed.deleted {
+            // A tombstone seals a stub, not a resource: it must name exactly this record.
+            let stub = fhir::check_tombstone(&plaintext, &record.resource_type, &served.record_id)
+                .map_err(|e| refuse(format!("the decrypted tombstone is not valid: {e}")))?;
+            if request.attachments && !served.attachments.is_empty() {
+                return Err(refuse("attachments served for a tombstone".into()));
+            }
+            return Ok(OpenedVersion {
+                custodian: custodian.to_string(),
+                record_id: served.record_id.clone(),
+                version: served.version,
+                resource_type: record.resource_type.clone(),
+                patient: record.patient.clone(),
+                author: indexed.author.clone(),
+                height: indexed.height,
+                cid: indexed.cid.clone(),
+                resource: stub,
+                attachments: Vec::new(),
+                access_tx: Hash([0; 32]),
+                deleted: true,
+            });
+        }
         let checked = fhir::check_resource(&plaintext)
             .map_err(|e| refuse(format!("the decrypted resource is not valid: {e}")))?;
         if checked.resource_type != record.resource_type
@@ -1323,6 +1457,7 @@ impl RecordService {
             resource: checked.value,
             attachments,
             access_tx: Hash([0; 32]),
+            deleted: false,
         })
     }
 
@@ -1391,13 +1526,14 @@ pub fn check_create_tx(
 ) -> Result<(), String> {
     let names_it = matches!(
         &tx.payload.body,
-        TxBody::CreateRecord { patient, record_id, version, resource_type, cid, commitment }
+        TxBody::CreateRecord { patient, record_id, version, resource_type, cid, commitment, deleted }
             if *patient == record.patient
                 && *record_id == record.record_id
                 && *version == indexed.version
                 && *resource_type == record.resource_type
                 && *cid == indexed.cid
                 && *commitment == indexed.commitment
+                && *deleted == indexed.deleted
     );
     if !names_it || tx.payload.signer != indexed.author || tx.signature != indexed.author_signature
     {
@@ -1548,6 +1684,7 @@ mod tests {
             resource_type: "Observation".into(),
             cid: content_id(b"ciphertext"),
             commitment: Hash::digest(b"salt and plaintext"),
+            deleted: false,
         };
         let tx = sign(
             TxPayload {
@@ -1567,6 +1704,7 @@ mod tests {
             tx_id: tx.id().unwrap(),
             author_signature: tx.signature,
             height: 3,
+            deleted: false,
         };
         let record = Record {
             custodian: "hospital-a".into(),
@@ -1599,7 +1737,9 @@ mod tests {
         other_signature.author_signature = other_tx.signature;
         assert!(check_create_tx(&tx, &record, &other_signature, &author.public_key()).is_err());
         type Mutation = dyn Fn(&mut RecordVersion, &mut Record);
-        let mutations: [&Mutation; 4] = [
+        let mutations: [&Mutation; 5] = [
+            // The ledger calls it a tombstone; the author signed an ordinary version.
+            &|v, _| v.deleted = true,
             &|v, _| v.cid = content_id(b"other ciphertext"),
             &|v, _| v.commitment = Hash::digest(b"other plaintext"),
             &|v, _| v.version = 2,
