@@ -2143,6 +2143,126 @@ async fn a_thousand_random_fhir_requests_leave_a_thousand_provable_access_entrie
     println!("1,000 requests by kind {kinds:?}: 1,000 distinct entries, each proven");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_history_lists_one_patients_versions_newest_first_under_one_entry() {
+    // Goal: `GET /fhir/Observation/_history?patient=…` answers a history Bundle of every
+    // version of the patient's Observations (creates, updates and the tombstone of a
+    // delete), newest first, honouring `_count` and `_since`, under exactly one access entry;
+    // without a patient it is a 400, and another type's records are not in it.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let kept = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let dropped = node
+        .create_observation(&token, &patient, BODY_WEIGHT, "2025-03-11T08:00:00Z", 80)
+        .await;
+    let mut changed = kept.clone();
+    changed["valueQuantity"]["value"] = json!(75);
+    node.put(
+        &format!("/fhir/Observation/{}", id_of(&kept)),
+        &token,
+        &changed,
+        None,
+    )
+    .await
+    .expect_fhir(StatusCode::OK);
+    let deleted = node
+        .send(
+            Method::DELETE,
+            &format!("/fhir/Observation/{}", id_of(&dropped)),
+            Some(&token),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.text());
+
+    let history = node
+        .get(
+            &format!("/fhir/Observation/_history?patient={patient}"),
+            &token,
+        )
+        .await;
+    let bundle = history.expect_fhir(StatusCode::OK);
+    assert_eq!(bundle["type"], "history");
+    assert_eq!(bundle["total"], 4);
+    let seen: Vec<(String, String, String)> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            (
+                e["request"]["method"].as_str().unwrap().to_string(),
+                e["fullUrl"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                e["response"]["etag"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("DELETE".into(), id_of(&dropped), "W/\"2\"".into()),
+            ("PUT".into(), id_of(&kept), "W/\"2\"".into()),
+            ("POST".into(), id_of(&dropped), "W/\"1\"".into()),
+            ("POST".into(), id_of(&kept), "W/\"1\"".into()),
+        ],
+        "newest first"
+    );
+    assert!(
+        bundle["entry"][0].get("resource").is_none(),
+        "a tombstone has no resource"
+    );
+    let entries = history
+        .headers
+        .get(fhir_api::ACCESS_ENTRY_HEADER)
+        .expect("the access entry is named")
+        .to_str()
+        .unwrap();
+    assert_eq!(entries.split(',').count(), 1, "one access entry");
+
+    let page = node
+        .get(
+            &format!("/fhir/Observation/_history?patient={patient}&_count=2"),
+            &token,
+        )
+        .await;
+    let page = page.expect_fhir(StatusCode::OK);
+    assert_eq!(page["total"], 4);
+    assert_eq!(page["entry"].as_array().unwrap().len(), 2);
+    let later = node
+        .get(
+            &format!("/fhir/Observation/_history?patient={patient}&_since=2100-01-01"),
+            &token,
+        )
+        .await;
+    assert_eq!(later.expect_fhir(StatusCode::OK)["total"], 0);
+    let conditions = node
+        .get(
+            &format!("/fhir/Condition/_history?patient={patient}"),
+            &token,
+        )
+        .await;
+    assert_eq!(conditions.expect_fhir(StatusCode::OK)["total"], 0);
+    node.get("/fhir/Observation/_history", &token)
+        .await
+        .expect_outcome(StatusCode::BAD_REQUEST, "invalid", Some("patient_required"));
+    node.get(
+        &format!("/fhir/Observation/_history?patient={patient}&_since=soon"),
+        &token,
+    )
+    .await
+    .expect_outcome(StatusCode::BAD_REQUEST, "invalid", None);
+}
+
 impl Call {
     fn get(uri: &str, status: StatusCode) -> Call {
         Call {

@@ -164,6 +164,7 @@ pub fn router(state: Arc<FhirState>) -> Router {
             "/{resource_type}",
             get(resources::search).post(resources::create),
         )
+        .route("/{resource_type}/_history", get(resources::type_history))
         .route(
             "/{resource_type}/{id}",
             get(resources::read)

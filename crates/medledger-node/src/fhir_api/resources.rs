@@ -715,6 +715,110 @@ fn history_entry(
     entry
 }
 
+/// Most entries a type history answers with (`_count` asks for fewer).
+const TYPE_HISTORY_MAX: usize = 1000;
+
+/// `GET /fhir/{type}/_history?patient=…[&_since=…][&_count=…]`: every version of the
+/// patient's records of one type, across custodians, newest first, under one access entry.
+/// As with search, a type history is one patient's (a patient token's own by default),
+/// because consent is per patient.
+pub async fn type_history(
+    State(state): State<Arc<FhirState>>,
+    Path(resource_type): Path<String>,
+    headers: HeaderMap,
+    query: RawQuery,
+) -> FhirResult {
+    let caller = admit(&state, &headers, &resource_type, Interaction::Read)?;
+    if !is_record_type(&resource_type) {
+        return Err(Outcome::not_supported(format!(
+            "{resource_type} has no history on this server"
+        )));
+    }
+    let (mut patient, mut since, mut count) = (caller.patient.clone(), None, TYPE_HISTORY_MAX);
+    for (name, value) in query_pairs(&query)? {
+        match name.as_str() {
+            "patient" | "subject" => {
+                patient = Some(value.strip_prefix("Patient/").unwrap_or(&value).to_string())
+            }
+            "_since" => {
+                since = Some(fhir_search::DateRange::parse(&value).ok_or_else(|| {
+                    Outcome::bad_request(format!("_since {value:?} is not an instant"))
+                })?)
+            }
+            "_count" => {
+                count = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| Outcome::bad_request("_count is a positive number"))?
+                    .min(TYPE_HISTORY_MAX)
+            }
+            "_format" => {}
+            _ => {
+                return Err(Outcome::bad_request(format!(
+                    "a type history takes patient, _since and _count, not {name:?}"
+                )))
+            }
+        }
+    }
+    let patient = patient.ok_or_else(|| {
+        Outcome::bad_request("a type history names its patient (patient=): consent is per patient")
+            .detail("patient_required")
+    })?;
+    caller.require_patient(&patient)?;
+    let history = state
+        .records
+        .history_of(
+            &caller.actor,
+            &patient,
+            caller.purpose(),
+            Some(std::slice::from_ref(&resource_type)),
+            false,
+        )
+        .await?;
+    let updated = |v: &OpenedVersion| {
+        v.resource
+            .pointer("/meta/lastUpdated")
+            .and_then(Value::as_str)
+            .and_then(fhir_search::DateRange::parse)
+            .map_or(0, |range| range.start_ms)
+    };
+    let deleted: std::collections::HashSet<(String, u64)> = history
+        .versions
+        .iter()
+        .filter(|v| v.deleted)
+        .map(|v| (v.record_id.clone(), v.version))
+        .collect();
+    let mut versions: Vec<&OpenedVersion> = history
+        .versions
+        .iter()
+        .filter(|v| since.as_ref().is_none_or(|s| updated(v) >= s.start_ms))
+        .collect();
+    versions.sort_by(|a, b| {
+        updated(b)
+            .cmp(&updated(a))
+            .then_with(|| b.version.cmp(&a.version))
+    });
+    let total = versions.len();
+    let entries: Vec<Value> = versions
+        .into_iter()
+        .take(count)
+        .map(|v| {
+            let after_delete =
+                deleted.contains(&(v.record_id.clone(), v.version.saturating_sub(1)));
+            history_entry(&state, &resource_type, &v.record_id, v, after_delete)
+        })
+        .collect();
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "history",
+        "total": total,
+        "link": [{ "relation": "self", "url": format!("{}/{resource_type}/_history?patient={}", state.config.base_url, views::percent_encode(&patient)) }],
+        "entry": entries,
+    });
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
 /// Every record of the patient the caller may see, latest versions, from every custodian.
 async fn everything(
     state: &FhirState,

@@ -811,7 +811,9 @@ pub async fn capability_statement(State(state): State<Arc<FhirState>>) -> Respon
             "interaction": [
                 { "code": "read" }, { "code": "vread" }, { "code": "update" },
                 { "code": "delete", "documentation": "A delete adds a tombstone version signed by its author under the patient's consent to write; earlier versions stay readable by vread and in the history. A deleted resource reads 410 Gone and is left out of searches; an update recreates it." },
-                { "code": "history-instance" }, { "code": "create" }, { "code": "search-type" }
+                { "code": "history-instance" },
+                { "code": "history-type", "documentation": "One patient's versions of this type across custodians (patient=, or a patient token's own), newest first, with _since and _count." },
+                { "code": "create" }, { "code": "search-type" }
             ],
             "searchInclude": [format!("{resource_type}:patient")],
             "searchParam": params,
