@@ -369,6 +369,9 @@ fn count_contributions<S: StateRead + ?Sized>(
         };
         match (&tx.payload.body, access) {
             (TxBody::CreateRecord { .. }, _) => entry(&mut counts, org).records_held += 1,
+            (TxBody::CreateRecords { versions }, _) => {
+                entry(&mut counts, org).records_held += versions.len() as u64
+            }
             (
                 TxBody::LogAccess {
                     records,

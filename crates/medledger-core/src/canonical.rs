@@ -1356,7 +1356,7 @@ mod tests {
         use crate::hash::Hash;
         use crate::identity::{OrgKind, Role};
         use crate::model::*;
-        use crate::tx::{SignedTx, TxBody, TxPayload};
+        use crate::tx::{NewRecordVersion, SignedTx, TxBody, TxPayload};
 
         let key = PublicKey::from_base64url(
             "BPBj9QBQKahWhNBamCtWlN6gWFn-6zv2FhQnLnRUiC8bSPO01JT4evrmUXKxPp2pqbE7uoE-9XLpk1ih194jvFM",
@@ -1413,6 +1413,28 @@ mod tests {
                 cid: "bafkrei".into(),
                 commitment: hash("c"),
                 deleted: true,
+            },
+            TxBody::CreateRecords {
+                versions: vec![
+                    NewRecordVersion {
+                        patient: "pt-1".into(),
+                        record_id: "enc-1".into(),
+                        version: 1,
+                        resource_type: "Encounter".into(),
+                        cid: "bafkrei".into(),
+                        commitment: hash("e"),
+                        deleted: false,
+                    },
+                    NewRecordVersion {
+                        patient: "pt-1".into(),
+                        record_id: "obs-1".into(),
+                        version: 4,
+                        resource_type: "Observation".into(),
+                        cid: "bafkrei".into(),
+                        commitment: hash("o"),
+                        deleted: true,
+                    },
+                ],
             },
             TxBody::Grant {
                 grantee: Grantee::Role {

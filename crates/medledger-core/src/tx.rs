@@ -28,6 +28,12 @@ pub const TX_LIFETIME_MS_MAX: u64 = 24 * 60 * 60 * 1000;
 /// Most records named by one access entry.
 pub const ACCESS_RECORDS_MAX: usize = 256;
 
+/// Most versions in one `create_records` group. The worst case (longest record ids,
+/// types, version numbers and names, every version a tombstone) takes 354 bytes a version,
+/// so 40 of them and the rest of the payload, with a 64-byte chain id, stay inside
+/// `TX_BYTES_MAX` with room to spare (the test `the_largest_group_fits_one_transaction`).
+pub const RECORD_GROUP_MAX: usize = 40;
+
 /// Longest record id, resource-type or CID string, in bytes.
 pub const IDENTIFIER_BYTES_MAX: usize = 128;
 
@@ -91,6 +97,11 @@ pub enum TxBody {
         #[serde(default, skip_serializing_if = "is_false")]
         deleted: bool,
     },
+    /// An author adds versions of several records of one patient at once, all or none:
+    /// the contract applies every version as `create_record` would, or refuses the whole
+    /// transaction. One signature covers them all. 2 to `RECORD_GROUP_MAX` versions, each
+    /// record at most once: a FHIR transaction Bundle.
+    CreateRecords { versions: Vec<NewRecordVersion> },
     /// A patient grants a consent.
     Grant {
         grantee: Grantee,
@@ -166,6 +177,7 @@ impl TxBody {
             TxBody::RegisterPatient { .. } => "register_patient",
             TxBody::SetEncryptionKey { .. } => "set_encryption_key",
             TxBody::CreateRecord { .. } => "create_record",
+            TxBody::CreateRecords { .. } => "create_records",
             TxBody::Grant { .. } => "grant",
             TxBody::Revoke { .. } => "revoke",
             TxBody::RequestAccess { .. } => "request_access",
@@ -180,6 +192,55 @@ impl TxBody {
     /// Emergency transactions skip the batching window.
     pub fn is_urgent(&self) -> bool {
         matches!(self, TxBody::BreakGlass { .. })
+    }
+}
+
+/// One version in a `create_records` group: the fields of a `create_record`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRecordVersion {
+    pub patient: String,
+    pub record_id: String,
+    pub version: u64,
+    pub resource_type: String,
+    pub cid: String,
+    pub commitment: Hash,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+}
+
+impl NewRecordVersion {
+    /// The fields of a `create_record` body; None for any other body.
+    pub fn of(body: &TxBody) -> Option<NewRecordVersion> {
+        match body {
+            TxBody::CreateRecord {
+                patient,
+                record_id,
+                version,
+                resource_type,
+                cid,
+                commitment,
+                deleted,
+            } => Some(NewRecordVersion {
+                patient: patient.clone(),
+                record_id: record_id.clone(),
+                version: *version,
+                resource_type: resource_type.clone(),
+                cid: cid.clone(),
+                commitment: *commitment,
+                deleted: *deleted,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The versions a transaction body adds, in order: one for `create_record`, the
+    /// group's for `create_records`, none for anything else.
+    pub fn all_of(body: &TxBody) -> Vec<NewRecordVersion> {
+        match body {
+            TxBody::CreateRecords { versions } => versions.clone(),
+            other => NewRecordVersion::of(other).into_iter().collect(),
+        }
     }
 }
 
@@ -383,6 +444,41 @@ mod tests {
         let decoded: TxBody = serde_json::from_str(&spelled).unwrap();
         assert_eq!(decoded, body(false));
         assert_eq!(to_canonical_bytes(&decoded).unwrap(), live.as_bytes());
+    }
+
+    #[test]
+    fn the_largest_group_fits_one_transaction() {
+        // Proves RECORD_GROUP_MAX is sized to the transaction limit: the bulkiest group
+        // (longest ids, names, types and numbers, every version a tombstone) signed by the
+        // longest user id on a 64-byte chain id is within TX_BYTES_MAX, and ten more
+        // versions would not be.
+        let name = "n".repeat(crate::identity::NAME_BYTES_MAX);
+        let version = NewRecordVersion {
+            patient: format!("pt-{}", "a".repeat(40)),
+            record_id: "r".repeat(64),
+            version: 10_000,
+            resource_type: "MedicationStatement".into(),
+            cid: format!("bafkrei{}", "a".repeat(52)),
+            commitment: Hash::digest(b"c"),
+            deleted: true,
+        };
+        let tx = |count: usize| SignedTx {
+            payload: TxPayload {
+                chain_id: "c".repeat(64),
+                signer: format!("{name}@{name}"),
+                nonce: 9_007_199_254_740_991,
+                expires_at_ms: 9_007_199_254_740_991,
+                body: TxBody::CreateRecords {
+                    versions: vec![version.clone(); count],
+                },
+            },
+            signature: crate::crypto::Signature([0; 64]),
+        };
+        assert!(tx(RECORD_GROUP_MAX).id().is_ok());
+        assert!(matches!(
+            tx(RECORD_GROUP_MAX + 10).id(),
+            Err(TxFormatError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -313,8 +313,9 @@ tokio::task_local! {
     static ACCESS_ENTRIES: std::cell::RefCell<Vec<TxId>>;
 }
 
-/// Runs `work` and returns, with its output, the access entries (`log_access` and
-/// `create_record` transactions, committed or refused by their contract) that
+/// Runs `work` and returns, with its output, the access entries (`log_access`,
+/// `create_record` and `create_records` transactions, committed or refused by their
+/// contract) that
 /// `Ledger::submit_signed` committed for it in its own task: an API names them in its
 /// answer, so a caller can prove what its request left on the ledger.
 pub async fn collect_access_entries<F: std::future::Future>(work: F) -> (F::Output, Vec<TxId>) {
@@ -525,7 +526,9 @@ impl Ledger {
             };
             let is_access = matches!(
                 payload.body,
-                TxBody::LogAccess { .. } | TxBody::CreateRecord { .. }
+                TxBody::LogAccess { .. }
+                    | TxBody::CreateRecord { .. }
+                    | TxBody::CreateRecords { .. }
             );
             let committed = self.submit(crate::consortium::sign(payload, key)).await?;
             let stale = matches!(

@@ -23,7 +23,10 @@ use medledger_core::model::{
     RequestStatus, RevocationReason, Scope, User, UserStatus,
 };
 use medledger_core::state::{apply_writes, keys, Overlay, WriteSet};
-use medledger_core::tx::{SignedTx, TxBody, TxPayload, ACCESS_RECORDS_MAX, TX_LIFETIME_MS_MAX};
+use medledger_core::tx::{
+    NewRecordVersion, SignedTx, TxBody, TxPayload, ACCESS_RECORDS_MAX, RECORD_GROUP_MAX,
+    TX_LIFETIME_MS_MAX,
+};
 use medledger_node::consortium::{
     sign, Consortium, FoundingOrg, Identity, OrgAuthority, RootAuthority,
 };
@@ -2183,6 +2186,176 @@ fn a_tombstone_is_a_version_that_deletes_a_live_record_once() {
             .count(),
         2
     );
+}
+
+/// A `create_records` group of the given `create_record` bodies.
+fn group(bodies: Vec<TxBody>) -> TxBody {
+    TxBody::CreateRecords {
+        versions: bodies
+            .iter()
+            .map(|body| NewRecordVersion::of(body).expect("a create_record"))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_group_of_versions_commits_all_of_them_or_none() {
+    // Proves the atomic group behind FHIR transactions: one author's signature indexes
+    // every version, each under the rules and consent a create_record meets, all sharing
+    // the group's transaction id; a group with any refused version writes nothing of any
+    // version (check's refusal rule: only the nonce, the id and the event change); a group
+    // must hold 2 to RECORD_GROUP_MAX versions of one patient, each record once; and a
+    // forged or replayed group is refused at authentication like any transaction.
+    let (base, world) = world();
+    let cases = [
+        case(
+            "a group of a new record, a new version and a tombstone",
+            Committed,
+            |l, w| {
+                l.commit(&w.alice, create(&w.p.id, "cond-2", 1, "Condition"));
+                l.sign(
+                    &w.alice,
+                    group(vec![
+                        create(&w.p.id, "obs-9", 1, "Observation"),
+                        create(&w.p.id, "obs-1", 2, "Observation"),
+                        tombstone(&w.p.id, "cond-2", 2, "Condition"),
+                    ]),
+                )
+            },
+        )
+        .then(|l, w| {
+            let id = l.last("create_records");
+            let new = l.record("hospital-a", "obs-9");
+            let updated = l.record("hospital-a", "obs-1");
+            let deleted = l.record("hospital-a", "cond-2");
+            assert_eq!(new.versions.len(), 1);
+            assert_eq!(updated.versions.len(), 2);
+            assert!(deleted.versions[1].deleted);
+            for version in [&new.versions[0], &updated.versions[1], &deleted.versions[1]] {
+                assert_eq!(version.tx_id, id, "every version names the group");
+                assert_eq!(version.author, w.alice.id);
+            }
+            let event = l.last_event();
+            assert_eq!(event.kind, "create_records");
+            assert_eq!(event.patient.as_deref(), Some(w.p.id.as_str()));
+            assert_eq!(
+                event.records,
+                vec![
+                    "hospital-a/obs-9".to_string(),
+                    "hospital-a/obs-1".to_string(),
+                    "hospital-a/cond-2".to_string()
+                ]
+            );
+            assert!(event.decision.is_some_and(|d| d.is_granted()));
+        }),
+        case(
+            "a group whose last version the consent does not cover",
+            Refused("no_consent"),
+            |l, w| {
+                l.sign(
+                    &w.alice,
+                    group(vec![
+                        create(&w.p.id, "obs-9", 1, "Observation"),
+                        create(&w.p.id, "obs-1", 2, "Observation"),
+                        create(&w.p.id, "med-1", 1, "MedicationRequest"),
+                    ]),
+                )
+            },
+        )
+        .then(|l, _| {
+            assert!(l
+                .value::<Record>(&keys::record("hospital-a", "obs-9"))
+                .is_none());
+            assert_eq!(l.record("hospital-a", "obs-1").versions.len(), 1);
+        }),
+        case(
+            "a group whose second version is stale",
+            Refused("conflict"),
+            |l, w| {
+                l.sign(
+                    &w.alice,
+                    group(vec![
+                        create(&w.p.id, "obs-9", 1, "Observation"),
+                        create(&w.p.id, "cond-1", 1, "Condition"),
+                    ]),
+                )
+            },
+        ),
+        case("a group of one version", Refused("invalid"), |l, w| {
+            l.sign(
+                &w.alice,
+                group(vec![create(&w.p.id, "obs-9", 1, "Observation")]),
+            )
+        }),
+        case("an empty group", Refused("invalid"), |l, w| {
+            l.sign(&w.alice, group(vec![]))
+        }),
+        case("a group over the bound", Refused("invalid"), |l, w| {
+            let bodies = (0..=RECORD_GROUP_MAX)
+                .map(|i| create(&w.p.id, &format!("obs-g{i}"), 1, "Observation"))
+                .collect();
+            l.sign(&w.alice, group(bodies))
+        }),
+        case("a group of two patients", Refused("invalid"), |l, w| {
+            l.sign(
+                &w.alice,
+                group(vec![
+                    create(&w.p.id, "obs-9", 1, "Observation"),
+                    create(&w.q.id, "obs-q", 2, "Observation"),
+                ]),
+            )
+        }),
+        case(
+            "a group naming one record twice",
+            Refused("invalid"),
+            |l, w| {
+                l.sign(
+                    &w.alice,
+                    group(vec![
+                        create(&w.p.id, "obs-1", 2, "Observation"),
+                        create(&w.p.id, "obs-1", 3, "Observation"),
+                    ]),
+                )
+            },
+        ),
+        case(
+            "a group signed by a patient",
+            Refused("not_permitted"),
+            |l, w| {
+                l.sign(
+                    &w.p,
+                    group(vec![
+                        create(&w.p.id, "obs-9", 1, "Observation"),
+                        create(&w.p.id, "obs-1", 2, "Observation"),
+                    ]),
+                )
+            },
+        ),
+        case(
+            "a group signed with another clinician's key",
+            Unauthenticated("bad_signature"),
+            |l, w| {
+                let body = group(vec![
+                    create(&w.p.id, "obs-9", 1, "Observation"),
+                    create(&w.p.id, "obs-1", 2, "Observation"),
+                ]);
+                let alice = w.alice.id.clone();
+                l.sign_with(&w.bob, body, |payload| payload.signer = alice)
+            },
+        ),
+        case("a group replayed", Unauthenticated("duplicate"), |l, w| {
+            let tx = l.sign(
+                &w.alice,
+                group(vec![
+                    create(&w.p.id, "obs-9", 1, "Observation"),
+                    create(&w.p.id, "obs-1", 2, "Observation"),
+                ]),
+            );
+            l.commit_tx(tx.clone());
+            tx
+        }),
+    ];
+    check_each(&base, &world, &cases);
 }
 
 #[test]

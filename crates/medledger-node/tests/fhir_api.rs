@@ -650,6 +650,13 @@ async fn metadata_and_smart_discovery_need_no_token() {
     assert_eq!(statement["implementation"]["url"], FHIR_BASE);
     let rest = &statement["rest"][0];
     assert_eq!(rest["mode"], "server");
+    let whole: Vec<&str> = rest["interaction"]
+        .as_array()
+        .expect("system interactions")
+        .iter()
+        .filter_map(|i| i["code"].as_str())
+        .collect();
+    assert_eq!(whole, vec!["batch", "transaction"]);
     assert_eq!(
         rest["security"]["extension"][0]["extension"][0]["valueUri"],
         TOKEN_URL
@@ -2272,4 +2279,365 @@ impl Call {
             status,
         }
     }
+}
+
+// ---- batch and transaction Bundles ----------------------------------------------------------
+
+fn encounter(patient: &str) -> Value {
+    json!({
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB" },
+        "subject": { "reference": format!("Patient/{patient}") },
+    })
+}
+
+fn coverage(patient: &str) -> Value {
+    json!({
+        "resourceType": "Coverage",
+        "status": "active",
+        "beneficiary": { "reference": format!("Patient/{patient}") },
+        "payor": [{ "reference": "Organization/insurer-z" }],
+    })
+}
+
+fn bundle(kind: &str, entries: Vec<Value>) -> Value {
+    json!({ "resourceType": "Bundle", "type": kind, "entry": entries })
+}
+
+fn request_entry(method: &str, url: &str, resource: Option<Value>) -> Value {
+    let mut entry = json!({ "request": { "method": method, "url": url } });
+    if let Some(resource) = resource {
+        entry["resource"] = resource;
+    }
+    entry
+}
+
+/// The id in an entry's `response.location` (`Type/id/_history/n`).
+fn location_id(entry: &Value) -> String {
+    let location = entry["response"]["location"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a location: {entry}"));
+    location.split('/').nth(1).expect("Type/id/...").to_string()
+}
+
+/// How many record versions of `patient` this node's ledger indexes, over all records.
+fn indexed_versions(node: &Node, patient: &str) -> usize {
+    let snapshot = node.ledger.store().snapshot().expect("a snapshot");
+    let prefix = keys::patient_records_prefix(patient);
+    snapshot
+        .scan(&prefix, None, 1000)
+        .expect("the index scans")
+        .iter()
+        .map(|(key, _)| {
+            let (custodian, id) = key[prefix.len()..].split_once('/').expect("custodian/id");
+            snapshot
+                .value::<Record>(&keys::record(custodian, id))
+                .expect("the state reads")
+                .map_or(0, |r| r.versions.len())
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_entry_on_its_own() {
+    // Goal: a batch Bundle runs every entry independently through the same checks as the
+    // single interactions: reads, a search, a create (201 with location, ETag and
+    // Last-Modified), a delete (200 with the tombstone's ETag) succeed while a read of an
+    // unknown id (404), a stale If-Match (412), an invalid resource (422), a Consent write
+    // (422) and an unsupported method (405) fail with their OperationOutcome, and the
+    // failures do not stop the rest. Another Bundle type is refused with 400.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let existing = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let id = id_of(&existing);
+    let mut stale = existing.clone();
+    stale["valueQuantity"]["value"] = json!(99);
+    let mut invalid = observation(&patient, HEART_RATE, "2025-03-11T08:00:00Z", 70);
+    invalid.as_object_mut().expect("an object").remove("status");
+    let mut stale_entry = request_entry("PUT", &format!("Observation/{id}"), Some(stale));
+    stale_entry["request"]["ifMatch"] = json!("W/\"7\"");
+    let batch = bundle(
+        "batch",
+        vec![
+            request_entry("GET", &format!("Observation/{id}"), None),
+            request_entry("GET", &format!("Observation/{ORG}.0000"), None),
+            request_entry(
+                "POST",
+                "Observation",
+                Some(observation(
+                    &patient,
+                    BODY_WEIGHT,
+                    "2025-03-12T08:00:00Z",
+                    64,
+                )),
+            ),
+            stale_entry,
+            request_entry("POST", "Observation", Some(invalid)),
+            request_entry(
+                "GET",
+                &format!("{FHIR_BASE}/Observation?patient={patient}"),
+                None,
+            ),
+            request_entry("DELETE", &format!("Observation/{id}"), None),
+            request_entry(
+                "POST",
+                "Consent",
+                Some(json!({ "resourceType": "Consent" })),
+            ),
+            request_entry("PATCH", &format!("Observation/{id}"), None),
+        ],
+    );
+    let answer = node.post("/fhir", &token, &batch).await;
+    let body = answer.expect_fhir(StatusCode::OK).clone();
+    assert_eq!(body["type"], "batch-response");
+    let entries = body["entry"].as_array().expect("entries");
+    assert_eq!(entries.len(), 9, "one answer per entry");
+    let status = |i: usize| entries[i]["response"]["status"].as_str().unwrap_or("");
+    assert_eq!(status(0), "200 OK");
+    assert_eq!(entries[0]["resource"], existing);
+    assert_eq!(entries[0]["response"]["etag"], "W/\"1\"");
+    assert_eq!(status(1), "404 Not Found");
+    assert_eq!(
+        entries[1]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
+    assert_eq!(status(2), "201 Created");
+    let created = location_id(&entries[2]);
+    assert_eq!(
+        entries[2]["response"]["location"],
+        format!("Observation/{created}/_history/1")
+    );
+    assert_eq!(entries[2]["response"]["etag"], "W/\"1\"");
+    assert!(entries[2]["response"]["lastModified"].is_string());
+    assert_eq!(status(3), "412 Precondition Failed");
+    assert_eq!(status(4), "422 Unprocessable Entity");
+    assert_eq!(status(5), "200 OK");
+    assert_eq!(entries[5]["resource"]["type"], "searchset");
+    // Entries run in order: the search sees the record created before it.
+    assert_eq!(entries[5]["resource"]["total"], 2);
+    assert_eq!(status(6), "200 OK");
+    assert_eq!(entries[6]["response"]["etag"], "W/\"2\"");
+    assert_eq!(status(7), "422 Unprocessable Entity");
+    assert_eq!(status(8), "405 Method Not Allowed");
+
+    node.get(&format!("/fhir/Observation/{id}"), &token)
+        .await
+        .expect_outcome(StatusCode::GONE, "deleted", None);
+    node.get(&format!("/fhir/Observation/{created}"), &token)
+        .await
+        .expect_fhir(StatusCode::OK);
+    node.post("/fhir", &token, &bundle("searchset", vec![]))
+        .await
+        .expect_outcome(StatusCode::BAD_REQUEST, "invalid", None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_one_ledger_transaction_with_its_references_resolved() {
+    // Goal: a transaction Bundle creating an Encounter and an Observation that refers to it
+    // by urn:uuid, updating an existing Observation under If-Match (also referring to the
+    // new Encounter) and deleting another is answered with a transaction-response in entry
+    // order; the references name the ids the server assigned; all four versions are one
+    // create_records transaction signed by the clinician; and every version reads back
+    // through the checks a reader runs (the author's signature on the group included).
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let kept = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let gone = node
+        .create_observation(&token, &patient, BODY_WEIGHT, "2025-03-10T08:00:00Z", 64)
+        .await;
+    let (kept_id, gone_id) = (id_of(&kept), id_of(&gone));
+    let encounter_url = "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a";
+    let mut new_observation = observation(&patient, HEART_RATE, "2025-03-12T08:00:00Z", 70);
+    new_observation["encounter"] = json!({ "reference": encounter_url });
+    let mut updated = kept.clone();
+    updated["valueQuantity"]["value"] = json!(75);
+    updated["encounter"] = json!({ "reference": encounter_url });
+    let mut encounter_entry = request_entry("POST", "Encounter", Some(encounter(&patient)));
+    encounter_entry["fullUrl"] = json!(encounter_url);
+    let mut update_entry = request_entry("PUT", &format!("Observation/{kept_id}"), Some(updated));
+    update_entry["request"]["ifMatch"] = json!("W/\"1\"");
+    let transaction = bundle(
+        "transaction",
+        vec![
+            request_entry("POST", "Observation", Some(new_observation)),
+            encounter_entry,
+            update_entry,
+            request_entry("DELETE", &format!("Observation/{gone_id}"), None),
+        ],
+    );
+    let events_before = node.audit_trail(&patient).await.len();
+    let answer = node.post("/fhir", &token, &transaction).await;
+    let body = answer.expect_fhir(StatusCode::OK).clone();
+    assert_eq!(body["type"], "transaction-response");
+    let entries = body["entry"].as_array().expect("entries");
+    assert_eq!(entries.len(), 4);
+    assert_eq!(entries[0]["response"]["status"], "201 Created");
+    assert_eq!(entries[1]["response"]["status"], "201 Created");
+    assert_eq!(entries[2]["response"]["status"], "200 OK");
+    assert_eq!(entries[2]["response"]["etag"], "W/\"2\"");
+    assert_eq!(entries[3]["response"]["status"], "200 OK");
+    assert_eq!(entries[3]["response"]["etag"], "W/\"2\"");
+    let (observation_id, encounter_id) = (location_id(&entries[0]), location_id(&entries[1]));
+    let reference = format!("Encounter/{encounter_id}");
+
+    let read = node
+        .get(&format!("/fhir/Observation/{observation_id}"), &token)
+        .await;
+    assert_eq!(
+        read.expect_fhir(StatusCode::OK)["encounter"]["reference"],
+        reference
+    );
+    let read = node
+        .get(&format!("/fhir/Observation/{kept_id}"), &token)
+        .await;
+    let read = read.expect_fhir(StatusCode::OK);
+    assert_eq!(read["encounter"]["reference"], reference);
+    assert_eq!(read["valueQuantity"]["value"], 75);
+    node.get(&format!("/fhir/Encounter/{encounter_id}"), &token)
+        .await
+        .expect_fhir(StatusCode::OK);
+    node.get(&format!("/fhir/Observation/{gone_id}"), &token)
+        .await
+        .expect_outcome(StatusCode::GONE, "deleted", None);
+
+    // One ledger transaction indexed all four versions.
+    let versions = [
+        indexed_record(&node, &observation_id).versions[0].clone(),
+        indexed_record(&node, &encounter_id).versions[0].clone(),
+        indexed_record(&node, &kept_id).versions[1].clone(),
+        indexed_record(&node, &gone_id).versions[1].clone(),
+    ];
+    assert!(versions.iter().all(|v| v.tx_id == versions[0].tx_id));
+    assert!(versions.iter().all(|v| v.author == alice.id));
+    assert!(versions[3].deleted);
+    let trail = node.audit_trail(&patient).await;
+    let writes: Vec<&Value> = trail[events_before..]
+        .iter()
+        .filter(|e| e["kind"] != "log_access")
+        .collect();
+    assert_eq!(writes.len(), 1, "one write entry: {writes:?}");
+    assert_eq!(writes[0]["kind"], "create_records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transaction_commits_nothing() {
+    // Goal: a transaction fails whole, with the failing entry's status, and indexes no
+    // version: a stale If-Match (412) or an invalid resource (422) after a valid create
+    // leave the ledger exactly as it was (no version, no audit entry); a read in a
+    // transaction (400), a new Patient (422) and a second patient's record (422) are
+    // refused before anything is sealed; and when the ledger refuses the group (a type
+    // the patient's consent does not cover, 403), no version is indexed and the only
+    // trace is the ledger's record of the refused write.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let other = node.create_patient(&token).await;
+    let kept = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let kept_id = id_of(&kept);
+    let fresh = || {
+        request_entry(
+            "POST",
+            "Observation",
+            Some(observation(
+                &patient,
+                BODY_WEIGHT,
+                "2025-03-12T08:00:00Z",
+                64,
+            )),
+        )
+    };
+    let versions_before = indexed_versions(&node, &patient);
+    let other_before = indexed_versions(&node, &other);
+    let events_before = node.audit_trail(&patient).await.len();
+
+    let mut stale = request_entry("PUT", &format!("Observation/{kept_id}"), Some(kept.clone()));
+    stale["request"]["ifMatch"] = json!("W/\"5\"");
+    let mut invalid = observation(&patient, HEART_RATE, "2025-03-11T08:00:00Z", 70);
+    invalid.as_object_mut().expect("an object").remove("status");
+    let refusals = [
+        (
+            vec![fresh(), stale],
+            StatusCode::PRECONDITION_FAILED,
+            "conflict",
+        ),
+        (
+            vec![fresh(), request_entry("POST", "Observation", Some(invalid))],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+        ),
+        (
+            vec![
+                fresh(),
+                request_entry("GET", &format!("Observation/{kept_id}"), None),
+            ],
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            vec![
+                fresh(),
+                request_entry("POST", "Patient", Some(patient_resource())),
+            ],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-supported",
+        ),
+        (
+            vec![
+                fresh(),
+                request_entry(
+                    "POST",
+                    "Observation",
+                    Some(observation(&other, HEART_RATE, "2025-03-12T08:00:00Z", 61)),
+                ),
+            ],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+        ),
+    ];
+    for (entries, status, code) in refusals {
+        node.post("/fhir", &token, &bundle("transaction", entries))
+            .await
+            .expect_outcome(status, code, None);
+        assert_eq!(indexed_versions(&node, &patient), versions_before);
+        assert_eq!(node.audit_trail(&patient).await.len(), events_before);
+    }
+    assert_eq!(indexed_versions(&node, &other), other_before);
+
+    // The ledger refuses the group: the consent covers no financial records.
+    let denied = bundle(
+        "transaction",
+        vec![
+            fresh(),
+            request_entry("POST", "Coverage", Some(coverage(&patient))),
+        ],
+    );
+    node.post("/fhir", &token, &denied).await.expect_outcome(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        Some("no_consent"),
+    );
+    assert_eq!(indexed_versions(&node, &patient), versions_before);
+    let trail = node.audit_trail(&patient).await;
+    assert_eq!(trail.len(), events_before + 1, "only the refused write");
+    let refused = trail.last().expect("the refused write");
+    assert_eq!(refused["kind"], "create_records");
+    assert_eq!(refused["rejected"], "no_consent");
+    assert_eq!(
+        node.get(&format!("/fhir/Observation/{kept_id}"), &token)
+            .await
+            .expect_fhir(StatusCode::OK),
+        &kept
+    );
 }

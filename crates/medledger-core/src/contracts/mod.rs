@@ -474,6 +474,7 @@ fn dispatch<S: StateRead + ?Sized>(
             patients::set_encryption_key(state, context, body, event)
         }
         TxBody::CreateRecord { .. } => records::create(state, context, body, event),
+        TxBody::CreateRecords { .. } => records::create_group(state, context, body, event),
         TxBody::Grant { .. }
         | TxBody::Revoke { .. }
         | TxBody::RequestAccess { .. }

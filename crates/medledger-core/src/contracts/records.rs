@@ -4,7 +4,8 @@ use crate::hash::Hash;
 use crate::identity::Role;
 use crate::model::{category_of, AccessDecision, Action, AuditEvent, Record, RecordVersion};
 use crate::state::{keys, Overlay, StateRead};
-use crate::tx::TxBody;
+use crate::tx::{TxBody, RECORD_GROUP_MAX};
+use std::collections::BTreeSet;
 
 use super::policy::{decide, AccessQuery};
 use super::{registered_patient, Rejection, TxContext};
@@ -74,6 +75,72 @@ pub(super) fn create<S: StateRead + ?Sized>(
         },
     )?;
     event.decision = Some(decision);
+    Ok(())
+}
+
+/// A group of versions, all or none. Each is checked and indexed as `create` would, in
+/// order, against the state the earlier ones left; the first refusal refuses the whole
+/// transaction, and `execute` then discards every write the group made.
+pub(super) fn create_group<S: StateRead + ?Sized>(
+    state: &mut Overlay<'_, S>,
+    context: &TxContext<'_>,
+    body: &TxBody,
+    event: &mut AuditEvent,
+) -> Result<(), Rejection> {
+    let TxBody::CreateRecords { versions } = body else {
+        unreachable!("dispatch routes only create_records here")
+    };
+    let (author, org) = context.signer.member_with_role(&AUTHOR_ROLES)?;
+    let custodian = org.id.clone();
+    event.action = Some(Action::Write);
+    event.patient = versions.first().map(|v| v.patient.clone());
+    event.records = versions
+        .iter()
+        .map(|v| format!("{custodian}/{}", v.record_id))
+        .collect();
+    // One version alone is a create_record: a group has one encoding of its own.
+    if versions.len() < 2 || versions.len() > RECORD_GROUP_MAX {
+        return Err(Rejection::invalid(
+            "versions",
+            format!("a group holds 2 to {RECORD_GROUP_MAX} versions"),
+        ));
+    }
+    // One patient, so that the group's audit event is indexed under the one it concerns.
+    if versions.iter().any(|v| v.patient != versions[0].patient) {
+        return Err(Rejection::invalid(
+            "versions",
+            "a group's versions are all of one patient",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    if !versions.iter().all(|v| seen.insert(v.record_id.as_str())) {
+        return Err(Rejection::invalid(
+            "versions",
+            "a group names each record at most once",
+        ));
+    }
+    let mut decisions = Vec::with_capacity(versions.len());
+    for v in versions {
+        decisions.push(add_version(
+            state,
+            context,
+            &author.id,
+            &custodian,
+            &NewVersion {
+                patient: &v.patient,
+                record_id: &v.record_id,
+                version: v.version,
+                resource_type: &v.resource_type,
+                cid: &v.cid,
+                commitment: &v.commitment,
+                deleted: v.deleted,
+            },
+        )?);
+    }
+    // The basis of the writes when they share one (say, one consent); none otherwise.
+    if decisions.iter().all(|d| *d == decisions[0]) {
+        event.decision = decisions.into_iter().next();
+    }
     Ok(())
 }
 

@@ -12,8 +12,11 @@
 //! AuditEvents its access entries, Provenance its record index; Practitioner and
 //! Organization come from its registry of members.
 
+mod bundles;
 mod resources;
 mod views;
+
+pub use bundles::{BATCH_ENTRIES_MAX, TRANSACTION_ENTRIES_MAX};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -160,6 +163,7 @@ pub fn router(state: Arc<FhirState>) -> Router {
     let fhir = Router::new()
         .route("/.well-known/smart-configuration", get(smart_configuration))
         .route("/metadata", get(views::capability_statement))
+        .route("/", post(bundles::process))
         .route(
             "/{resource_type}",
             get(resources::search).post(resources::create),

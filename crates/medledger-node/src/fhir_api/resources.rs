@@ -32,11 +32,11 @@ const LEDGER_TYPES: [&str; 5] = [
     "Organization",
 ];
 
-fn is_record_type(resource_type: &str) -> bool {
+pub(super) fn is_record_type(resource_type: &str) -> bool {
     category_of(resource_type).is_some()
 }
 
-fn check_type(resource_type: &str) -> Result<(), Outcome> {
+pub(super) fn check_type(resource_type: &str) -> Result<(), Outcome> {
     if is_record_type(resource_type) || LEDGER_TYPES.contains(&resource_type) {
         Ok(())
     } else {
@@ -62,7 +62,7 @@ fn admit(
 }
 
 /// The version a FHIR `ETag` or `If-Match` names: `W/"3"` or `"3"`.
-fn etag_version(value: &str) -> Option<u64> {
+pub(super) fn etag_version(value: &str) -> Option<u64> {
     let value = value.trim();
     let value = value.strip_prefix("W/").unwrap_or(value);
     value.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
@@ -114,7 +114,10 @@ fn set_version_headers(headers: &mut HeaderMap, resource: &Value) {
 
 /// The JSON body of a create or update: 413 over the limits, 400 when it is not JSON or
 /// not the type the URL names.
-fn parse_body(resource_type: &str, body: &Result<Bytes, BytesRejection>) -> Result<Value, Outcome> {
+pub(super) fn parse_body(
+    resource_type: &str,
+    body: &Result<Bytes, BytesRejection>,
+) -> Result<Value, Outcome> {
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -198,31 +201,42 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> FhirResult {
     let caller = admit(&state, &headers, &resource_type, Interaction::Create)?;
-    let mut resource = parse_body(&resource_type, &body)?;
+    let resource = parse_body(&resource_type, &body)?;
     if resource_type == "Consent" {
         return views::create_consent(&state, &caller, resource).await;
     }
-    if !is_record_type(&resource_type) {
+    let reply = create_record(&state, &caller, &resource_type, resource).await?;
+    Ok(reply.into_response(&state, &resource_type))
+}
+
+/// A new record: the server assigns its id (a Patient's is a newly registered patient's
+/// pseudonym) and version 1, seals it here and indexes it under the caller's signature.
+pub(super) async fn create_record(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    mut resource: Value,
+) -> Result<Reply, Outcome> {
+    if !is_record_type(resource_type) {
         return Err(Outcome::not_supported(format!(
             "{resource_type} resources come from the ledger and cannot be created here"
         )));
     }
-    // The server assigns the id and version of a created resource.
+    strip_identity(&mut resource);
+    if resource_type == "Patient" {
+        let patient = register_patient(state, caller).await?;
+        resource["id"] = json!(patient);
+    }
+    let stored = write_version(state, caller, resource, None).await?;
+    Ok(Reply::Resource(StatusCode::CREATED, stored))
+}
+
+/// The server assigns the id and version of a created resource.
+pub(super) fn strip_identity(resource: &mut Value) {
     if let Some(object) = resource.as_object_mut() {
         object.remove("id");
         object.remove("meta");
     }
-    if resource_type == "Patient" {
-        let patient = register_patient(&state, &caller).await?;
-        resource["id"] = json!(patient);
-    }
-    let stored = write_version(&state, &caller, resource, None).await?;
-    Ok(resource_response(
-        &state,
-        StatusCode::CREATED,
-        &resource_type,
-        &stored,
-    ))
 }
 
 pub async fn update(
@@ -265,18 +279,39 @@ pub(super) async fn update_record(
     resource: Value,
     expected: Option<u64>,
 ) -> Result<Reply, Outcome> {
+    let (prepared, status) =
+        prepare_update(state, caller, resource_type, id, resource, expected).await?;
+    state.submit_for(caller, prepared.body).await?;
+    Ok(Reply::Resource(status, prepared.resource))
+}
+
+/// Everything an update checks (custodian, If-Match, the resource, the patient), then the
+/// sealed version waiting for its signature, and the status its success answers.
+pub(super) async fn prepare_update(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    resource: Value,
+    expected: Option<u64>,
+) -> Result<(Prepared, StatusCode), Outcome> {
+    if !is_record_type(resource_type) {
+        return Err(Outcome::not_supported(format!(
+            "{resource_type} resources come from the ledger and cannot be changed here"
+        )));
+    }
     let custodian = writable_here(state, resource_type, id)?;
     let current = state
         .snapshot()?
         .value::<Record>(&keys::record(&custodian, id))?
         .and_then(|r| r.versions.last().map(|v| (v.version, v.deleted)));
     check_if_match(expected, current.map(|(version, _)| version))?;
-    let stored = write_version(state, caller, resource, Some(id.to_string())).await?;
+    let prepared = prepare_write(state, caller, resource, Some(id.to_string())).await?;
     let status = match current {
         Some((_, false)) => StatusCode::OK,
         Some((_, true)) | None => StatusCode::CREATED,
     };
-    Ok(Reply::Resource(status, stored))
+    Ok((prepared, status))
 }
 
 pub async fn delete(
@@ -428,7 +463,7 @@ pub(super) async fn delete_resource(
 
 /// Everything a delete checks, then the sealed tombstone waiting for its signature; or
 /// Err(the reply) when the record is deleted already.
-async fn prepare_delete(
+pub(super) async fn prepare_delete(
     state: &FhirState,
     caller: &Caller,
     resource_type: &str,
@@ -470,6 +505,19 @@ async fn write_version(
     resource: Value,
     record_id: Option<String>,
 ) -> Result<Value, Outcome> {
+    let prepared = prepare_write(state, caller, resource, record_id).await?;
+    state.submit_for(caller, prepared.body).await?;
+    Ok(prepared.resource)
+}
+
+/// Checks and seals a version at this custodian (`RecordService::prepare`); the caller
+/// signs the returned body.
+pub(super) async fn prepare_write(
+    state: &FhirState,
+    caller: &Caller,
+    resource: Value,
+    record_id: Option<String>,
+) -> Result<Prepared, Outcome> {
     // A patient token may write only its own patient's records: that is checked before
     // anything is sealed. (`prepare` checks the resource itself, once, for everyone else.)
     if caller.patient.is_some() {
@@ -479,16 +527,14 @@ async fn write_version(
             .map_err(|e| Outcome::from(crate::records::RecordError::from(e)))?;
         caller.require_patient(&checked.patient)?;
     }
-    let prepared = state
+    Ok(state
         .records
         .prepare(PrepareRequest {
             resource,
             record_id,
             attachments: Vec::new(),
         })
-        .await?;
-    state.submit_for(caller, prepared.body).await?;
-    Ok(prepared.resource)
+        .await?)
 }
 
 /// A patient created through the API: a fresh key pair (kept in the node's `patients/`
@@ -560,17 +606,37 @@ pub async fn read(
     headers: HeaderMap,
 ) -> FhirResult {
     let caller = admit(&state, &headers, &resource_type, Interaction::Read)?;
+    let resource = read_resource(&state, &caller, &resource_type, &id, None).await?;
     if !is_record_type(&resource_type) {
-        let resource = views::read(&state, &caller, &resource_type, &id)?;
         return Ok(fhir_json(StatusCode::OK, &resource));
     }
-    let opened = read_version(&state, &caller, &resource_type, &id, None).await?;
     Ok(resource_response(
         &state,
         StatusCode::OK,
         &resource_type,
-        &opened.resource,
+        &resource,
     ))
+}
+
+/// A read (the latest version) or a vread (`version`) of any type this server serves.
+pub(super) async fn read_resource(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    version: Option<u64>,
+) -> Result<Value, Outcome> {
+    if !is_record_type(resource_type) {
+        if version.is_some() {
+            return Err(Outcome::not_supported(format!(
+                "{resource_type} has no versions on this server"
+            )));
+        }
+        return views::read(state, caller, resource_type, id);
+    }
+    Ok(read_version(state, caller, resource_type, id, version)
+        .await?
+        .resource)
 }
 
 pub async fn vread(
@@ -587,12 +653,12 @@ pub async fn vread(
     let version: u64 = version
         .parse()
         .map_err(|_| Outcome::not_found(format!("no version {version:?}")))?;
-    let opened = read_version(&state, &caller, &resource_type, &id, Some(version)).await?;
+    let resource = read_resource(&state, &caller, &resource_type, &id, Some(version)).await?;
     Ok(resource_response(
         &state,
         StatusCode::OK,
         &resource_type,
-        &opened.resource,
+        &resource,
     ))
 }
 
@@ -643,14 +709,29 @@ pub async fn instance_operation(
 ) -> FhirResult {
     check_type(&resource_type)?;
     let caller = authenticate(&state, &headers)?;
-    match operation.as_str() {
-        "_history" if is_record_type(&resource_type) => {
-            caller.require(&resource_type, Interaction::Read)?;
-            let (custodian, record) = locate(&state, &resource_type, &id)?;
+    let pairs = query_pairs(&query)?;
+    let bundle =
+        instance_operation_of(&state, &caller, &resource_type, &id, &operation, &pairs).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// An instance history or `Patient/{id}/$everything`, as a Bundle.
+pub(super) async fn instance_operation_of(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    operation: &str,
+    pairs: &[(String, String)],
+) -> Result<Value, Outcome> {
+    match operation {
+        "_history" if is_record_type(resource_type) => {
+            caller.require(resource_type, Interaction::Read)?;
+            let (custodian, record) = locate(state, resource_type, id)?;
             caller.require_patient(&record.patient)?;
             let versions = state
                 .records
-                .versions(&caller.actor, &custodian, &id, caller.purpose())
+                .versions(&caller.actor, &custodian, id, caller.purpose())
                 .await?;
             let entries: Vec<Value> = versions
                 .iter()
@@ -658,22 +739,18 @@ pub async fn instance_operation(
                 .rev()
                 .map(|(index, v)| {
                     let after_delete = index > 0 && versions[index - 1].deleted;
-                    history_entry(&state, &resource_type, &id, v, after_delete)
+                    history_entry(state, resource_type, id, v, after_delete)
                 })
                 .collect();
-            let bundle = json!({
+            Ok(json!({
                 "resourceType": "Bundle",
                 "type": "history",
                 "total": entries.len(),
                 "link": [{ "relation": "self", "url": format!("{}/{resource_type}/{id}/_history", state.config.base_url) }],
                 "entry": entries,
-            });
-            Ok(fhir_json(StatusCode::OK, &bundle))
+            }))
         }
-        "$everything" if resource_type == "Patient" => {
-            let pairs = query_pairs(&query)?;
-            everything(&state, &caller, &id, &pairs).await
-        }
+        "$everything" if resource_type == "Patient" => everything(state, caller, id, pairs).await,
         _ => Err(Outcome::not_found(format!(
             "no operation {operation:?} on {resource_type}"
         ))),
@@ -825,7 +902,7 @@ async fn everything(
     caller: &Caller,
     patient: &str,
     pairs: &[(String, String)],
-) -> FhirResult {
+) -> Result<Value, Outcome> {
     caller.require_patient(patient)?;
     for (name, _) in pairs {
         if !matches!(name.as_str(), "_count" | "_format") {
@@ -875,14 +952,13 @@ async fn everything(
         .into_iter()
         .map(|r| entry(state, r, "match"))
         .collect();
-    let bundle = json!({
+    Ok(json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "total": entries.len(),
         "link": [{ "relation": "self", "url": format!("{}/Patient/{patient}/$everything", state.config.base_url) }],
         "entry": entries,
-    });
-    Ok(fhir_json(StatusCode::OK, &bundle))
+    }))
 }
 
 /// A searchset entry: the resource, its full URL and why it is there.
@@ -909,11 +985,22 @@ pub async fn search(
 ) -> FhirResult {
     let caller = admit(&state, &headers, &resource_type, Interaction::Search)?;
     let pairs = query_pairs(&query)?;
+    let bundle = search_type(&state, &caller, &resource_type, &pairs).await?;
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+/// A search of one type, as a searchset Bundle.
+pub(super) async fn search_type(
+    state: &FhirState,
+    caller: &Caller,
+    resource_type: &str,
+    pairs: &[(String, String)],
+) -> Result<Value, Outcome> {
+    let resource_type = resource_type.to_string();
     if !is_record_type(&resource_type) {
-        let bundle = views::search(&state, &caller, &resource_type, &pairs).await?;
-        return Ok(fhir_json(StatusCode::OK, &bundle));
+        return views::search(state, caller, &resource_type, pairs).await;
     }
-    let params = fhir_search::parse(&resource_type, &pairs, SEARCH_PAGE_DEFAULT, SEARCH_PAGE_MAX)
+    let params = fhir_search::parse(&resource_type, pairs, SEARCH_PAGE_DEFAULT, SEARCH_PAGE_MAX)
         .map_err(|e| Outcome::bad_request(e.to_string()).detail("invalid_search"))?;
     let patient = match (&params.patient, &caller.patient, resource_type.as_str()) {
         (Some(patient), _, _) => patient.clone(),
@@ -972,9 +1059,12 @@ pub async fn search(
     if !params.sort.is_empty() {
         fhir_search::sort(&resource_type, &params.sort, &mut matched);
     }
-    Ok(fhir_json(
-        StatusCode::OK,
-        &search_bundle(&state, &resource_type, &params, matched, patients),
+    Ok(search_bundle(
+        state,
+        &resource_type,
+        &params,
+        matched,
+        patients,
     ))
 }
 

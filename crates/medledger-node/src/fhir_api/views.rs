@@ -862,6 +862,10 @@ pub async fn capability_statement(State(state): State<Arc<FhirState>>) -> Respon
                 }],
             },
             "resource": resources,
+            "interaction": [
+                { "code": "batch", "documentation": format!("POST /fhir with a batch Bundle of at most {} entries: reads, searches, history, $everything, creates, updates (ifMatch) and deletes of records, each on its own.", super::BATCH_ENTRIES_MAX) },
+                { "code": "transaction", "documentation": format!("POST /fhir with a transaction Bundle: all or nothing, as one ledger transaction signed by the author. At most {} entries (what fits one 16 KiB ledger transaction), POST, PUT (ifMatch) and DELETE of record types only, every write about one patient, each record once; urn:uuid fullUrls of created entries are rewritten in the others' references. No reads (use a batch), no Patient creation (it takes the patient's own signatures), no conditional interactions.", super::TRANSACTION_ENTRIES_MAX) }
+            ],
         }],
     });
     fhir_json(StatusCode::OK, &statement)

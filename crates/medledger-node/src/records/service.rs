@@ -46,7 +46,7 @@ use medledger_core::model::{
     User, RESOURCE_TYPES,
 };
 use medledger_core::state::{keys, Overlay};
-use medledger_core::tx::{SignedTx, TxBody};
+use medledger_core::tx::{NewRecordVersion, SignedTx, TxBody};
 use medledger_core::Hash;
 use serde::{Deserialize, Serialize};
 
@@ -664,6 +664,13 @@ impl RecordService {
         })
     }
 
+    /// A fresh id for a record this custodian will create (`<custodian>.<random>`), for
+    /// clients that must know it before the version is prepared (a FHIR transaction
+    /// rewrites references to it).
+    pub fn new_record_id(&self) -> Result<String, RecordError> {
+        new_record_id(&self.org)
+    }
+
     /// The published encryption keys of this custodian (which must be one this node
     /// holds) and of the patient: every version's data key is wrapped for both.
     fn recipient_keys(
@@ -1234,7 +1241,10 @@ impl RecordService {
                 else {
                     continue;
                 };
-                if !granted.contains(&record.resource_type) {
+                // A search or `$everything` leaves a deleted resource out: its latest
+                // version is a tombstone, known from the index without fetching it.
+                let deleted = record.versions.last().is_some_and(|v| v.deleted);
+                if !granted.contains(&record.resource_type) || (latest_only && deleted) {
                     continue;
                 }
                 let skip = if latest_only {
@@ -1516,25 +1526,25 @@ impl RecordService {
     }
 }
 
-/// Checks that `tx` is the `create_record` transaction of exactly this version, signed by
-/// its author under `author_key`.
+/// Checks that `tx` is the transaction that indexed exactly this version, signed by its
+/// author under `author_key`: a `create_record` naming it, or a `create_records` group
+/// holding it (the group names each record once, so record and version find one entry).
 pub fn check_create_tx(
     tx: &SignedTx,
     record: &Record,
     indexed: &RecordVersion,
     author_key: &PublicKey,
 ) -> Result<(), String> {
-    let names_it = matches!(
-        &tx.payload.body,
-        TxBody::CreateRecord { patient, record_id, version, resource_type, cid, commitment, deleted }
-            if *patient == record.patient
-                && *record_id == record.record_id
-                && *version == indexed.version
-                && *resource_type == record.resource_type
-                && *cid == indexed.cid
-                && *commitment == indexed.commitment
-                && *deleted == indexed.deleted
-    );
+    let names_it = NewRecordVersion::all_of(&tx.payload.body)
+        .iter()
+        .filter(|v| v.record_id == record.record_id && v.version == indexed.version)
+        .any(|v| {
+            v.patient == record.patient
+                && v.resource_type == record.resource_type
+                && v.cid == indexed.cid
+                && v.commitment == indexed.commitment
+                && v.deleted == indexed.deleted
+        });
     if !names_it || tx.payload.signer != indexed.author || tx.signature != indexed.author_signature
     {
         return Err("the create transaction does not name this version".into());
@@ -1750,6 +1760,51 @@ mod tests {
             mutate(&mut version, &mut record);
             assert!(check_create_tx(&tx, &record, &version, &author.public_key()).is_err());
         }
+        // A version indexed by a group is found in it by record and version, and checked
+        // the same way; the group's other versions do not stand in for it.
+        let TxBody::CreateRecord {
+            patient,
+            commitment,
+            ..
+        } = tx.payload.body.clone()
+        else {
+            unreachable!("signed_version signs a create_record")
+        };
+        let other = NewRecordVersion {
+            patient,
+            record_id: "obs-2".into(),
+            version: 1,
+            resource_type: "Observation".into(),
+            cid: content_id(b"other ciphertext"),
+            commitment,
+            deleted: false,
+        };
+        let own = NewRecordVersion::of(&tx.payload.body).expect("a create_record");
+        let group = |versions: Vec<NewRecordVersion>| {
+            sign(
+                TxPayload {
+                    body: TxBody::CreateRecords { versions },
+                    ..tx.payload.clone()
+                },
+                &author,
+            )
+        };
+        let grouped = group(vec![other.clone(), own.clone()]);
+        let mut in_group = indexed.clone();
+        in_group.tx_id = grouped.id().unwrap();
+        in_group.author_signature = grouped.signature;
+        assert_eq!(
+            check_create_tx(&grouped, &record, &in_group, &author.public_key()),
+            Ok(())
+        );
+        assert!(check_create_tx(&grouped, &record, &in_group, &stranger.public_key()).is_err());
+        let without = group(vec![other.clone(), other]);
+        let mut not_in_group = indexed.clone();
+        not_in_group.author_signature = without.signature;
+        assert!(check_create_tx(&without, &record, &not_in_group, &author.public_key()).is_err());
+        let mut flagged = in_group.clone();
+        flagged.deleted = true;
+        assert!(check_create_tx(&grouped, &record, &flagged, &author.public_key()).is_err());
         // A forged signature over the genuine body.
         let mut forged = tx.clone();
         forged.signature = other_tx.signature;
