@@ -18,6 +18,8 @@
 //! hospital-b's node (the durable access entry, then the content id, author signature,
 //! commitment and decryption checks). It prints records created and read per second with
 //! p50/p99 latency; the last line is one JSON object with the figures.
+//!
+//! `fhir` (in `bench_fhir`) measures the FHIR REST API over HTTP with real tokens.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +43,9 @@ pub enum BenchTarget {
     Solo,
     /// FHIR records created, then read at the custodian's node and through another node.
     Records,
+    /// The FHIR REST API over HTTP with real tokens: creates, reads, reads across nodes and
+    /// `$everything`, next to the ceilings of the HTTP stack, the token check and the ledger.
+    Fhir,
 }
 
 #[derive(Args)]
@@ -65,11 +70,13 @@ pub struct BenchArgs {
     /// Concurrent authors, then concurrent readers, in `bench records`.
     #[arg(long, default_value_t = 32)]
     record_clients: usize,
+    #[command(flatten)]
+    fhir: crate::bench_fhir::FhirArgs,
 }
 
-const CHAIN_ID: &str = "medledger-bench";
+pub(crate) const CHAIN_ID: &str = "medledger-bench";
 
-fn grant(patient: &Identity, nonce: u64) -> SignedTx {
+pub(crate) fn grant(patient: &Identity, nonce: u64) -> SignedTx {
     patient.sign(
         CHAIN_ID,
         nonce,
@@ -90,7 +97,7 @@ fn grant(patient: &Identity, nonce: u64) -> SignedTx {
 }
 
 /// Verifications per second of `threads` threads verifying `count` signatures each.
-fn verify_rate(threads: usize, count: usize) -> f64 {
+pub(crate) fn verify_rate(threads: usize, count: usize) -> f64 {
     let key = KeyPair::generate().expect("a key");
     let public = key.public_key();
     let messages: Vec<Vec<u8>> = (0..256)
@@ -111,7 +118,7 @@ fn verify_rate(threads: usize, count: usize) -> f64 {
     (threads * count) as f64 / start.elapsed().as_secs_f64()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -120,7 +127,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// Peak resident memory of this process, from /proc (Linux).
-fn peak_memory_mib() -> f64 {
+pub(crate) fn peak_memory_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -133,14 +140,14 @@ fn peak_memory_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-struct Phase {
-    committed: usize,
-    seconds: f64,
-    latencies: Vec<Duration>,
+pub(crate) struct Phase {
+    pub(crate) committed: usize,
+    pub(crate) seconds: f64,
+    pub(crate) latencies: Vec<Duration>,
 }
 
 /// Submits each client's transactions in order, all clients at once.
-fn drive(
+pub(crate) fn drive(
     runtime: &tokio::runtime::Runtime,
     ledgers: &[Arc<Ledger>],
     per_client: Vec<Vec<SignedTx>>,
@@ -309,7 +316,7 @@ fn open_loop(
     )
 }
 
-fn max_ms(latencies: &[Duration]) -> f64 {
+pub(crate) fn max_ms(latencies: &[Duration]) -> f64 {
     latencies
         .last()
         .map(|d| d.as_secs_f64() * 1000.0)
@@ -319,6 +326,9 @@ fn max_ms(latencies: &[Duration]) -> f64 {
 pub fn run(args: BenchArgs) -> Result<(), String> {
     if args.target == BenchTarget::Records {
         return records::run(args.records, args.record_clients);
+    }
+    if args.target == BenchTarget::Fhir {
+        return crate::bench_fhir::run(&args.fhir);
     }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -333,7 +343,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let nodes = match args.target {
         BenchTarget::Solo => solo_node(&dir)?,
         BenchTarget::Ledger => consortium_nodes(&dir)?,
-        BenchTarget::Records => unreachable!("bench records returns above"),
+        BenchTarget::Records | BenchTarget::Fhir => {
+            unreachable!("bench records and bench fhir return above")
+        }
     };
     // Every node checks every signature once (at admission or before executing the block).
     let verifying_nodes = nodes.ledgers.len();
@@ -442,6 +454,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 BenchTarget::Ledger => "ledger",
                 BenchTarget::Solo => "solo",
                 BenchTarget::Records => "records",
+                BenchTarget::Fhir => "fhir",
             },
             "nodes": verifying_nodes,
             "verify_per_s_one_core": verify_one.round(),
@@ -469,7 +482,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
 
 /// `medledger bench records`: records created and read through the record services of a
 /// three-node consortium in this process.
-mod records {
+pub(crate) mod records {
     use std::collections::BTreeMap;
     use std::future::Future;
     use std::path::{Path, PathBuf};
@@ -549,7 +562,7 @@ mod records {
     }
 
     /// A blood pressure Observation of about 1 KiB, synthetic, a little different per `n`.
-    fn observation(patient: &str, n: usize) -> Value {
+    pub(crate) fn observation(patient: &str, n: usize) -> Value {
         let systolic = 105 + (n * 7) % 60;
         let diastolic = 62 + (n * 3) % 30;
         let component = |code: &str, display: &str, value: usize| {
@@ -601,7 +614,7 @@ mod records {
     }
 
     /// Signs `body` as `who` and commits it through `ledger`, which has applied it on return.
-    async fn commit(
+    pub(crate) async fn commit(
         ledger: &Ledger,
         who: &Identity,
         nonce: u64,

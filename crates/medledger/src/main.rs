@@ -1,6 +1,7 @@
 //! `medledger`: run a node, drive it as a client, and check a ledger offline.
 
 mod bench;
+mod bench_fhir;
 mod client;
 mod commands;
 mod demo;
