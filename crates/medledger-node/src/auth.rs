@@ -2,7 +2,9 @@
 //!
 //! People log in with a password and a time-based one-time code (RFC 6238); backend
 //! systems authenticate with a JWT signed by a key they enrolled (SMART Backend Services,
-//! RFC 7523 client assertions). Either way the node answers with a short-lived access
+//! RFC 7523 client assertions). A registered SMART app (a public client) sends a person
+//! here to log in and exchanges the one-time authorization code it gets back, with its
+//! PKCE verifier (RFC 7636, S256 only), for the person's token. Either way the node answers with a short-lived access
 //! token: a JWT signed ES256 by the node's own key, carrying SMART scopes that say which
 //! FHIR interactions on which resource types the bearer may perform.
 //!
@@ -394,6 +396,11 @@ impl Scopes {
             Some(existing) => existing.permissions = existing.permissions.union(scope.permissions),
             None => self.resource.push(scope),
         }
+    }
+
+    /// True when some resource scope is held (whatever the non-resource scopes).
+    pub fn reaches_resources(&self) -> bool {
+        !self.resource.is_empty()
     }
 
     /// True when no scope at all is held.
@@ -791,17 +798,103 @@ pub struct Client {
     pub acts_as: String,
 }
 
+/// A SMART app registered for the standalone launch: a public client (a browser or
+/// native app, which can keep no secret) that sends a person here to log in and gets a
+/// one-time authorization code at one of its exact redirect URIs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub client_id: String,
+    /// Compared exactly: `https://...`, or `http://` on the loopback host only.
+    pub redirect_uris: Vec<String>,
+    /// `patient/...` and `user/...` scopes (and `openid`, `fhirUser`, `launch/patient`):
+    /// the most a token for this app may carry, whoever logs in.
+    pub allowed_scopes: String,
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoreFile {
     version: u32,
     accounts: Vec<Account>,
     clients: Vec<Client>,
+    /// Absent from files written before apps existed.
+    #[serde(default)]
+    apps: Vec<App>,
 }
 
 #[derive(Clone, Default)]
 struct StoreState {
     accounts: BTreeMap<String, Account>,
     clients: BTreeMap<String, Client>,
+    apps: BTreeMap<String, App>,
+}
+
+/// Largest redirect URI an app may register.
+pub const MAX_REDIRECT_URI_BYTES: usize = 2048;
+/// Most redirect URIs one app may register.
+pub const MAX_REDIRECT_URIS: usize = 16;
+
+fn check_client_id(id: &str) -> Result<(), AuthError> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AuthError::InvalidClient(format!(
+            "client id {id:?} must be 1 to 128 printable ASCII characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a redirect URI an app registers: absolute, `https`, or `http` only on the
+/// loopback host (RFC 8252 §7.3), no user information and no fragment (RFC 6749
+/// §3.1.2). The authority is limited to host name characters and a port, so its origin
+/// can be named in the login page's Content-Security-Policy as it is.
+pub fn check_redirect_uri(uri: &str) -> Result<(), String> {
+    if uri.len() > MAX_REDIRECT_URI_BYTES || !uri.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "a redirect URI is at most {MAX_REDIRECT_URI_BYTES} printable ASCII characters"
+        ));
+    }
+    if uri.contains('#') {
+        return Err(format!("{uri}: a redirect URI has no fragment"));
+    }
+    let (rest, https) = if let Some(rest) = uri.strip_prefix("https://") {
+        (rest, true)
+    } else if let Some(rest) = uri.strip_prefix("http://") {
+        (rest, false)
+    } else {
+        return Err(format!(
+            "{uri}: a redirect URI is https (or http on loopback)"
+        ));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host_and_port_ok = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !host_and_port_ok {
+        return Err(format!(
+            "{uri}: the host must be a plain host name or address, with an optional port"
+        ));
+    }
+    if !https {
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.split(':').next().unwrap_or(""),
+        };
+        if !matches!(host, "127.0.0.1" | "localhost" | "::1") {
+            return Err(format!(
+                "{uri}: plain http is allowed only for 127.0.0.1, localhost or [::1]"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The origin (`scheme://host[:port]`) of a checked redirect URI.
+pub fn redirect_origin(uri: &str) -> &str {
+    let scheme_end = uri.find("://").map_or(0, |i| i + 3);
+    let authority_end = uri[scheme_end..]
+        .find(['/', '?'])
+        .map_or(uri.len(), |i| scheme_end + i);
+    &uri[..authority_end]
 }
 
 /// Failed attempts against a username that has no account, counted like a real
@@ -905,6 +998,14 @@ impl AccountStore {
                         return Err(corrupt(format!("client {id} appears twice")));
                     }
                 }
+                for app in file.apps {
+                    let id = app.client_id.clone();
+                    if state.clients.contains_key(&id)
+                        || state.apps.insert(id.clone(), app).is_some()
+                    {
+                        return Err(corrupt(format!("client {id} appears twice")));
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(file_error(path)(e)),
@@ -921,6 +1022,7 @@ impl AccountStore {
             version: STORE_VERSION,
             accounts: state.accounts.values().cloned().collect(),
             clients: state.clients.values().cloned().collect(),
+            apps: state.apps.values().cloned().collect(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| AuthError::File {
             path: self.path.display().to_string(),
@@ -1015,12 +1117,7 @@ impl AccountStore {
 
     /// Enrols a backend client after checking its keys, scopes and identity.
     pub fn add_client(&self, client: Client) -> Result<(), AuthError> {
-        let id = &client.client_id;
-        if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(AuthError::InvalidClient(format!(
-                "client id {id:?} must be 1 to 128 printable ASCII characters"
-            )));
-        }
+        check_client_id(&client.client_id)?;
         parse_jwks(&client.jwks).map_err(AuthError::InvalidClient)?;
         let scopes = Scopes::parse(&client.allowed_scopes)?;
         if scopes.resource.is_empty()
@@ -1044,12 +1141,61 @@ impl AccountStore {
             )));
         }
         self.update(|state| {
-            if state.clients.contains_key(&client.client_id) {
+            if state.clients.contains_key(&client.client_id)
+                || state.apps.contains_key(&client.client_id)
+            {
                 return Err(AuthError::DuplicateClient(client.client_id.clone()));
             }
             state.clients.insert(client.client_id.clone(), client);
             Ok(())
         })
+    }
+
+    /// Registers a SMART app (a public client) after checking its id, redirect URIs and
+    /// scopes. Client ids are one namespace: an app may not share a backend client's id.
+    pub fn add_app(&self, app: App) -> Result<(), AuthError> {
+        check_client_id(&app.client_id)?;
+        if app.redirect_uris.is_empty() || app.redirect_uris.len() > MAX_REDIRECT_URIS {
+            return Err(AuthError::InvalidClient(format!(
+                "an app registers 1 to {MAX_REDIRECT_URIS} redirect URIs"
+            )));
+        }
+        for uri in &app.redirect_uris {
+            check_redirect_uri(uri).map_err(AuthError::InvalidClient)?;
+        }
+        let scopes = Scopes::parse(&app.allowed_scopes)?;
+        if scopes.resource.is_empty()
+            || scopes
+                .resource
+                .iter()
+                .any(|scope| scope.context == ScopeContext::System)
+        {
+            return Err(AuthError::InvalidClient(
+                "an app is allowed patient/ or user/ scopes, never system/".to_string(),
+            ));
+        }
+        self.update(|state| {
+            if state.clients.contains_key(&app.client_id) || state.apps.contains_key(&app.client_id)
+            {
+                return Err(AuthError::DuplicateClient(app.client_id.clone()));
+            }
+            state.apps.insert(app.client_id.clone(), app);
+            Ok(())
+        })
+    }
+
+    pub fn remove_app(&self, client_id: &str) -> Result<(), AuthError> {
+        self.update(|state| {
+            state
+                .apps
+                .remove(client_id)
+                .map(|_| ())
+                .ok_or_else(|| AuthError::UnknownClient(client_id.to_string()))
+        })
+    }
+
+    pub fn app(&self, client_id: &str) -> Option<App> {
+        lock(&self.state).apps.get(client_id).cloned()
     }
 
     pub fn remove_client(&self, client_id: &str) -> Result<(), AuthError> {
@@ -1796,6 +1942,184 @@ pub fn verify_client_assertion(
         .ok_or(E::MissingJti)?;
     seen.remember(&client.client_id, jti, exp, now_s)?;
     Ok(client)
+}
+
+// ---------------------------------------------------------------------------------------
+// Authorization codes and PKCE (SMART App Launch, standalone)
+// ---------------------------------------------------------------------------------------
+
+/// How long an authorization code may be exchanged for a token.
+pub const AUTH_CODE_LIFETIME_S: u64 = 60;
+/// Most codes (live or remembered as used) held at once.
+pub const AUTH_CODE_CAPACITY: usize = 10_000;
+/// Random bytes in an authorization code.
+const AUTH_CODE_BYTES: usize = 32;
+
+/// Whether `verifier` is a PKCE code verifier: 43 to 128 characters of the unreserved
+/// set `A-Z a-z 0-9 - . _ ~` (RFC 7636 §4.1).
+pub fn is_code_verifier(verifier: &str) -> bool {
+    (43..=128).contains(&verifier.len())
+        && verifier
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+/// Whether `challenge` can be an S256 code challenge: the unpadded base64url text of a
+/// SHA-256 digest, 43 characters.
+pub fn is_s256_challenge(challenge: &str) -> bool {
+    challenge.len() == 43
+        && URL_SAFE_NO_PAD
+            .decode(challenge)
+            .is_ok_and(|digest| digest.len() == 32)
+}
+
+/// The S256 code challenge of a verifier: `BASE64URL(SHA256(ASCII(verifier)))`.
+pub fn s256_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ))
+}
+
+/// Whether `verifier` is well formed and its S256 challenge is `challenge`.
+pub fn verify_pkce(verifier: &str, challenge: &str) -> bool {
+    is_code_verifier(verifier)
+        && constant_time_eq(s256_challenge(verifier).as_bytes(), challenge.as_bytes())
+}
+
+/// What an authorization code stands for: who logged in, for which app and redirect URI,
+/// with which PKCE challenge, and what they were granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeGrant {
+    pub client_id: String,
+    pub redirect_uri: String,
+    pub code_challenge: String,
+    /// The granted scopes, in their canonical text.
+    pub scope: String,
+    /// The account that logged in.
+    pub username: String,
+}
+
+/// Why a code was not exchanged. The token endpoint answers all but `Full` and
+/// `Random` with `invalid_grant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum CodeError {
+    #[error("no such authorization code")]
+    Unknown,
+    #[error("the authorization code has expired")]
+    Expired,
+    #[error("the authorization code was already used")]
+    Reused,
+    #[error("the authorization code was issued to another client")]
+    WrongClient,
+    #[error("the redirect_uri differs from the authorization request's")]
+    WrongRedirectUri,
+    #[error("the code_verifier does not match the code_challenge")]
+    WrongVerifier,
+    #[error("too many authorization codes outstanding; try again shortly")]
+    Full,
+    #[error("the operating system's random number source failed")]
+    Random,
+}
+
+enum CodeEntry {
+    Live(CodeGrant),
+    /// Exchanged, or tried once: any further use is refused as a reuse.
+    Used,
+}
+
+/// Authorization codes issued and not yet expired, in memory: a node restart forgets
+/// them, which only makes a login in progress start again.
+pub struct CodeStore {
+    /// By the SHA-256 of the code, so the map holds nothing that could be exchanged.
+    codes: Mutex<HashMap<[u8; 32], (CodeEntry, u64)>>,
+    capacity: usize,
+}
+
+impl Default for CodeStore {
+    fn default() -> Self {
+        CodeStore::with_capacity(AUTH_CODE_CAPACITY)
+    }
+}
+
+fn code_key(code: &str) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, code.as_bytes()).as_ref());
+    key
+}
+
+impl CodeStore {
+    pub fn with_capacity(capacity: usize) -> CodeStore {
+        CodeStore {
+            codes: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// Codes held, live or used.
+    pub fn len(&self) -> usize {
+        lock(&self.codes).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A fresh code (256 random bits, base64url) for `grant`, valid until
+    /// `now_s + AUTH_CODE_LIFETIME_S`. When full, expired codes are forgotten first; if
+    /// that frees nothing, no code is issued.
+    pub fn issue(&self, grant: CodeGrant, now_s: u64) -> Result<String, CodeError> {
+        let code =
+            URL_SAFE_NO_PAD.encode(random_bytes(AUTH_CODE_BYTES).map_err(|_| CodeError::Random)?);
+        let mut codes = lock(&self.codes);
+        if codes.len() >= self.capacity {
+            codes.retain(|_, (_, expires_s)| *expires_s > now_s);
+            if codes.len() >= self.capacity {
+                return Err(CodeError::Full);
+            }
+        }
+        let expires_s = now_s.saturating_add(AUTH_CODE_LIFETIME_S);
+        codes.insert(code_key(&code), (CodeEntry::Live(grant), expires_s));
+        Ok(code)
+    }
+
+    /// Exchanges a code once. The first attempt uses the code up whatever its outcome, so
+    /// a code can be tried only once; later attempts are refused as reuse until the code
+    /// would have expired.
+    pub fn redeem(
+        &self,
+        code: &str,
+        client_id: &str,
+        redirect_uri: &str,
+        code_verifier: &str,
+        now_s: u64,
+    ) -> Result<CodeGrant, CodeError> {
+        let key = code_key(code);
+        let grant = {
+            let mut codes = lock(&self.codes);
+            let Some((entry, expires_s)) = codes.get_mut(&key) else {
+                return Err(CodeError::Unknown);
+            };
+            if *expires_s <= now_s {
+                codes.remove(&key);
+                return Err(CodeError::Expired);
+            }
+            match std::mem::replace(entry, CodeEntry::Used) {
+                CodeEntry::Used => return Err(CodeError::Reused),
+                CodeEntry::Live(grant) => grant,
+            }
+        };
+        if grant.client_id != client_id {
+            return Err(CodeError::WrongClient);
+        }
+        if grant.redirect_uri != redirect_uri {
+            return Err(CodeError::WrongRedirectUri);
+        }
+        if !verify_pkce(code_verifier, &grant.code_challenge) {
+            return Err(CodeError::WrongVerifier);
+        }
+        Ok(grant)
+    }
 }
 
 #[cfg(test)]
@@ -2703,5 +3027,236 @@ mod tests {
         let roomy = JtiCache::with_capacity(10);
         roomy.remember("c", "b", NOW + 100, NOW).unwrap();
         roomy.remember("other", "b", NOW + 100, NOW).unwrap();
+    }
+
+    // ---- apps, PKCE and authorization codes ----
+
+    const RFC7636_VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const RFC7636_CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+
+    fn code_grant() -> CodeGrant {
+        CodeGrant {
+            client_id: "my-app".to_string(),
+            redirect_uri: "https://app.example/cb".to_string(),
+            code_challenge: RFC7636_CHALLENGE.to_string(),
+            scope: "patient/*.rs".to_string(),
+            username: "pt-abc".to_string(),
+        }
+    }
+
+    #[test]
+    fn pkce_s256_matches_rfc7636_appendix_b() {
+        // The S256 challenge of RFC 7636 Appendix B's verifier is the RFC's value, and only
+        // that verifier (well formed, 43 to 128 unreserved characters) matches it.
+        assert_eq!(s256_challenge(RFC7636_VERIFIER), RFC7636_CHALLENGE);
+        assert!(is_s256_challenge(RFC7636_CHALLENGE));
+        assert!(verify_pkce(RFC7636_VERIFIER, RFC7636_CHALLENGE));
+        let mut other = RFC7636_VERIFIER.to_string();
+        other.replace_range(0..1, "e");
+        assert!(!verify_pkce(&other, RFC7636_CHALLENGE));
+        // "plain": the challenge given as its own verifier does not match.
+        assert!(!verify_pkce(RFC7636_CHALLENGE, RFC7636_CHALLENGE));
+        assert!(!is_code_verifier(&"a".repeat(42)));
+        assert!(is_code_verifier(&"a".repeat(43)));
+        assert!(is_code_verifier(&"a-._~Z9".repeat(19)[..128]));
+        assert!(!is_code_verifier(&"a".repeat(129)));
+        assert!(!is_code_verifier(&format!("{}+", "a".repeat(43))));
+        assert!(!is_code_verifier(&format!("{} ", "a".repeat(43))));
+        // A short verifier whose challenge matches is still refused.
+        let short = "a".repeat(42);
+        assert!(!verify_pkce(&short, &s256_challenge(&short)));
+        assert!(!is_s256_challenge(&RFC7636_CHALLENGE[..42]));
+        assert!(!is_s256_challenge(&format!(
+            "{}=",
+            &RFC7636_CHALLENGE[..42]
+        )));
+    }
+
+    #[test]
+    fn a_code_is_exchanged_once_by_its_client_redirect_and_verifier() {
+        // A code returns what it was issued for to the client, redirect URI and verifier
+        // it is bound to, exactly once; any attempt uses it up, so a wrong client,
+        // redirect URI or verifier also ends it, and every later attempt is a reuse.
+        let store = CodeStore::default();
+        let code = store.issue(code_grant(), NOW).unwrap();
+        assert!(URL_SAFE_NO_PAD.decode(&code).unwrap().len() >= 16);
+        let redeem = |code: &str, client: &str, uri: &str, verifier: &str| {
+            store.redeem(code, client, uri, verifier, NOW + 1)
+        };
+        let cb = "https://app.example/cb";
+        assert_eq!(
+            redeem(&code, "my-app", cb, RFC7636_VERIFIER),
+            Ok(code_grant())
+        );
+        assert_eq!(
+            redeem(&code, "my-app", cb, RFC7636_VERIFIER),
+            Err(CodeError::Reused)
+        );
+        assert_eq!(
+            redeem("not-a-code", "my-app", cb, RFC7636_VERIFIER),
+            Err(CodeError::Unknown)
+        );
+        for (client, uri, verifier, error) in [
+            ("other-app", cb, RFC7636_VERIFIER, CodeError::WrongClient),
+            (
+                "my-app",
+                "https://app.example/cb2",
+                RFC7636_VERIFIER,
+                CodeError::WrongRedirectUri,
+            ),
+            ("my-app", cb, &"b".repeat(43), CodeError::WrongVerifier),
+            ("my-app", cb, RFC7636_CHALLENGE, CodeError::WrongVerifier),
+        ] {
+            let code = store.issue(code_grant(), NOW).unwrap();
+            assert_eq!(redeem(&code, client, uri, verifier), Err(error));
+            assert_eq!(
+                redeem(&code, "my-app", cb, RFC7636_VERIFIER),
+                Err(CodeError::Reused)
+            );
+        }
+        let codes: std::collections::HashSet<String> = (0..100)
+            .map(|_| store.issue(code_grant(), NOW).unwrap())
+            .collect();
+        assert_eq!(codes.len(), 100, "codes are random");
+    }
+
+    #[test]
+    fn a_code_expires_after_sixty_seconds() {
+        // A code is good until (not at) sixty seconds after it was issued.
+        let store = CodeStore::default();
+        let cb = "https://app.example/cb";
+        let code = store.issue(code_grant(), NOW).unwrap();
+        assert!(store
+            .redeem(
+                &code,
+                "my-app",
+                cb,
+                RFC7636_VERIFIER,
+                NOW + AUTH_CODE_LIFETIME_S - 1
+            )
+            .is_ok());
+        let code = store.issue(code_grant(), NOW).unwrap();
+        assert_eq!(
+            store.redeem(
+                &code,
+                "my-app",
+                cb,
+                RFC7636_VERIFIER,
+                NOW + AUTH_CODE_LIFETIME_S
+            ),
+            Err(CodeError::Expired)
+        );
+    }
+
+    #[test]
+    fn the_code_store_is_bounded() {
+        // A full store forgets expired codes, used or not, and issues no new code rather
+        // than forget a live one.
+        let store = CodeStore::with_capacity(2);
+        let first = store.issue(code_grant(), NOW).unwrap();
+        store.issue(code_grant(), NOW + 10).unwrap();
+        assert_eq!(store.issue(code_grant(), NOW + 10), Err(CodeError::Full));
+        let cb = "https://app.example/cb";
+        // Used but not expired still counts.
+        store
+            .redeem(&first, "my-app", cb, RFC7636_VERIFIER, NOW + 10)
+            .unwrap();
+        assert_eq!(store.issue(code_grant(), NOW + 10), Err(CodeError::Full));
+        let third = store
+            .issue(code_grant(), NOW + AUTH_CODE_LIFETIME_S)
+            .unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(store
+            .redeem(
+                &third,
+                "my-app",
+                cb,
+                RFC7636_VERIFIER,
+                NOW + AUTH_CODE_LIFETIME_S
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn app_registration_is_checked_and_old_files_load() {
+        // Apps need exact https redirect URIs (http only on loopback, no fragment, no user
+        // information), patient/ or user/ scopes and an id no backend client has; an
+        // accounts file written before apps existed still loads, and apps persist.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.json");
+        std::fs::write(&path, r#"{"version":1,"accounts":[],"clients":[]}"#).unwrap();
+        let store = AccountStore::open(&path).unwrap();
+        assert!(store.app("my-app").is_none());
+        let app = |uris: &[&str], scopes: &str| App {
+            client_id: "my-app".to_string(),
+            redirect_uris: uris.iter().map(|u| u.to_string()).collect(),
+            allowed_scopes: scopes.to_string(),
+        };
+        for uri in [
+            "http://app.example/cb",
+            "https://app.example/cb#frag",
+            "https://user@app.example/cb",
+            "ftp://app.example/cb",
+            "app.example/cb",
+            "https:///cb",
+            "https://app.example/c b",
+            "http://127.0.0.1.evil.example/cb",
+        ] {
+            assert!(
+                matches!(
+                    store.add_app(app(&[uri], "patient/*.rs")),
+                    Err(AuthError::InvalidClient(_))
+                ),
+                "{uri}"
+            );
+        }
+        assert!(store.add_app(app(&[], "patient/*.rs")).is_err());
+        assert!(store
+            .add_app(app(&["https://a.example/cb"], "system/*.rs"))
+            .is_err());
+        assert!(store
+            .add_app(app(&["https://a.example/cb"], "openid"))
+            .is_err());
+        let good = app(
+            &[
+                "https://app.example/cb?x=1",
+                "http://127.0.0.1:8765/cb",
+                "http://localhost/cb",
+                "http://[::1]:9000/cb",
+            ],
+            "patient/*.rs user/Observation.rs openid fhirUser launch/patient",
+        );
+        store.add_app(good.clone()).unwrap();
+        assert_eq!(
+            store.add_app(good.clone()),
+            Err(AuthError::DuplicateClient("my-app".to_string()))
+        );
+        assert_eq!(AccountStore::open(&path).unwrap().app("my-app"), Some(good));
+        let (pkcs8_store, _) = client_store(dir.path());
+        drop(pkcs8_store);
+        let reopened = AccountStore::open(&path).unwrap();
+        assert!(reopened.client("lab-system").is_some());
+        assert!(reopened.app("my-app").is_some());
+        assert!(matches!(
+            reopened.add_app(App {
+                client_id: "lab-system".to_string(),
+                ..app(&["https://a.example/cb"], "patient/*.rs")
+            }),
+            Err(AuthError::DuplicateClient(_))
+        ));
+        reopened.remove_app("my-app").unwrap();
+        assert!(AccountStore::open(&path).unwrap().app("my-app").is_none());
+        assert_eq!(
+            reopened.remove_app("my-app"),
+            Err(AuthError::UnknownClient("my-app".to_string()))
+        );
+        assert_eq!(
+            redirect_origin("http://[::1]:9000/cb?x"),
+            "http://[::1]:9000"
+        );
+        assert_eq!(
+            redirect_origin("https://app.example?x"),
+            "https://app.example"
+        );
     }
 }

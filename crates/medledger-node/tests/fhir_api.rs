@@ -852,7 +852,7 @@ async fn a_person_logs_in_with_password_and_one_time_code() {
         .await;
     stranger.expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
 
-    node.token_request(&[("grant_type", "authorization_code"), ("code", "x")])
+    node.token_request(&[("grant_type", "refresh_token"), ("refresh_token", "x")])
         .await
         .expect_oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type");
 
@@ -2639,5 +2639,555 @@ async fn a_failed_transaction_commits_nothing() {
             .await
             .expect_fhir(StatusCode::OK),
         &kept
+    );
+}
+
+// ---- SMART App Launch (standalone): authorization code with PKCE -------------------------
+
+const APP_ID: &str = "pocket-chart";
+const APP_REDIRECT: &str = "http://127.0.0.1:8765/callback";
+const APP_OTHER_REDIRECT: &str = "https://pocket-chart.example/callback";
+const APP_STATE: &str = "af0ifjsldkj<&\">'";
+/// A PKCE verifier: 64 characters of the unreserved set.
+const VERIFIER: &str = "m4Y-t3st.v3rifier~that_is_long_enough_for_rfc7636_0123456789abcd";
+
+/// `BASE64URL(SHA256(verifier))`, computed here without the server's code.
+fn challenge_of(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ))
+}
+
+/// A patient with a record and an account at the node, and a registered SMART app; the
+/// API's clock is moved on 30 s for every login so that each one has a fresh one-time
+/// code.
+struct Launch {
+    node: Node,
+    patient: String,
+    observation: String,
+    secret: Vec<u8>,
+    clock_offset_s: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Launch {
+    async fn start() -> Launch {
+        let node = Node::start().await;
+        let alice = node.clinician("dr-alice").await;
+        let clinician = node.token(&alice.id, "user/*.cruds", None);
+        let patient = node.create_patient(&clinician).await;
+        let record = node
+            .create_observation(&clinician, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+            .await;
+        let secret = node.add_account(
+            &patient,
+            AccountKind::Patient,
+            "patient/*.rs patient/Consent.cruds",
+            &node.patient_key_file(&patient),
+        );
+        node.state
+            .accounts()
+            .add_app(medledger_node::auth::App {
+                client_id: APP_ID.to_string(),
+                redirect_uris: vec![APP_REDIRECT.to_string(), APP_OTHER_REDIRECT.to_string()],
+                allowed_scopes: "patient/*.rs user/*.rs openid fhirUser launch/patient".to_string(),
+            })
+            .expect("the app is registered");
+        let clock_offset_s = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let offset = clock_offset_s.clone();
+        node.state.set_clock(Arc::new(move || {
+            now_s() + offset.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+        Launch {
+            node,
+            patient,
+            observation: id_of(&record),
+            secret,
+            clock_offset_s,
+        }
+    }
+
+    fn advance_clock(&self, seconds: u64) -> u64 {
+        self.clock_offset_s
+            .fetch_add(seconds, std::sync::atomic::Ordering::SeqCst)
+            + seconds
+    }
+
+    /// The authorization request's parameters, with `changes` applied (None removes one).
+    fn request(&self, changes: &[(&str, Option<&str>)]) -> Vec<(String, String)> {
+        let challenge = challenge_of(VERIFIER);
+        let mut params: Vec<(String, String)> = [
+            ("response_type", "code"),
+            ("client_id", APP_ID),
+            ("redirect_uri", APP_REDIRECT),
+            ("scope", "patient/*.rs launch/patient openid"),
+            ("state", APP_STATE),
+            ("aud", FHIR_BASE),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+        for (name, value) in changes {
+            params.retain(|(n, _)| n != name);
+            if let Some(value) = value {
+                params.push((name.to_string(), value.to_string()));
+            }
+        }
+        params
+    }
+
+    async fn authorize_get(&self, params: &[(String, String)]) -> Answer {
+        let pairs: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        self.node
+            .get_anonymous(&format!("/auth/authorize?{}", form_encode(&pairs)))
+            .await
+    }
+
+    /// Posts the login form: the request's parameters plus the person's credentials.
+    async fn authorize_post(&self, params: &[(String, String)], login: &[(&str, &str)]) -> Answer {
+        let mut pairs: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        pairs.extend_from_slice(login);
+        self.node
+            .send(
+                Method::POST,
+                "/auth/authorize",
+                None,
+                &[(header::CONTENT_TYPE, "application/x-www-form-urlencoded")],
+                Body::from(form_encode(&pairs)),
+            )
+            .await
+    }
+
+    /// Logs the patient in through the form with a fresh one-time code; returns the answer.
+    async fn log_in(&self, params: &[(String, String)], password: &str) -> Answer {
+        let offset = self.advance_clock(30);
+        let code = totp_code(&self.secret, now_s() + offset);
+        self.authorize_post(
+            params,
+            &[
+                ("username", &self.patient),
+                ("password", password),
+                ("totp", &code),
+            ],
+        )
+        .await
+    }
+
+    /// A code for the default request (redirected to `APP_REDIRECT`).
+    async fn code(&self) -> String {
+        let answer = self.log_in(&self.request(&[]), PASSWORD).await;
+        let back = redirected(&answer, APP_REDIRECT);
+        assert_eq!(back.get("state").map(String::as_str), Some(APP_STATE));
+        back.get("code").expect("a code").clone()
+    }
+
+    async fn exchange(&self, changes: &[(&str, Option<&str>)]) -> Answer {
+        let code = self.code().await;
+        self.exchange_code(&code, changes).await
+    }
+
+    async fn exchange_code(&self, code: &str, changes: &[(&str, Option<&str>)]) -> Answer {
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", APP_REDIRECT),
+            ("client_id", APP_ID),
+            ("code_verifier", VERIFIER),
+        ];
+        for (name, value) in changes {
+            form.retain(|(n, _)| n != name);
+            if let Some(value) = value {
+                form.push((name, value));
+            }
+        }
+        self.node.token_request(&form).await
+    }
+}
+
+/// Asserts a 303 back to `redirect_uri` and returns its query parameters.
+fn redirected(answer: &Answer, redirect_uri: &str) -> HashMap<String, String> {
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.text());
+    assert_eq!(answer.header(header::CACHE_CONTROL), Some("no-store"));
+    let location = answer.header(header::LOCATION).expect("a Location");
+    let query = location
+        .strip_prefix(&format!("{redirect_uri}?"))
+        .unwrap_or_else(|| panic!("{location} goes back to {redirect_uri}"));
+    query
+        .split('&')
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').expect("name=value");
+            (
+                name.to_string(),
+                fhir_api::percent_decode(value).expect("well encoded"),
+            )
+        })
+        .collect()
+}
+
+/// Asserts the redirect of a refused authorization request: the error and the state.
+fn expect_redirected_error(answer: &Answer, error: &str) {
+    let back = redirected(answer, APP_REDIRECT);
+    assert_eq!(
+        back.get("error").map(String::as_str),
+        Some(error),
+        "{back:?}"
+    );
+    assert_eq!(back.get("state").map(String::as_str), Some(APP_STATE));
+    assert!(!back.contains_key("code"), "{back:?}");
+}
+
+/// Asserts an HTML page that is not a redirect, with the login page's protections.
+fn expect_page(answer: &Answer, status: StatusCode) -> String {
+    assert_eq!(answer.status, status, "{}", answer.text());
+    assert!(
+        answer.header(header::LOCATION).is_none(),
+        "{}",
+        answer.text()
+    );
+    assert_eq!(
+        answer.header(header::CONTENT_TYPE),
+        Some("text/html; charset=utf-8")
+    );
+    let csp = answer
+        .header(header::CONTENT_SECURITY_POLICY)
+        .expect("a Content-Security-Policy");
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(answer.header(header::X_FRAME_OPTIONS), Some("DENY"));
+    assert_eq!(answer.header(header::CACHE_CONTROL), Some("no-store"));
+    String::from_utf8(answer.bytes.to_vec()).expect("UTF-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smart_app_logs_a_patient_in_with_an_authorization_code_and_pkce() {
+    // Goal: the standalone launch works end to end: discovery names the authorization
+    // endpoint and S256; the login page (no external resources, escaped, unframable)
+    // posts the person's password and one-time code; the browser goes back to the app's
+    // redirect URI with a code and the app's state; the code and the PKCE verifier give
+    // a patient-context token (narrowed to what app and account both allow) that reads the
+    // patient's record; and the code works once.
+    let launch = Launch::start().await;
+    let node = &launch.node;
+
+    let smart = node.get_anonymous("/.well-known/smart-configuration").await;
+    assert_eq!(
+        smart.body["authorization_endpoint"],
+        format!("{API_URL}/auth/authorize")
+    );
+    assert_eq!(
+        smart.body["code_challenge_methods_supported"],
+        json!(["S256"])
+    );
+    assert_eq!(smart.body["response_types_supported"], json!(["code"]));
+    let grants = smart.body["grant_types_supported"]
+        .as_array()
+        .expect("a list");
+    assert!(grants.contains(&json!("authorization_code")));
+    let capabilities = smart.body["capabilities"].as_array().expect("a list");
+    for capability in [
+        "launch-standalone",
+        "client-public",
+        "context-standalone-patient",
+    ] {
+        assert!(capabilities.contains(&json!(capability)), "{capability}");
+    }
+    let metadata = node.get_anonymous("/fhir/metadata").await;
+    let oauth = &metadata.body["rest"][0]["security"]["extension"][0]["extension"];
+    assert_eq!(oauth[1]["url"], "authorize");
+    assert_eq!(oauth[1]["valueUri"], format!("{API_URL}/auth/authorize"));
+
+    let form = launch.authorize_get(&launch.request(&[])).await;
+    let html = expect_page(&form, StatusCode::OK);
+    for field in [
+        "username",
+        "password",
+        "totp",
+        "code_challenge",
+        "state",
+        "aud",
+    ] {
+        assert!(
+            html.contains(&format!("name=\"{field}\"")),
+            "{field}: {html}"
+        );
+    }
+    assert!(
+        html.contains("value=\"af0ifjsldkj&lt;&amp;&quot;&gt;&#39;\""),
+        "the state is escaped: {html}"
+    );
+    assert!(!html.contains(APP_STATE), "{html}");
+    for external in ["<script", "src=", "<link", "<style", "<iframe"] {
+        assert!(!html.contains(external), "{external}: {html}");
+    }
+    let csp = form
+        .header(header::CONTENT_SECURITY_POLICY)
+        .expect("a policy");
+    assert!(
+        csp.contains("form-action 'self' http://127.0.0.1:8765"),
+        "{csp}"
+    );
+
+    let code = launch.code().await;
+    let exchanged = launch.exchange_code(&code, &[]).await;
+    assert_eq!(exchanged.status, StatusCode::OK, "{}", exchanged.text());
+    assert_eq!(exchanged.header(header::CACHE_CONTROL), Some("no-store"));
+    assert_eq!(exchanged.body["token_type"], "Bearer");
+    assert_eq!(exchanged.body["expires_in"], TOKEN_LIFETIME_S);
+    assert_eq!(exchanged.body["patient"], launch.patient);
+    // The app may have launch/patient and openid, the account neither.
+    assert_eq!(exchanged.body["scope"], "patient/*.rs");
+    let token = exchanged.body["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_string();
+    let claims = jwt_claims(&token);
+    assert_eq!(claims["sub"], launch.patient);
+    assert_eq!(claims["patient"], launch.patient);
+    assert_eq!(claims["aud"], FHIR_BASE);
+    assert_eq!(claims["amr"], json!(["pwd", "otp"]));
+    assert_eq!(
+        claims["fhirUser"],
+        format!("{FHIR_BASE}/Patient/{}", launch.patient)
+    );
+
+    let record = node
+        .get(&format!("/fhir/Observation/{}", launch.observation), &token)
+        .await;
+    let record = record.expect_fhir(StatusCode::OK);
+    assert_eq!(
+        record["subject"]["reference"],
+        format!("Patient/{}", launch.patient)
+    );
+
+    launch
+        .exchange_code(&code, &[])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_requests_from_unknown_apps_or_redirects_never_redirect() {
+    // Goal: until the app and its exact redirect URI are known, a refusal is a page at the
+    // server and never a redirect (an open redirector would send browsers anywhere);
+    // after that, refusals (no PKCE, plain PKCE, a bad challenge, another audience, another
+    // response type, a missing state, scopes the app may not have) go back to the app with
+    // `error` and its `state`.
+    let launch = Launch::start().await;
+    for changes in [
+        vec![("client_id", Some("no-such-app"))],
+        vec![("client_id", None)],
+        vec![("redirect_uri", Some("https://attacker.example/callback"))],
+        vec![("redirect_uri", Some("http://127.0.0.1:8765/callback/other"))],
+        vec![("redirect_uri", None)],
+        vec![
+            ("client_id", Some("no-such-app")),
+            ("code_challenge_method", Some("plain")),
+        ],
+    ] {
+        let params = launch.request(&changes);
+        let shown = launch.authorize_get(&params).await;
+        expect_page(&shown, StatusCode::BAD_REQUEST);
+        let posted = launch.log_in(&params, PASSWORD).await;
+        expect_page(&posted, StatusCode::BAD_REQUEST);
+    }
+    let duplicated = format!(
+        "/auth/authorize?{}&redirect_uri={}",
+        form_encode(
+            &launch
+                .request(&[])
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect::<Vec<_>>()
+        ),
+        percent_encode(APP_OTHER_REDIRECT)
+    );
+    expect_page(
+        &launch.node.get_anonymous(&duplicated).await,
+        StatusCode::BAD_REQUEST,
+    );
+
+    for (changes, error) in [
+        (vec![("code_challenge_method", None)], "invalid_request"),
+        (
+            vec![("code_challenge_method", Some("plain"))],
+            "invalid_request",
+        ),
+        (
+            vec![
+                ("code_challenge_method", Some("plain")),
+                ("code_challenge", Some(VERIFIER)),
+            ],
+            "invalid_request",
+        ),
+        (vec![("code_challenge", None)], "invalid_request"),
+        (
+            vec![("code_challenge", Some("too-short"))],
+            "invalid_request",
+        ),
+        (
+            vec![("aud", Some("https://elsewhere.example/fhir"))],
+            "invalid_request",
+        ),
+        (vec![("aud", None)], "invalid_request"),
+        (
+            vec![("response_type", Some("token"))],
+            "unsupported_response_type",
+        ),
+        (vec![("scope", Some("system/*.rs"))], "invalid_scope"),
+        (vec![("scope", Some("patient/*.launder"))], "invalid_scope"),
+    ] {
+        let params = launch.request(&changes);
+        expect_redirected_error(&launch.authorize_get(&params).await, error);
+        expect_redirected_error(&launch.log_in(&params, PASSWORD).await, error);
+    }
+    let stateless = launch.request(&[("state", None)]);
+    let back = redirected(&launch.authorize_get(&stateless).await, APP_REDIRECT);
+    assert_eq!(
+        back.get("error").map(String::as_str),
+        Some("invalid_request")
+    );
+    assert!(!back.contains_key("code"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_or_one_time_code_issues_no_code() {
+    // Goal: a failed login shows the form again with one message for either factor and
+    // sends nothing to the app; a good login afterwards still works.
+    let launch = Launch::start().await;
+    let params = launch.request(&[]);
+    let wrong_password = launch.log_in(&params, "not the password at all").await;
+    let html = expect_page(&wrong_password, StatusCode::OK);
+    assert!(
+        html.contains("invalid username, password or code"),
+        "{html}"
+    );
+    assert!(html.contains("name=\"password\""), "{html}");
+
+    let offset = launch.advance_clock(30);
+    let good = totp_code(&launch.secret, now_s() + offset);
+    let wrong_code = (0..10u32)
+        .map(|digit| format!("{digit}{digit}{digit}{digit}{digit}{digit}"))
+        .find(|code| *code != good)
+        .expect("another code");
+    let answer = launch
+        .authorize_post(
+            &params,
+            &[
+                ("username", &launch.patient),
+                ("password", PASSWORD),
+                ("totp", &wrong_code),
+            ],
+        )
+        .await;
+    let html = expect_page(&answer, StatusCode::OK);
+    assert!(
+        html.contains("invalid username, password or code"),
+        "{html}"
+    );
+    let stranger = launch
+        .authorize_post(
+            &params,
+            &[
+                ("username", "pt-nobody"),
+                ("password", PASSWORD),
+                ("totp", &good),
+            ],
+        )
+        .await;
+    expect_page(&stranger, StatusCode::OK);
+
+    let answer = launch.exchange(&[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_are_refused_with_a_wrong_verifier_client_redirect_or_after_expiry() {
+    // Goal: a code gives a token only with the verifier of its challenge, to the app it
+    // was issued to, at the redirect URI of its request, within sixty seconds (time moved
+    // on through the API's clock), and only once: every other attempt is `invalid_grant`
+    // (an unknown app `invalid_client`) and uses the code up.
+    let launch = Launch::start().await;
+    let other_verifier = "another-verifier-entirely-0123456789-abcdefghijklmnop";
+    for changes in [
+        vec![("code_verifier", Some(other_verifier))],
+        vec![("code_verifier", Some(challenge_of(VERIFIER).as_str()))],
+        vec![("redirect_uri", Some(APP_OTHER_REDIRECT))],
+    ] {
+        let code = launch.code().await;
+        launch
+            .exchange_code(&code, &changes)
+            .await
+            .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+        launch
+            .exchange_code(&code, &[])
+            .await
+            .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    }
+
+    // Another registered app cannot use this app's code.
+    launch
+        .node
+        .state
+        .accounts()
+        .add_app(medledger_node::auth::App {
+            client_id: "other-app".to_string(),
+            redirect_uris: vec![APP_REDIRECT.to_string()],
+            allowed_scopes: "patient/*.rs".to_string(),
+        })
+        .expect("the other app is registered");
+    let code = launch.code().await;
+    launch
+        .exchange_code(&code, &[("client_id", Some("other-app"))])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    launch
+        .exchange_code(&code, &[])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+
+    let code = launch.code().await;
+    launch
+        .exchange_code(&code, &[("client_id", Some("no-such-app"))])
+        .await
+        .expect_oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    launch
+        .exchange_code(&code, &[("code_verifier", None)])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    launch
+        .exchange_code(&code, &[("code_verifier", Some("short"))])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    // None of those used the code up: they never reached it.
+    let answer = launch.exchange_code(&code, &[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let reused = launch.exchange_code(&code, &[]).await;
+    reused.expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    assert!(
+        reused.body["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains("already used")),
+        "{}",
+        reused.text()
+    );
+
+    let code = launch.code().await;
+    launch.advance_clock(61);
+    let expired = launch.exchange_code(&code, &[]).await;
+    expired.expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    assert!(
+        expired.body["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains("expired")),
+        "{}",
+        expired.text()
     );
 }

@@ -985,7 +985,7 @@ fn measure(
         reader(&base_a, &ids, &author_logins),
     )?;
     println!(
-        "read across nodes: GET /fhir/Observation/{{id}} at {remote} by its clinicians under the patients' consent ({remote} fetches from {custodian} over mutual TLS; {custodian} commits the access entry, {remote} checks and decrypts), {} per client count:",
+        "read across nodes: GET /fhir/Observation/{{id}} at {remote} by its clinicians under the patients' consent ({remote} commits the access entry, then fetches from {custodian} over mutual TLS, which serves under it; {remote} checks and decrypts), {} per client count:",
         sizes.requests
     );
     let (remote_reads, _) = levels(
@@ -1062,7 +1062,7 @@ fn measure(
         sizes.everything_resources / 3
     );
     println!(
-        "  {} resources in each answer{}; {} calls in {:.2} s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {entries_per_call:.0} access entries committed per call; CPU {:.0} %{}",
+        "  {} resources in each answer{}; {} calls in {:.2} s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; access entries committed per call: {entries_per_call:.0}; CPU {:.0} %{}",
         everything_count,
         if counts_agree { "" } else { " (not in every answer)" },
         everything_level.done,

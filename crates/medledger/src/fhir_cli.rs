@@ -1,11 +1,12 @@
-//! Accounts for the FHIR API (`account add|add-client|remove`) and getting a token
-//! (`token`): what an administrator and a command-line user need around `/fhir`.
+//! Accounts for the FHIR API (`account add|add-client|add-app|remove|remove-app`) and
+//! getting a token (`token`): what an administrator and a command-line user need around
+//! `/fhir`.
 
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use medledger_node::auth::{
-    base32_decode, base32_encode, otpauth_uri, totp_code, AccountKind, AccountStore, Client,
+    base32_decode, base32_encode, otpauth_uri, totp_code, AccountKind, AccountStore, App, Client,
 };
 use medledger_node::consortium::Identity;
 use medledger_node::fhir_api::ACCOUNTS_FILE;
@@ -45,12 +46,36 @@ pub enum AccountCommand {
         #[arg(long, default_value = "system/*.rs")]
         scopes: String,
     },
+    /// Register a SMART app for the standalone launch: a public client (browser or native)
+    /// that sends people to `/auth/authorize` to log in and exchanges the code it gets back,
+    /// with its PKCE verifier, at `/auth/token`.
+    AddApp {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        client_id: String,
+        /// Where the app receives its code, matched exactly: https, or http only on
+        /// 127.0.0.1, localhost or [::1]. Repeat for several.
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// The most a token for this app may carry (patient/ and user/ scopes); a login
+        /// gets what the app asks for, within this and the account's own allowance.
+        #[arg(long)]
+        scopes: String,
+    },
     /// Remove a person's login.
     Remove {
         #[arg(long)]
         data_dir: PathBuf,
         #[arg(long)]
         username: String,
+    },
+    /// Remove a registered SMART app; codes it holds can no longer be exchanged.
+    RemoveApp {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        client_id: String,
     },
 }
 
@@ -126,6 +151,34 @@ pub fn account(command: AccountCommand) -> Result<(), String> {
                 })
                 .map_err(|e| e.to_string())?;
             println!("client {client_id} enrolled at {}", data_dir.display());
+            Ok(())
+        }
+        AccountCommand::AddApp {
+            data_dir,
+            client_id,
+            redirect_uris,
+            scopes,
+        } => {
+            let store =
+                AccountStore::open(&data_dir.join(ACCOUNTS_FILE)).map_err(|e| e.to_string())?;
+            store
+                .add_app(App {
+                    client_id: client_id.clone(),
+                    redirect_uris,
+                    allowed_scopes: scopes,
+                })
+                .map_err(|e| e.to_string())?;
+            println!("app {client_id} registered at {}", data_dir.display());
+            Ok(())
+        }
+        AccountCommand::RemoveApp {
+            data_dir,
+            client_id,
+        } => {
+            let store =
+                AccountStore::open(&data_dir.join(ACCOUNTS_FILE)).map_err(|e| e.to_string())?;
+            store.remove_app(&client_id).map_err(|e| e.to_string())?;
+            println!("app {client_id} removed");
             Ok(())
         }
         AccountCommand::Remove { data_dir, username } => {

@@ -1,9 +1,9 @@
 //! The FHIR R4 REST API at `/fhir`, with SMART on FHIR authorization.
 //!
 //! Every call carries a bearer token this node issued (`/auth/token`: a person's password
-//! and one-time code, or a system's signed assertion). Three things must allow a call: the
-//! token's scopes, the person's role (as the ledger knows it) and the patient's consent,
-//! which the ledger decides. The node signs ledger transactions for the person with their
+//! and one-time code, directly or through a SMART app's authorization code, or a system's
+//! signed assertion). Three things must allow a call: the token's scopes, the person's
+//! role (as the ledger knows it) and the patient's consent, which the ledger decides. The node signs ledger transactions for the person with their
 //! own key, held in the key file their account names, so authorship on the ledger is the
 //! person's, not the node's.
 //!
@@ -13,6 +13,7 @@
 //! Organization come from its registry of members.
 
 mod bundles;
+mod launch;
 mod resources;
 mod views;
 
@@ -20,7 +21,7 @@ pub use bundles::{BATCH_ENTRIES_MAX, TRANSACTION_ENTRIES_MAX};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
@@ -34,8 +35,8 @@ use medledger_core::tx::TxBody;
 use serde_json::{json, Value};
 
 use crate::auth::{
-    verify_client_assertion, AccountKind, AccountStore, Claims, Interaction, JtiCache,
-    ScopeContext, Scopes, TokenError, TokenIssuer,
+    is_code_verifier, verify_client_assertion, Account, AccountKind, AccountStore, AuthError,
+    Claims, CodeStore, Interaction, JtiCache, ScopeContext, Scopes, TokenError, TokenIssuer,
 };
 use crate::consortium::Identity;
 use crate::ledger::{now_ms, Committed, Ledger, NonceCounter, SubmitError};
@@ -58,6 +59,9 @@ pub const TOKEN_KEY_FILE: &str = "token-key.pem";
 /// How long an access token lives.
 pub const TOKEN_LIFETIME_S: u64 = 3600;
 
+/// The API's clock: seconds since the Unix epoch. Tests replace it to move time on.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// Where the API lives and where accounts and keys are kept.
 #[derive(Debug, Clone)]
 pub struct FhirConfig {
@@ -79,6 +83,9 @@ pub struct FhirState {
     pub tokens: TokenIssuer,
     pub config: FhirConfig,
     assertions: JtiCache,
+    /// Authorization codes of the SMART App Launch, until exchanged or expired.
+    codes: CodeStore,
+    clock: RwLock<Clock>,
     signers: Signers,
 }
 
@@ -97,7 +104,28 @@ impl FhirState {
             tokens,
             config,
             assertions: JtiCache::default(),
+            codes: CodeStore::default(),
+            clock: RwLock::new(Arc::new(|| now_ms() / 1000)),
         }
+    }
+
+    /// The time now by the API's clock, in seconds: what tokens, codes and logins are
+    /// judged against.
+    pub fn now_s(&self) -> u64 {
+        let clock = self
+            .clock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        clock()
+    }
+
+    /// Replaces the API's clock (the system clock by default).
+    pub fn set_clock(&self, clock: Clock) {
+        *self
+            .clock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = clock;
     }
 
     /// The FHIR API of the node whose data directory is `data_dir` and whose API clients
@@ -134,6 +162,11 @@ impl FhirState {
 
     pub fn token_url(&self) -> String {
         format!("{}/auth/token", self.config.issuer)
+    }
+
+    /// Where a SMART app sends a person to log in.
+    pub fn authorize_url(&self) -> String {
+        format!("{}/auth/authorize", self.config.issuer)
     }
 }
 
@@ -191,6 +224,10 @@ pub fn router(state: Arc<FhirState>) -> Router {
     Router::new()
         .route("/.well-known/smart-configuration", get(smart_configuration))
         .route("/auth/token", post(token))
+        .route(
+            "/auth/authorize",
+            get(launch::authorize_form).post(launch::authorize_login),
+        )
         .route("/auth/jwks", get(jwks))
         .with_state(state)
         .nest("/fhir", fhir)
@@ -462,7 +499,7 @@ pub fn authenticate(state: &FhirState, headers: &HeaderMap) -> Result<Caller, Ou
         })?;
     let claims = state
         .tokens
-        .verify(token, now_ms() / 1000)
+        .verify(token, state.now_s())
         .map_err(|e: TokenError| unauthorized(&e.to_string(), e.code()))?;
     let scopes =
         Scopes::parse(&claims.scope).map_err(|e| unauthorized(&e.to_string(), "token_scope"))?;
@@ -633,19 +670,21 @@ async fn smart_configuration(State(state): State<Arc<FhirState>>) -> Response {
         "issuer": state.config.issuer,
         "jwks_uri": format!("{}/auth/jwks", state.config.issuer),
         "token_endpoint": state.token_url(),
+        "authorization_endpoint": state.authorize_url(),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["ES384", "RS384", "ES256"],
-        "grant_types_supported": ["client_credentials", "password"],
+        "grant_types_supported": ["authorization_code", "client_credentials", "password"],
         "scopes_supported": [
             "patient/*.rs", "patient/*.cruds", "user/*.rs", "user/*.cruds", "system/*.rs",
             "system/*.cruds", "openid", "fhirUser"
         ],
-        "response_types_supported": [],
+        "response_types_supported": ["code"],
         "capabilities": [
-            "client-confidential-asymmetric", "permission-v2", "permission-v1",
+            "launch-standalone", "client-public", "client-confidential-asymmetric",
+            "context-standalone-patient", "permission-v2", "permission-v1",
             "permission-patient", "permission-user"
         ],
-        "code_challenge_methods_supported": []
+        "code_challenge_methods_supported": ["S256"]
     });
     axum::Json(body).into_response()
 }
@@ -680,9 +719,47 @@ fn grant(requested: &Scopes, allowed: &str, whose: &str) -> Result<Scopes, Box<R
     Ok(requested.intersect(&allowed))
 }
 
+/// A person's access token, as a password login or an authorization code gives it: a
+/// patient gets their own patient context, a practitioner none.
+fn issue_for_person(
+    state: &FhirState,
+    account: &Account,
+    granted: &Scopes,
+    now_s: u64,
+) -> Result<(String, Claims), AuthError> {
+    let (patient, fhir_user) = match account.kind {
+        AccountKind::Patient => (
+            Some(account.username.clone()),
+            Some(format!(
+                "{}/Patient/{}",
+                state.config.base_url, account.username
+            )),
+        ),
+        AccountKind::Practitioner => (
+            None,
+            Some(format!(
+                "{}/Practitioner/{}",
+                state.config.base_url,
+                views::practitioner_id(&account.username)
+            )),
+        ),
+    };
+    state.tokens.issue(
+        &account.username,
+        granted,
+        patient.as_deref(),
+        fhir_user.as_deref(),
+        None,
+        &["pwd", "otp"],
+        now_s,
+    )
+}
+
 /// `POST /auth/token`, form-encoded:
 /// - `grant_type=password`, `username`, `password`, `totp` (the second factor), `scope`:
 ///   a person's login;
+/// - `grant_type=authorization_code`, `code`, `redirect_uri`, `client_id`,
+///   `code_verifier`: a SMART app exchanging the code of a person's login (`launch`);
 /// - `grant_type=client_credentials`, `client_assertion_type` (jwt-bearer),
 ///   `client_assertion`, `scope`: SMART Backend Services.
 async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
@@ -698,7 +775,7 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
         }
     };
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or("");
-    let now_s = now_ms() / 1000;
+    let now_s = state.now_s();
     let requested = match Scopes::parse(field("scope")) {
         Ok(scopes) => scopes,
         Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string()),
@@ -733,32 +810,57 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                 Ok(granted) => granted,
                 Err(refusal) => return *refusal,
             };
-            let (patient, fhir_user) = match account.kind {
-                AccountKind::Patient => (
-                    Some(account.username.clone()),
-                    Some(format!(
-                        "{}/Patient/{}",
-                        state.config.base_url, account.username
-                    )),
-                ),
-                AccountKind::Practitioner => (
-                    None,
-                    Some(format!(
-                        "{}/Practitioner/{}",
-                        state.config.base_url,
-                        views::practitioner_id(&account.username)
-                    )),
-                ),
-            };
-            state.tokens.issue(
-                &account.username,
-                &granted,
-                patient.as_deref(),
-                fhir_user.as_deref(),
-                None,
-                &["pwd", "otp"],
+            issue_for_person(&state, &account, &granted, now_s)
+        }
+        "authorization_code" => {
+            let accounts = state.accounts();
+            let client_id = field("client_id");
+            if accounts.app(client_id).is_none() {
+                return oauth_error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    "client_id names no app registered at this server",
+                );
+            }
+            for name in ["code", "redirect_uri", "code_verifier"] {
+                if field(name).is_empty() {
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        &format!("{name} is required"),
+                    );
+                }
+            }
+            if !is_code_verifier(field("code_verifier")) {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "code_verifier must be 43 to 128 characters of A-Z a-z 0-9 - . _ ~",
+                );
+            }
+            let grant = match state.codes.redeem(
+                field("code"),
+                client_id,
+                field("redirect_uri"),
+                field("code_verifier"),
                 now_s,
-            )
+            ) {
+                Ok(grant) => grant,
+                Err(e) => {
+                    return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", &e.to_string())
+                }
+            };
+            let (Some(account), Ok(granted)) = (
+                accounts.account(&grant.username),
+                Scopes::parse(&grant.scope),
+            ) else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "the account that logged in no longer exists",
+                );
+            };
+            issue_for_person(&state, &account, &granted, now_s)
         }
         "client_credentials" => {
             if field("client_assertion_type")

@@ -858,7 +858,10 @@ pub async fn capability_statement(State(state): State<Arc<FhirState>>) -> Respon
                 "service": [{ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR" }] }],
                 "extension": [{
                     "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                    "extension": [{ "url": "token", "valueUri": state.token_url() }],
+                    "extension": [
+                        { "url": "token", "valueUri": state.token_url() },
+                        { "url": "authorize", "valueUri": state.authorize_url() },
+                    ],
                 }],
             },
             "resource": resources,
