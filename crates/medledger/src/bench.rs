@@ -839,15 +839,44 @@ pub(crate) mod records {
     }
 
     /// One phase: successful operations, wall time, their latencies (sorted), failures.
-    struct Phase<T> {
-        ok: Vec<(usize, T)>,
-        seconds: f64,
-        latencies: Vec<Duration>,
-        failures: usize,
-        first_error: Option<String>,
+    pub(crate) struct Phase<T> {
+        pub(crate) ok: Vec<(usize, T)>,
+        pub(crate) seconds: f64,
+        pub(crate) latencies: Vec<Duration>,
+        pub(crate) failures: usize,
+        pub(crate) first_error: Option<String>,
     }
 
     impl<T> Phase<T> {
+        /// Sorts `(item, latency, result)` triples into a phase of `seconds` of wall time.
+        pub(crate) fn from_results(
+            seconds: f64,
+            results: Vec<(usize, Duration, Result<T, String>)>,
+        ) -> Phase<T> {
+            let mut phase = Phase {
+                ok: Vec::with_capacity(results.len()),
+                seconds,
+                latencies: Vec::with_capacity(results.len()),
+                failures: 0,
+                first_error: None,
+            };
+            for (item, took, result) in results {
+                match result {
+                    Ok(value) => {
+                        phase.ok.push((item, value));
+                        phase.latencies.push(took);
+                    }
+                    Err(error) => {
+                        phase.failures += 1;
+                        phase.first_error.get_or_insert(error);
+                    }
+                }
+            }
+            phase.ok.sort_by_key(|(item, _)| *item);
+            phase.latencies.sort();
+            phase
+        }
+
         fn rate(&self) -> f64 {
             self.ok.len() as f64 / self.seconds
         }
@@ -897,29 +926,7 @@ pub(crate) mod records {
                 Err(error) => all.push((usize::MAX, Duration::ZERO, Err(error.to_string()))),
             }
         }
-        let seconds = start.elapsed().as_secs_f64();
-        let mut phase = Phase {
-            ok: Vec::with_capacity(total),
-            seconds,
-            latencies: Vec::with_capacity(total),
-            failures: 0,
-            first_error: None,
-        };
-        for (item, took, result) in all {
-            match result {
-                Ok(value) => {
-                    phase.ok.push((item, value));
-                    phase.latencies.push(took);
-                }
-                Err(error) => {
-                    phase.failures += 1;
-                    phase.first_error.get_or_insert(error);
-                }
-            }
-        }
-        phase.ok.sort_by_key(|(item, _)| *item);
-        phase.latencies.sort();
-        phase
+        Phase::from_results(start.elapsed().as_secs_f64(), all)
     }
 
     /// Every record read once by `readers` at `service`'s node, concurrently.

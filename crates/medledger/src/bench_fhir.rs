@@ -161,13 +161,7 @@ fn expect(status: u16, bytes: &[u8], wanted: u16) -> Result<Value, String> {
 }
 
 /// One timed run: what succeeded (by item), its latencies (sorted), the failures.
-struct Timed<T> {
-    ok: Vec<(usize, T)>,
-    seconds: f64,
-    latencies: Vec<Duration>,
-    failures: usize,
-    first_error: Option<String>,
-}
+type Timed<T> = crate::bench::records::Phase<T>;
 
 /// `clients` threads at once, each with its own connection, opened (by a GET of `warm`)
 /// before the clock starts; client `c` sends items `c`, `c + clients`, ... below `total`,
@@ -213,28 +207,7 @@ fn run_http<T: Send>(
         }
         (results, start.elapsed().as_secs_f64())
     });
-    let mut timed = Timed {
-        ok: Vec::with_capacity(total),
-        seconds,
-        latencies: Vec::with_capacity(total),
-        failures: 0,
-        first_error: None,
-    };
-    for (item, took, result) in results {
-        match result {
-            Ok(value) => {
-                timed.ok.push((item, value));
-                timed.latencies.push(took);
-            }
-            Err(error) => {
-                timed.failures += 1;
-                timed.first_error.get_or_insert(error);
-            }
-        }
-    }
-    timed.ok.sort_by_key(|(item, _)| *item);
-    timed.latencies.sort();
-    timed
+    Timed::from_results(seconds, results)
 }
 
 /// Runs `work` on every item with `threads` threads; the results in the items' order.

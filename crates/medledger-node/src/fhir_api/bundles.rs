@@ -66,20 +66,7 @@ pub async fn process(
 }
 
 fn parse_bundle(body: &Result<Bytes, BytesRejection>) -> Result<Value, Outcome> {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(Outcome::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-long",
-                format!(
-                    "a request body is at most {} bytes",
-                    super::FHIR_BODY_BYTES_MAX
-                ),
-            ))
-        }
-        Err(rejection) => return Err(Outcome::bad_request(rejection.body_text())),
-    };
+    let body = super::resources::request_body(body)?;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Outcome::bad_request(format!("the body is not JSON: {e}")))?;
     if value.get("resourceType").and_then(Value::as_str) != Some("Bundle") {

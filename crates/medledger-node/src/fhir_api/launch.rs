@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::{decode_pairs, FhirState};
 use crate::auth::{
-    is_s256_challenge, redirect_origin, App, AuthError, CodeError, CodeGrant, Scopes,
+    is_s256_challenge, percent_encode, redirect_origin, App, AuthError, CodeError, CodeGrant,
+    Scopes,
 };
 
 /// Longest `state` an app may send; it comes back in the redirect.
@@ -384,19 +385,6 @@ fn escape(text: &str) -> String {
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
             c => out.push(c),
-        }
-    }
-    out
-}
-
-/// RFC 3986 unreserved characters stay, every other byte is `%XX`.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
         }
     }
     out

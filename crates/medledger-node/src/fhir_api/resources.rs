@@ -112,26 +112,29 @@ fn set_version_headers(headers: &mut HeaderMap, resource: &Value) {
     }
 }
 
+/// A request's body: 413 over the API's limit, 400 when it could not be read.
+pub(super) fn request_body(body: &Result<Bytes, BytesRejection>) -> Result<&Bytes, Outcome> {
+    match body {
+        Ok(body) => Ok(body),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Outcome::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            format!(
+                "a request body is at most {} bytes",
+                super::FHIR_BODY_BYTES_MAX
+            ),
+        )),
+        Err(rejection) => Err(Outcome::bad_request(rejection.body_text())),
+    }
+}
+
 /// The JSON body of a create or update: 413 over the limits, 400 when it is not JSON or
 /// not the type the URL names.
 pub(super) fn parse_body(
     resource_type: &str,
     body: &Result<Bytes, BytesRejection>,
 ) -> Result<Value, Outcome> {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(Outcome::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-long",
-                format!(
-                    "a request body is at most {} bytes",
-                    super::FHIR_BODY_BYTES_MAX
-                ),
-            ))
-        }
-        Err(rejection) => return Err(Outcome::bad_request(rejection.body_text())),
-    };
+    let body = request_body(body)?;
     if body.len() > crate::fhir::RESOURCE_BYTES_MAX {
         return Err(Outcome::new(
             StatusCode::PAYLOAD_TOO_LARGE,

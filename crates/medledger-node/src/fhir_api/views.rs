@@ -56,18 +56,7 @@ fn user_of_practitioner(id: &str) -> Option<String> {
     Some(format!("{name}@{org}"))
 }
 
-/// RFC 3986 unreserved characters stay; everything else is `%XX`.
-pub fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use crate::auth::percent_encode;
 
 /// Milliseconds since the epoch as a FHIR instant (UTC, milliseconds).
 pub fn instant(ms: u64) -> String {
