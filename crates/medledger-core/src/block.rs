@@ -383,12 +383,9 @@ fn count_contributions<S: StateRead + ?Sized>(
                 // Each custodian the entry lets the requester ask serves it once.
                 let mut served: Vec<String> = custodians.clone();
                 for record in records {
-                    let custodian = match record.split_once('/') {
-                        Some((custodian, _)) => custodian.to_string(),
-                        None => org.clone(),
-                    };
-                    if !served.contains(&custodian) {
-                        served.push(custodian);
+                    let (custodian, _) = crate::tx::access_record_name(record, &org);
+                    if !served.iter().any(|c| c == custodian) {
+                        served.push(custodian.to_string());
                     }
                 }
                 for custodian in served {

@@ -28,6 +28,12 @@ pub const TX_LIFETIME_MS_MAX: u64 = 24 * 60 * 60 * 1000;
 /// Most records named by one access entry.
 pub const ACCESS_RECORDS_MAX: usize = 256;
 
+/// A record as a `log_access` entry names it: `(custodian, record_id)` from
+/// `custodian/record_id`, or from a bare id, which is at the signer's organisation.
+pub fn access_record_name<'a>(name: &'a str, signer_org: &'a str) -> (&'a str, &'a str) {
+    name.split_once('/').unwrap_or((signer_org, name))
+}
+
 /// Most versions in one `create_records` group. The worst case (longest record ids,
 /// types, version numbers and names, every version a tombstone) takes 354 bytes a version,
 /// so 40 of them and the rest of the payload, with a 64-byte chain id, stay inside

@@ -20,7 +20,8 @@ use medledger_node::ledger::{initialise, now_ms, Committed, NodeIdentity};
 use medledger_node::pki::Validity;
 use medledger_node::records::check::check_store;
 use medledger_node::records::service::{
-    AttachmentUpload, OpenedVersion, PrepareRequest, Prepared, ReadRequest,
+    AttachmentUpload, FetchAnswer, FetchRequest, OpenedVersion, PrepareRequest, Prepared,
+    ReadRequest, VersionRef,
 };
 use medledger_node::records::{
     EmbeddedStore, PostgresStore, RecordError, RecordService, RecordStore, RecordStoreError,
@@ -761,6 +762,150 @@ async fn no_read_is_granted_after_the_revoke_that_ends_its_consent() {
          it, {stopped} granted before it but stopped at the custodian after it"
     );
     assert_eq!(granted + denied + stopped, rounds * 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custodian_serves_only_under_the_requesters_own_granted_entry() {
+    // Proves the custodian's side of the exchange trusts nothing the requester says: the
+    // genuine request under its granted entry is served, but the same entry is refused when
+    // another organisation presents it, for another user of the same organisation, for
+    // another purpose, for a record it does not name, or for a version indexed after it; a
+    // denied entry and an unknown one are refused; and once the patient revokes, the old
+    // granted entry no longer serves anything.
+    let net = Net::start(false).await;
+    let alice = net.enroll("hospital-a", "dr-alice", Role::Clinician).await;
+    let bob = net.enroll("hospital-b", "dr-bob", Role::Clinician).await;
+    let carl = net.enroll("hospital-b", "dr-carl", Role::Clinician).await;
+    let patient = net.patient().await;
+    net.commit(
+        0,
+        &patient,
+        grant(
+            Grantee::Org {
+                org: "hospital-a".into(),
+            },
+            vec![Category::Diagnostics, Category::Conditions],
+            vec![Action::Read, Action::Write],
+        ),
+    )
+    .await;
+    let obs = net.add(HOSPITAL_A, &alice, observation(&patient.id)).await;
+    let cond = net.add(HOSPITAL_A, &alice, condition(&patient.id)).await;
+    let denied = denied_entry(net.read(HOSPITAL_B, &bob, HOSPITAL_A, &obs.record_id).await);
+    let consent = net
+        .commit(
+            0,
+            &patient,
+            grant(
+                Grantee::User {
+                    user: bob.id.clone(),
+                },
+                vec![Category::Diagnostics, Category::Conditions],
+                vec![Action::Read],
+            ),
+        )
+        .await;
+    let granted = net
+        .read(HOSPITAL_B, &bob, HOSPITAL_A, &obs.record_id)
+        .await
+        .expect("granted")
+        .access_tx;
+    let custodian = &net.services[HOSPITAL_A];
+    let fetch = |actor: &Identity, record_id: &str, version: u64, access_tx: Hash| FetchRequest {
+        actor: actor.id.clone(),
+        patient: patient.id.clone(),
+        purpose: Purpose::Treatment,
+        versions: vec![VersionRef {
+            record_id: record_id.to_string(),
+            version,
+        }],
+        attachments: false,
+        access_tx,
+        // Already on the custodian's ledger: the read above was served under it.
+        access_height: 0,
+    };
+    let genuine = fetch(&bob, &obs.record_id, 1, granted);
+    let served = custodian
+        .serve("hospital-b", genuine.clone())
+        .await
+        .expect("the genuine request is served");
+    assert_eq!(served.versions.len(), 1);
+
+    let refused = |result: Result<FetchAnswer, RecordError>, what: &str| match result {
+        Err(RecordError::Invalid(detail)) => detail,
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    };
+    let detail = refused(custodian.serve("lab-x", genuine.clone()).await, "lab-x");
+    assert!(detail.contains("only for its own users"), "{detail}");
+    let not_its = "is not the requester's entry for this actor, patient, purpose";
+    for (what, request, reason) in [
+        (
+            "another user",
+            fetch(&carl, &obs.record_id, 1, granted),
+            not_its,
+        ),
+        (
+            "another purpose",
+            FetchRequest {
+                purpose: Purpose::Research,
+                ..genuine.clone()
+            },
+            not_its,
+        ),
+        (
+            "a denied entry",
+            fetch(&bob, &obs.record_id, 1, denied),
+            "was denied",
+        ),
+        (
+            "an unknown entry",
+            fetch(&bob, &obs.record_id, 1, Hash::digest(b"no such entry")),
+            "is not on the custodian's ledger",
+        ),
+        (
+            "a record it does not name",
+            fetch(&bob, &cond.record_id, 1, granted),
+            "does not cover",
+        ),
+    ] {
+        let detail = refused(custodian.serve("hospital-b", request).await, what);
+        assert!(detail.contains(reason), "{what}: {detail}");
+    }
+
+    // A version indexed after the entry is not covered by it.
+    let mut updated = observation(&patient.id);
+    updated["id"] = json!(obs.record_id);
+    let prepared = custodian
+        .prepare(PrepareRequest {
+            resource: updated,
+            record_id: Some(obs.record_id.clone()),
+            attachments: Vec::new(),
+        })
+        .await
+        .expect("prepared");
+    net.commit(HOSPITAL_A, &alice, prepared.body.clone()).await;
+    assert!(matches!(
+        custodian
+            .serve("hospital-b", fetch(&bob, &obs.record_id, 2, granted))
+            .await,
+        Err(RecordError::NotFound(_))
+    ));
+
+    // After the revoke, the entry granted before it serves nothing more.
+    net.commit(
+        0,
+        &patient,
+        TxBody::Revoke {
+            grant_id: consent.tx_id,
+        },
+    )
+    .await;
+    net.all_reach(net.nodes[0].ledger.tree_head().tree_head.height)
+        .await;
+    match custodian.serve("hospital-b", genuine).await {
+        Err(RecordError::Denied { access_tx, .. }) => assert_eq!(access_tx, granted),
+        other => panic!("served after the revoke: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

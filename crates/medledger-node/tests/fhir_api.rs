@@ -22,7 +22,9 @@ use medledger_core::identity::Role;
 use medledger_core::model::Record;
 use medledger_core::state::keys;
 use medledger_core::tx::TxBody;
-use medledger_node::auth::{totp_code, AccountKind, Client, Scopes, TokenIssuer, TokenKeys};
+use medledger_node::auth::{
+    percent_encode, totp_code, AccountKind, Client, Scopes, TokenIssuer, TokenKeys,
+};
 use medledger_node::consortium::{Consortium, Identity};
 use medledger_node::fhir_api::{self, FhirState, TOKEN_KEY_FILE, TOKEN_LIFETIME_S};
 use medledger_node::ledger::{now_ms, Ledger, OrderingConfig};
@@ -487,19 +489,6 @@ fn observation(patient: &str, code: &str, effective: &str, value: u64) -> Value 
         "effectiveDateTime": effective,
         "valueQuantity": { "value": value, "unit": "1", "system": "http://unitsofmeasure.org", "code": "1" },
     })
-}
-
-/// RFC 3986 unreserved characters stay, everything else is `%XX`.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::new();
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 fn form_encode(pairs: &[(&str, &str)]) -> String {

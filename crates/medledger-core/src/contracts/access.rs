@@ -14,7 +14,7 @@
 use crate::identity::Role;
 use crate::model::{category_of, AccessDecision, AccessDenial, Action, AuditEvent, Record};
 use crate::state::{keys, Overlay, StateRead};
-use crate::tx::{TxBody, ACCESS_RECORDS_MAX};
+use crate::tx::{access_record_name, TxBody, ACCESS_RECORDS_MAX};
 
 use super::policy::{decide, AccessQuery};
 use super::{registered_patient, Rejection, TxContext};
@@ -63,9 +63,7 @@ pub(super) fn log<S: StateRead + ?Sized>(
     let mut types: Vec<String> = Vec::new();
     let mut named: Vec<String> = Vec::new();
     for name in records {
-        let (custodian, record_id) = name
-            .split_once('/')
-            .unwrap_or((signer_org.id.as_str(), name.as_str()));
+        let (custodian, record_id) = access_record_name(name, &signer_org.id);
         let qualified = format!("{custodian}/{record_id}");
         if event.records.contains(&qualified) {
             return Err(Rejection::invalid(
