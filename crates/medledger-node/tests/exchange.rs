@@ -21,7 +21,7 @@ use medledger_node::pki::Validity;
 use medledger_node::records::check::check_store;
 use medledger_node::records::service::{
     AttachmentUpload, FetchAnswer, FetchRequest, OpenedVersion, PrepareRequest, Prepared,
-    ReadRequest, VersionRef,
+    ReadRequest, ServedKey, VersionRef,
 };
 use medledger_node::records::{
     EmbeddedStore, PostgresStore, RecordError, RecordService, RecordStore, RecordStoreError,
@@ -830,6 +830,10 @@ async fn a_custodian_serves_only_under_the_requesters_own_granted_entry() {
         .await
         .expect("the genuine request is served");
     assert_eq!(served.versions.len(), 1);
+    // Another member's node gets the data key sealed under a key of this one answer, never
+    // the custodian's own envelope.
+    assert!(served.key_share.is_some());
+    assert!(matches!(served.versions[0].key, ServedKey::Sealed(_)));
 
     let refused = |result: Result<FetchAnswer, RecordError>, what: &str| match result {
         Err(RecordError::Invalid(detail)) => detail,

@@ -21,8 +21,10 @@
 //! for this actor, patient and purpose, that names this custodian and covers every version
 //! asked for (named, or of a searched type, and indexed no later than the entry), is
 //! recent, and whose grant still holds on the custodian's ledger now (a revoke committed
-//! since stops it). Then the ciphertext as stored leaves with the data key re-wrapped for
-//! the requester's organisation.
+//! since stops it). Then the ciphertext as stored leaves with its data key: as the
+//! custodian's own envelope for the custodian's own users, otherwise sealed under a key of
+//! this one answer that only the requester's organisation opens (`keywrap`: one HPKE
+//! encapsulation per answer, bound to the access entry).
 //!
 //! **Reading** (`read`, `history`, the requester's side): every served version is checked
 //! against the requester's own copy of the ledger: its content id, the author's signature
@@ -52,7 +54,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{RecordStore, RecordStoreError, BLOB_BYTES_MAX};
 use crate::fhir::{self, AttachmentRef, FhirError};
-use crate::keywrap::{EncryptionKeyPair, EncryptionPublicKey, WrapContext, WrappedKey};
+use crate::keywrap::{
+    AnswerBinding, AnswerKey, AnswerKeyShare, EncryptionKeyPair, EncryptionPublicKey, SealedKey,
+    WrapContext, WrappedKey,
+};
 use crate::ledger::{now_ms, Ledger, NonceCounter, SubmitError};
 use crate::sealing::{self, associated_data, content_id};
 use crate::store::{Snapshot, StoreError};
@@ -231,7 +236,8 @@ struct Sealing<'a> {
     record_id: &'a str,
     version: u64,
     patient: &'a str,
-    custodian_key: &'a EncryptionPublicKey,
+    /// The custodian's key pair under its published key: its own envelope.
+    custodian_key: &'a EncryptionKeyPair,
     patient_key: &'a EncryptionPublicKey,
     data_key: &'a [u8; 32],
 }
@@ -285,16 +291,31 @@ pub struct ServedVersion {
     pub record_id: String,
     pub version: u64,
     pub ciphertext: String,
-    /// The data key wrapped for the requester's organisation.
-    pub wrapped_key: WrappedKey,
+    /// The data key, for the requester's organisation only.
+    pub key: ServedKey,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<BlobCopy>,
+}
+
+/// How a served version's data key travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServedKey {
+    /// The custodian's own envelope as stored: only to the custodian's own node.
+    Own(WrappedKey),
+    /// Sealed under the answer's key at the version's position in the answer.
+    Sealed(SealedKey),
 }
 
 /// A custodian's answer: the versions asked for, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchAnswer {
     pub custodian: String,
+    /// Opens the answer's key for the requester's organisation (`keywrap::AnswerBinding`:
+    /// this custodian, the requester, the access entry); absent when the custodian answers
+    /// its own node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_share: Option<AnswerKeyShare>,
     pub versions: Vec<ServedVersion>,
 }
 
@@ -586,7 +607,7 @@ impl RecordService {
                     record_id: &record_id,
                     version,
                     patient: &patient,
-                    custodian_key: &custodian_key,
+                    custodian_key,
                     patient_key: &patient_key,
                     data_key: &data_key,
                 },
@@ -638,7 +659,7 @@ impl RecordService {
                     record_id,
                     version,
                     patient: &record.patient,
-                    custodian_key: &custodian_key,
+                    custodian_key,
                     patient_key: &patient_key,
                     data_key: &data_key,
                 },
@@ -671,20 +692,24 @@ impl RecordService {
         new_record_id(&self.org)
     }
 
-    /// The published encryption keys of this custodian (which must be one this node
-    /// holds) and of the patient: every version's data key is wrapped for both.
+    /// This custodian's key pair under its published key (which this node must hold) and
+    /// the patient's published key: every version's data key is wrapped for both.
     fn recipient_keys(
         &self,
         snapshot: &Snapshot,
         patient: &str,
-    ) -> Result<(EncryptionPublicKey, EncryptionPublicKey), RecordError> {
-        let custodian_key = self.published_key(snapshot, &self.org)?;
-        if !self.keys.iter().any(|k| k.public_key() == custodian_key) {
-            return Err(RecordError::NoEncryptionKey(format!(
-                "{} (the published key is not in this node's identity file)",
-                self.org
-            )));
-        }
+    ) -> Result<(&EncryptionKeyPair, EncryptionPublicKey), RecordError> {
+        let published = self.published_key(snapshot, &self.org)?;
+        let custodian_key = self
+            .keys
+            .iter()
+            .find(|k| k.public_key() == published)
+            .ok_or_else(|| {
+                RecordError::NoEncryptionKey(format!(
+                    "{} (the published key is not in this node's identity file)",
+                    self.org
+                ))
+            })?;
         let patient_key = self.published_key(snapshot, patient)?;
         Ok((custodian_key, patient_key))
     }
@@ -715,21 +740,26 @@ impl RecordService {
             &associated_data(&self.org, record_id, version, None),
         )
         .map_err(|e| RecordError::Store(e.to_string()))?;
-        let wrap = |recipient: &str, key: &EncryptionPublicKey| {
-            key.wrap_key(
-                data_key,
-                &WrapContext {
-                    record: record_id,
-                    version,
-                    custodian: &self.org,
-                    recipient,
-                },
-            )
-            .map_err(|e| RecordError::Store(e.to_string()))
+        let context = |recipient| WrapContext {
+            record: record_id,
+            version,
+            custodian: &self.org,
+            recipient,
         };
+        let store_error = |e: crate::keywrap::WrapError| RecordError::Store(e.to_string());
         let envelopes = [
-            (self.org.clone(), wrap(&self.org, custodian_key)?),
-            (patient.to_string(), wrap(patient, patient_key)?),
+            (
+                self.org.clone(),
+                custodian_key
+                    .seal_own(data_key, &context(&self.org))
+                    .map_err(store_error)?,
+            ),
+            (
+                patient.to_string(),
+                patient_key
+                    .wrap_key(data_key, &context(patient))
+                    .map_err(store_error)?,
+            ),
         ];
         let cid = sealed.cid.clone();
         blobs.push((sealed.cid.clone(), sealed.ciphertext));
@@ -838,28 +868,42 @@ impl RecordService {
         let org = self.org.clone();
         let requester = requester_org.to_string();
         let attachments = request.attachments;
-        let versions = blocking(move || {
-            served
+        let access_tx = request.access_tx;
+        blocking(move || {
+            // Another member's node gets one key for the whole answer (see the module notes).
+            let (key_share, answer_key) = if requester == org {
+                (None, None)
+            } else {
+                let binding = AnswerBinding {
+                    custodian: &org,
+                    requester: &requester,
+                    access_tx: &access_tx.0,
+                };
+                let (share, key) = requester_key
+                    .answer_key(&binding)
+                    .map_err(|e| RecordError::Store(e.to_string()))?;
+                (Some(share), Some(key))
+            };
+            let server = VersionServer {
+                store: store.as_ref(),
+                keys: &keys,
+                org: &org,
+                requester: &requester,
+                answer_key: answer_key.as_ref(),
+                attachments,
+            };
+            let versions = served
                 .iter()
-                .map(|(wanted, version)| {
-                    serve_version(
-                        store.as_ref(),
-                        &keys,
-                        &org,
-                        &requester,
-                        &requester_key,
-                        wanted,
-                        version,
-                        attachments,
-                    )
-                })
-                .collect::<Result<Vec<_>, RecordError>>()
+                .enumerate()
+                .map(|(index, (wanted, version))| server.serve(index, wanted, version))
+                .collect::<Result<Vec<_>, RecordError>>()?;
+            Ok(FetchAnswer {
+                custodian: org.clone(),
+                key_share,
+                versions,
+            })
         })
-        .await?;
-        Ok(FetchAnswer {
-            custodian: self.org.clone(),
-            versions,
-        })
+        .await
     }
 
     /// The requester's access entry, if it lets this custodian serve `request`: on this
@@ -1301,14 +1345,30 @@ impl RecordService {
         access_tx: Hash,
     ) -> Result<Vec<Result<OpenedVersion, RecordError>>, RecordError> {
         let snapshot = self.snapshot()?;
+        // One key agreement for the whole answer; with a rotated key, each of ours is tried.
+        let binding = AnswerBinding {
+            custodian: &answer.custodian,
+            requester: &self.org,
+            access_tx: &request.access_tx.0,
+        };
+        let answer_keys: Vec<AnswerKey> = match &answer.key_share {
+            Some(share) => self
+                .keys
+                .iter()
+                .rev()
+                .filter_map(|pair| pair.answer_key(share, &binding).ok())
+                .collect(),
+            None => Vec::new(),
+        };
         let mut out = Vec::new();
         let mut expected = request.versions.iter();
-        for served in &answer.versions {
+        for (index, served) in answer.versions.iter().enumerate() {
             let result = match expected.next() {
                 Some(wanted)
                     if wanted.record_id == served.record_id && wanted.version == served.version =>
                 {
-                    self.open_version(&snapshot, &answer.custodian, served, request)
+                    let data_key = self.served_key(&answer.custodian, index, served, &answer_keys);
+                    self.open_version(&snapshot, &answer.custodian, served, request, data_key)
                 }
                 _ => Err(RecordError::Integrity {
                     record: format!("{}/{}", answer.custodian, served.record_id),
@@ -1348,12 +1408,44 @@ impl RecordService {
         }
     }
 
+    /// The data key of the version at `index` of a custodian's answer, if it opens for this
+    /// organisation: the custodian's own envelope when this node is the custodian, otherwise
+    /// sealed under one of `answer_keys`.
+    fn served_key(
+        &self,
+        custodian: &str,
+        index: usize,
+        served: &ServedVersion,
+        answer_keys: &[AnswerKey],
+    ) -> Option<[u8; 32]> {
+        let context = WrapContext {
+            record: &served.record_id,
+            version: served.version,
+            custodian,
+            recipient: &self.org,
+        };
+        match &served.key {
+            ServedKey::Own(envelope) => self
+                .keys
+                .iter()
+                .rev()
+                .find_map(|pair| pair.unwrap_key(envelope, &context).ok()),
+            ServedKey::Sealed(sealed) => {
+                let index = u32::try_from(index).ok()?;
+                answer_keys
+                    .iter()
+                    .find_map(|key| key.open(index, sealed, &context).ok())
+            }
+        }
+    }
+
     fn open_version(
         &self,
         snapshot: &Snapshot,
         custodian: &str,
         served: &ServedVersion,
         request: &FetchRequest,
+        data_key: Option<[u8; 32]>,
     ) -> Result<OpenedVersion, RecordError> {
         let name = format!("{custodian}/{}@{}", served.record_id, served.version);
         let refuse = |detail: String| RecordError::Integrity {
@@ -1380,14 +1472,8 @@ impl RecordService {
         }
         self.check_author_signature(snapshot, &record, indexed)
             .map_err(refuse)?;
-        let data_key = self
-            .unwrap_for_us(
-                custodian,
-                &served.record_id,
-                served.version,
-                &served.wrapped_key,
-            )
-            .ok_or_else(|| refuse("the wrapped key does not open for this organisation".into()))?;
+        let data_key = data_key
+            .ok_or_else(|| refuse("the data key does not open for this organisation".into()))?;
         let plaintext = sealing::open(
             &ciphertext,
             &data_key,
@@ -1471,25 +1557,6 @@ impl RecordService {
         })
     }
 
-    fn unwrap_for_us(
-        &self,
-        custodian: &str,
-        record_id: &str,
-        version: u64,
-        wrapped: &WrappedKey,
-    ) -> Option<[u8; 32]> {
-        let context = WrapContext {
-            record: record_id,
-            version,
-            custodian,
-            recipient: &self.org,
-        };
-        self.keys
-            .iter()
-            .rev()
-            .find_map(|pair| pair.unwrap_key(wrapped, &context).ok())
-    }
-
     /// The `create_record` transaction the ledger indexed for this version names exactly
     /// this version and verifies under its author's key.
     fn check_author_signature(
@@ -1555,77 +1622,95 @@ pub fn check_create_tx(
         .map_err(|_| "the author's signature does not verify".to_string())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn serve_version(
-    store: &dyn RecordStore,
-    keys: &[EncryptionKeyPair],
-    org: &str,
-    requester: &str,
-    requester_key: &EncryptionPublicKey,
-    wanted: &VersionRef,
-    version: &RecordVersion,
+/// What a custodian needs to serve the versions of one answer.
+struct VersionServer<'a> {
+    store: &'a dyn RecordStore,
+    keys: &'a [EncryptionKeyPair],
+    org: &'a str,
+    requester: &'a str,
+    /// The answer's key, for another member's node.
+    answer_key: Option<&'a AnswerKey>,
     attachments: bool,
-) -> Result<ServedVersion, RecordError> {
-    let name = format!("{org}/{}@{}", wanted.record_id, wanted.version);
-    let lost = |what: &str| RecordError::Integrity {
-        record: name.clone(),
-        detail: format!("this custodian's store {what}"),
-    };
-    let ciphertext = store
-        .get_blob(&version.cid)?
-        .ok_or_else(|| lost("lost the ciphertext"))?;
-    let own = store
-        .get_envelope(&version.cid, org)?
-        .ok_or_else(|| lost("lost the custodian's envelope"))?;
-    let context = |recipient| WrapContext {
-        record: &wanted.record_id,
-        version: wanted.version,
-        custodian: org,
-        recipient,
-    };
-    let data_key = || {
-        keys.iter()
-            .rev()
-            .find_map(|pair| pair.unwrap_key(&own, &context(org)).ok())
-            .ok_or_else(|| lost("holds an envelope no key of this organisation opens"))
-    };
-    // A node's own users read under the organisation's envelope as stored; another
-    // member's get the key re-wrapped for their organisation.
-    let wrapped_key = if requester == org {
-        own.clone()
-    } else {
-        requester_key
-            .wrap_key(&data_key()?, &context(requester))
-            .map_err(|e| RecordError::Store(e.to_string()))?
-    };
-    let mut blobs = Vec::new();
-    if attachments {
-        let plaintext = sealing::open(
-            &ciphertext,
-            &data_key()?,
-            &associated_data(org, &wanted.record_id, wanted.version, None),
-            &version.commitment,
-        )
-        .ok_or_else(|| lost("holds a ciphertext that does not open"))?;
-        let value: serde_json::Value = serde_json::from_slice(&plaintext)
-            .map_err(|_| lost("holds a resource that does not parse"))?;
-        for cid in fhir::attachment_cids(&value) {
-            let bytes = store
-                .get_blob(&cid)?
-                .ok_or_else(|| lost("lost an attachment"))?;
-            blobs.push(BlobCopy {
-                cid,
-                ciphertext: medledger_core::crypto::base64url(&bytes),
-            });
+}
+
+impl VersionServer<'_> {
+    /// The version at `index` of the answer, with its data key for the requester.
+    fn serve(
+        &self,
+        index: usize,
+        wanted: &VersionRef,
+        version: &RecordVersion,
+    ) -> Result<ServedVersion, RecordError> {
+        let org = self.org;
+        let name = format!("{org}/{}@{}", wanted.record_id, wanted.version);
+        let lost = |what: &str| RecordError::Integrity {
+            record: name.clone(),
+            detail: format!("this custodian's store {what}"),
+        };
+        let ciphertext = self
+            .store
+            .get_blob(&version.cid)?
+            .ok_or_else(|| lost("lost the ciphertext"))?;
+        let own = self
+            .store
+            .get_envelope(&version.cid, org)?
+            .ok_or_else(|| lost("lost the custodian's envelope"))?;
+        let context = |recipient| WrapContext {
+            record: &wanted.record_id,
+            version: wanted.version,
+            custodian: org,
+            recipient,
+        };
+        let data_key = || {
+            self.keys
+                .iter()
+                .rev()
+                .find_map(|pair| pair.unwrap_key(&own, &context(org)).ok())
+                .ok_or_else(|| lost("holds an envelope no key of this organisation opens"))
+        };
+        let key = match self.answer_key {
+            None => ServedKey::Own(own.clone()),
+            Some(answer_key) => ServedKey::Sealed(answer_key.seal(
+                answer_position(index)?,
+                &data_key()?,
+                &context(self.requester),
+            )),
+        };
+        let mut blobs = Vec::new();
+        if self.attachments {
+            let plaintext = sealing::open(
+                &ciphertext,
+                &data_key()?,
+                &associated_data(org, &wanted.record_id, wanted.version, None),
+                &version.commitment,
+            )
+            .ok_or_else(|| lost("holds a ciphertext that does not open"))?;
+            let value: serde_json::Value = serde_json::from_slice(&plaintext)
+                .map_err(|_| lost("holds a resource that does not parse"))?;
+            for cid in fhir::attachment_cids(&value) {
+                let bytes = self
+                    .store
+                    .get_blob(&cid)?
+                    .ok_or_else(|| lost("lost an attachment"))?;
+                blobs.push(BlobCopy {
+                    cid,
+                    ciphertext: medledger_core::crypto::base64url(&bytes),
+                });
+            }
         }
+        Ok(ServedVersion {
+            record_id: wanted.record_id.clone(),
+            version: wanted.version,
+            ciphertext: medledger_core::crypto::base64url(&ciphertext),
+            key,
+            attachments: blobs,
+        })
     }
-    Ok(ServedVersion {
-        record_id: wanted.record_id.clone(),
-        version: wanted.version,
-        ciphertext: medledger_core::crypto::base64url(&ciphertext),
-        wrapped_key,
-        attachments: blobs,
-    })
+}
+
+/// A version's position in an answer, the nonce of its sealed key.
+fn answer_position(index: usize) -> Result<u32, RecordError> {
+    u32::try_from(index).map_err(|_| RecordError::Invalid("an answer is too long".into()))
 }
 
 /// The reason code of a denial, as the ledger writes it.
