@@ -24,8 +24,8 @@ use medledger_core::model::{
 };
 use medledger_core::state::{apply_writes, keys, Overlay, WriteSet};
 use medledger_core::tx::{
-    NewRecordVersion, SignedTx, TxBody, TxPayload, ACCESS_RECORDS_MAX, RECORD_GROUP_MAX,
-    TX_LIFETIME_MS_MAX,
+    access_record_name, NewRecordVersion, SignedTx, TxBody, TxPayload, ACCESS_RECORDS_MAX,
+    RECORD_GROUP_MAX, TX_LIFETIME_MS_MAX,
 };
 use medledger_node::consortium::{
     sign, Consortium, FoundingOrg, Identity, OrgAuthority, RootAuthority,
@@ -1412,12 +1412,16 @@ fn every_transaction_kind_commits_and_makes_its_state_change() {
                 (BreakGlassVerdict::Justified, l.now_ms)
             );
         }),
-        case("a custodian logs a granted read", Committed, |l, w| {
-            l.sign(
-                w.node("hospital-a"),
-                read(&w.alice.id, &w.p.id, &["obs-1"], Purpose::Treatment),
-            )
-        })
+        case(
+            "a node logs its own user's granted read",
+            Committed,
+            |l, w| {
+                l.sign(
+                    w.node("hospital-a"),
+                    read(&w.alice.id, &w.p.id, &["obs-1"], Purpose::Treatment),
+                )
+            },
+        )
         .then(|l, w| {
             let event = l.last_event();
             assert_eq!(
@@ -1427,12 +1431,17 @@ fn every_transaction_kind_commits_and_makes_its_state_change() {
             assert_eq!(event.actor.as_deref(), Some(w.alice.id.as_str()));
         }),
         case(
-            "a custodian logs a denied read: the denial commits",
+            "a node logs its own user's denied read: the denial commits",
             Committed,
             |l, w| {
                 l.sign(
-                    w.node("hospital-a"),
-                    read(&w.bob.id, &w.p.id, &["obs-1"], Purpose::Treatment),
+                    w.node("hospital-b"),
+                    read(
+                        &w.bob.id,
+                        &w.p.id,
+                        &["hospital-a/obs-1"],
+                        Purpose::Treatment,
+                    ),
                 )
             },
         )
@@ -2785,6 +2794,26 @@ fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodi
             },
         ),
         case(
+            "a node logs access for another member's user",
+            Refused("not_permitted"),
+            |l, w| {
+                l.sign(
+                    w.node("hospital-a"),
+                    read(&w.bob.id, &w.p.id, &["obs-1"], Purpose::Treatment),
+                )
+            },
+        ),
+        case(
+            "a node logs access for an actor that is no user id",
+            Refused("not_permitted"),
+            |l, w| {
+                l.sign(
+                    w.node("hospital-a"),
+                    read("hospital-a", &w.p.id, &["obs-1"], Purpose::Treatment),
+                )
+            },
+        ),
+        case(
             "a bare record id names a record of the signer's organisation",
             Refused("not_found"),
             |l, w| {
@@ -3364,9 +3393,10 @@ fn check_access(base: &Ledger, world: &World, cases: &[AccessCase]) {
         if position + 1 != txs.len() {
             continue;
         }
-        let (custodian, _) = split_user_id(&entry.payload.signer).expect("a member signs");
+        let (signer_org, _) = split_user_id(&entry.payload.signer).expect("a member signs");
         let mut touched: Vec<String> = Vec::new();
-        for record_id in records {
+        for name in records {
+            let (custodian, record_id) = access_record_name(name, signer_org);
             let record = ledger.record(custodian, record_id);
             if !touched.contains(&record.resource_type) {
                 touched.push(record.resource_type);
@@ -3396,9 +3426,15 @@ fn check_access(base: &Ledger, world: &World, cases: &[AccessCase]) {
     }
 }
 
-/// hospital-a's node logs `actor` reading `records` of P.
+/// The actor's own node (hospital-a's for a patient or a stranger) logs `actor` reading
+/// `records` of P, all held at hospital-a.
 fn read_p(l: &mut Ledger, w: &World, actor: &str, records: &[&str], purpose: Purpose) -> SignedTx {
-    l.sign(w.node("hospital-a"), read(actor, &w.p.id, records, purpose))
+    let signer = split_user_id(actor)
+        .and_then(|(org, _)| w.consortium.org(org))
+        .map_or_else(|| w.node("hospital-a"), |org| &org.node);
+    let records: Vec<String> = records.iter().map(|r| format!("hospital-a/{r}")).collect();
+    let records: Vec<&str> = records.iter().map(String::as_str).collect();
+    l.sign(signer, read(actor, &w.p.id, &records, purpose))
 }
 
 #[test]
@@ -3541,7 +3577,7 @@ fn the_policy_grants_exactly_what_consent_break_glass_or_the_patient_allows() {
         access_case("a read consent covers search", "granted:consent", |l, w| {
             l.commit(&w.p, grant_observations(to_user(&w.bob.id)));
             vec![l.sign(
-                w.node("hospital-a"),
+                w.node("hospital-b"),
                 search(&w.bob.id, &w.p.id, &["Observation"], Purpose::Treatment),
             )]
         }),
@@ -3681,8 +3717,13 @@ fn the_policy_grants_exactly_what_consent_break_glass_or_the_patient_allows() {
             "denied:no_consent",
             |l, w| {
                 vec![l.sign(
-                    w.node("hospital-a"),
-                    read(&w.bob.id, &w.q.id, &["obs-q"], Purpose::Emergency),
+                    w.node("hospital-b"),
+                    read(
+                        &w.bob.id,
+                        &w.q.id,
+                        &["hospital-a/obs-q"],
+                        Purpose::Emergency,
+                    ),
                 )]
             },
         ),
@@ -3809,7 +3850,15 @@ fn the_policy_grants_exactly_what_consent_break_glass_or_the_patient_allows() {
         access_case(
             "an actor that is no identity",
             "denied:unknown_actor",
-            |l, w| vec![read_p(l, w, "nobody", &["obs-1"], Purpose::Treatment)],
+            |l, w| {
+                vec![read_p(
+                    l,
+                    w,
+                    "nobody@hospital-a",
+                    &["obs-1"],
+                    Purpose::Treatment,
+                )]
+            },
         ),
         access_case(
             "a revoked actor, even with consent",
@@ -3837,17 +3886,32 @@ fn the_policy_grants_exactly_what_consent_break_glass_or_the_patient_allows() {
                 vec![read_p(l, w, &w.sid.id, &["obs-1"], Purpose::Treatment)]
             },
         ),
-        access_case(
-            "an actor of a suspended organisation, even with consent",
-            "denied:org_not_active",
-            |l, w| {
-                l.commit(&w.p, grant_observations(to_user(&w.lee.id)));
-                l.commit(w.admin("regulator"), vote(SUSPEND_LAB_PROPOSAL, true));
-                vec![read_p(l, w, &w.lee.id, &["obs-1"], Purpose::Treatment)]
-            },
-        ),
     ];
     check_access(&base, &world, &cases);
+
+    // An actor of a suspended organisation, even with consent: its node signs nothing any
+    // more, so the entry is refused, and a custodian asking the policy is refused too.
+    let mut ledger = base.clone();
+    ledger.commit(&world.p, grant_observations(to_user(&world.lee.id)));
+    ledger.commit(world.admin("regulator"), vote(SUSPEND_LAB_PROPOSAL, true));
+    assert_eq!(
+        label(&decide_read(
+            &ledger,
+            &world.lee.id,
+            &world.p.id,
+            "Observation"
+        )),
+        "denied:org_not_active"
+    );
+    let entry = read_p(
+        &mut ledger,
+        &world,
+        &world.lee.id,
+        &["obs-1"],
+        Purpose::Treatment,
+    );
+    let outcomes = ledger.run(vec![entry]);
+    assert_eq!(outcome_code(&outcomes[0]), "org_not_active");
 }
 
 // ---- 5. audit events ----------------------------------------------------------------------
@@ -3954,8 +4018,13 @@ fn every_authenticated_transaction_writes_an_indexed_audit_event() {
         ),
         (
             ledger.sign(
-                node_a,
-                read(&w.bob.id, &p, &["obs-1", "cond-1"], Purpose::Treatment),
+                w.node("hospital-b"),
+                read(
+                    &w.bob.id,
+                    &p,
+                    &["hospital-a/obs-1", "hospital-a/cond-1"],
+                    Purpose::Treatment,
+                ),
             ),
             Some(event_of(
                 Some(&p),
@@ -4115,7 +4184,9 @@ fn refused_transactions_cannot_plant_keys_in_another_identifiers_index() {
         ),
     ];
     let codes: Vec<String> = ledger.run(txs).iter().map(outcome_code).collect();
-    assert_eq!(codes, ["invalid", "invalid", "invalid", "committed"]);
+    // An access entry is only ever for a well-formed user of the signer's organisation or
+    // a patient: this one is refused outright.
+    assert_eq!(codes, ["invalid", "invalid", "invalid", "not_permitted"]);
     for position in 0..4 {
         assert!(
             ledger.event(first_leaf + position).is_some(),
@@ -4998,8 +5069,13 @@ fn contributions_count_led_blocks_held_records_and_granted_accesses_only() {
         ),
         // hospital-b's clinician has no consent: denied, logged by hospital-a.
         ledger.sign(
-            w.node("hospital-a"),
-            read(&w.bob.id, &w.p.id, &["obs-1"], Purpose::Treatment),
+            w.node("hospital-b"),
+            read(
+                &w.bob.id,
+                &w.p.id,
+                &["hospital-a/obs-1"],
+                Purpose::Treatment,
+            ),
         ),
         forged,
     ];

@@ -11,7 +11,7 @@
 //! prove what was asked and answered, and nobody can test guesses of health data against
 //! the ledger.
 
-use crate::identity::Role;
+use crate::identity::{is_patient_pseudonym, split_user_id, Role};
 use crate::model::{category_of, AccessDecision, AccessDenial, Action, AuditEvent, Record};
 use crate::state::{keys, Overlay, StateRead};
 use crate::tx::{access_record_name, TxBody, ACCESS_RECORDS_MAX};
@@ -43,6 +43,18 @@ pub(super) fn log<S: StateRead + ?Sized>(
     let (_, signer_org) = context
         .signer
         .member_with_role(&[Role::Node, Role::OrgAdmin])?;
+    // A node speaks for its own organisation's users, and for patients who logged in at it;
+    // an entry naming another member's user would put words in that member's mouth.
+    match split_user_id(actor) {
+        Some((org, _)) if org == signer_org.id => {}
+        None if is_patient_pseudonym(actor) => {}
+        _ => {
+            return Err(Rejection::not_permitted(format!(
+                "{} logs access only for its own users or for patients, not {actor}",
+                signer_org.id
+            )))
+        }
+    }
     event.patient = Some(patient.clone());
     event.actor = Some(actor.clone());
     event.action = Some(*action);
