@@ -21,7 +21,7 @@ use medledger_node::pki::Validity;
 use medledger_node::records::check::check_store;
 use medledger_node::records::service::{
     AttachmentUpload, FetchAnswer, FetchRequest, OpenedVersion, PrepareRequest, Prepared,
-    ReadRequest, ServedKey, VersionRef,
+    ReadRequest, ServedKey, VersionRef, ACCESS_ENTRY_TTL_MS,
 };
 use medledger_node::records::{
     EmbeddedStore, PostgresStore, RecordError, RecordService, RecordStore, RecordStoreError,
@@ -404,6 +404,14 @@ fn proven_decision(node: &ClusterNode, tx_id: &Hash) -> AccessDecision {
     event.decision.expect("an access entry has a decision")
 }
 
+/// When the ledger ordered the entry `tx_id`, as `node` holds it.
+fn proven_time(node: &ClusterNode, tx_id: &Hash) -> u64 {
+    let snapshot = node.ledger.store().snapshot().unwrap();
+    let leaf: u64 = snapshot.value(&keys::tx(tx_id)).unwrap().unwrap();
+    let event: AuditEvent = snapshot.value(&keys::event(leaf)).unwrap().unwrap();
+    event.time_ms
+}
+
 fn denied_entry(result: Result<impl std::fmt::Debug, RecordError>) -> Hash {
     match result {
         Err(RecordError::Denied { access_tx, .. }) => access_tx,
@@ -770,7 +778,8 @@ async fn a_custodian_serves_only_under_the_requesters_own_granted_entry() {
     // genuine request under its granted entry is served, but the same entry is refused when
     // another organisation presents it, for another user of the same organisation, for
     // another purpose, for a record it does not name, or for a version indexed after it; a
-    // denied entry and an unknown one are refused; and once the patient revokes, the old
+    // denied entry and an unknown one are refused; the entry serves for its lifetime by the
+    // custodian's clock and not a millisecond longer; and once the patient revokes, the old
     // granted entry no longer serves anything.
     let net = Net::start(false).await;
     let alice = net.enroll("hospital-a", "dr-alice", Role::Clinician).await;
@@ -834,6 +843,24 @@ async fn a_custodian_serves_only_under_the_requesters_own_granted_entry() {
     // the custodian's own envelope.
     assert!(served.key_share.is_some());
     assert!(matches!(served.versions[0].key, ServedKey::Sealed(_)));
+    // An entry serves for ACCESS_ENTRY_TTL_MS by the custodian's clock, then no more.
+    let entry_time = proven_time(&net.nodes[HOSPITAL_A], &granted);
+    for (offset, serves) in [
+        (ACCESS_ENTRY_TTL_MS, true),
+        (ACCESS_ENTRY_TTL_MS + 1, false),
+        (0, true),
+    ] {
+        custodian.set_clock(Arc::new(move || entry_time + offset));
+        let result = custodian.serve("hospital-b", genuine.clone()).await;
+        match result {
+            Ok(_) if serves => {}
+            Err(RecordError::Invalid(detail)) if !serves => {
+                assert!(detail.contains("has expired"), "{detail}")
+            }
+            other => panic!("{offset} ms after its entry: {other:?}"),
+        }
+    }
+    custodian.set_clock(Arc::new(medledger_node::ledger::now_ms));
 
     let refused = |result: Result<FetchAnswer, RecordError>, what: &str| match result {
         Err(RecordError::Invalid(detail)) => detail,

@@ -434,7 +434,12 @@ pub struct RecordService {
     link: Option<Arc<dyn CustodianLink>>,
     nonces: NonceCounter,
     verified_versions: Mutex<HashSet<Hash>>,
+    /// The custodian's clock for the age of access entries, in ms since the Unix epoch.
+    clock: std::sync::RwLock<ServiceClock>,
 }
+
+/// A record service's clock: ms since the Unix epoch. Tests replace it to move time on.
+pub type ServiceClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 impl RecordService {
     /// A service for the node behind `ledger`, keeping records in `store`; `keys` are the
@@ -461,7 +466,19 @@ impl RecordService {
             link,
             nonces: NonceCounter::default(),
             verified_versions: Mutex::new(HashSet::new()),
+            clock: std::sync::RwLock::new(Arc::new(now_ms)),
         })
+    }
+
+    /// Replaces the clock that judges how old an access entry is (the system clock by
+    /// default).
+    pub fn set_clock(&self, clock: ServiceClock) {
+        *self.clock.write().unwrap_or_else(|e| e.into_inner()) = clock;
+    }
+
+    fn now_ms(&self) -> u64 {
+        let clock = self.clock.read().unwrap_or_else(|e| e.into_inner()).clone();
+        clock()
     }
 
     pub fn org(&self) -> &str {
@@ -940,7 +957,7 @@ impl RecordService {
         if !entry.decision.as_ref().is_some_and(|d| d.is_granted()) {
             return Err(refuse("was denied"));
         }
-        let now = now_ms();
+        let now = self.now_ms();
         if now.saturating_sub(entry.time_ms) > ACCESS_ENTRY_TTL_MS {
             return Err(refuse("has expired: a new request makes a new entry"));
         }
