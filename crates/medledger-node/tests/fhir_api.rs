@@ -737,7 +737,7 @@ async fn metadata_and_smart_discovery_need_no_token() {
         assert!(grants.contains(&json!("password")));
         assert_eq!(
             smart.body["token_endpoint_auth_methods_supported"],
-            json!(["private_key_jwt"])
+            json!(["private_key_jwt", "none"])
         );
     }
 

@@ -671,7 +671,8 @@ async fn smart_configuration(State(state): State<Arc<FhirState>>) -> Response {
         "jwks_uri": format!("{}/auth/jwks", state.config.issuer),
         "token_endpoint": state.token_url(),
         "authorization_endpoint": state.authorize_url(),
-        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        // Backend services sign an assertion; registered public apps (PKCE) send only their id.
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["ES384", "RS384", "ES256"],
         "grant_types_supported": ["authorization_code", "client_credentials", "password"],
         "scopes_supported": [
