@@ -1034,7 +1034,8 @@ async fn records_are_created_read_versioned_and_searched() {
     // Goal: with a clinician's token, a Patient (a new pseudonymous patient whose key the
     // node keeps) and Observations are created, read, read by version, updated under
     // If-Match, listed in their instance history, searched by patient, code, date, with
-    // paging, counting, sorting and the patient included, and gathered by $everything.
+    // paging, counting, sorting and the patient included, and gathered by $everything, whole
+    // and in pages.
     let node = Node::start().await;
     let alice = node.clinician("dr-alice").await;
     let token = node.token(&alice.id, "user/*.cruds", None);
@@ -1261,6 +1262,40 @@ async fn records_are_created_read_versioned_and_searched() {
         })
         .collect();
     assert_eq!(rest, all);
+
+    // $everything pages like a search: _count entries from _offset, in the same order, with
+    // links that follow; a malformed _count is a 400.
+    let mut paged: Vec<Value> = Vec::new();
+    let mut next = Some(format!("/fhir/Patient/{patient}/$everything?_count=3"));
+    while let Some(url) = next.take() {
+        let page = node
+            .get(&url, &token)
+            .await
+            .expect_fhir(StatusCode::OK)
+            .clone();
+        assert_eq!(page["total"], 4, "{url}");
+        paged.extend(page["entry"].as_array().expect("entries").iter().cloned());
+        next = page["link"]
+            .as_array()
+            .expect("links")
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| {
+                let url = l["url"].as_str().expect("a url");
+                url[url.find("/fhir/").expect("under /fhir")..].to_string()
+            });
+        assert!(paged.len() <= 4, "the links end");
+    }
+    assert_eq!(
+        paged.as_slice(),
+        everything["entry"].as_array().unwrap().as_slice()
+    );
+    node.get(
+        &format!("/fhir/Patient/{patient}/$everything?_count=many"),
+        &token,
+    )
+    .await
+    .expect_fhir(StatusCode::BAD_REQUEST);
 }
 
 /// The record `id` of hospital-a as this node's ledger indexes it.

@@ -899,7 +899,11 @@ pub async fn type_history(
     Ok(fhir_json(StatusCode::OK, &bundle))
 }
 
+/// The most entries one page of `$everything` holds when `_count` asks for a page.
+const EVERYTHING_PAGE_MAX: usize = 1000;
+
 /// Every record of the patient the caller may see, latest versions, from every custodian.
+/// Each page is a new request, with its own access entry, like each page of a search.
 async fn everything(
     state: &FhirState,
     caller: &Caller,
@@ -907,11 +911,23 @@ async fn everything(
     pairs: &[(String, String)],
 ) -> Result<Value, Outcome> {
     caller.require_patient(patient)?;
-    for (name, _) in pairs {
-        if !matches!(name.as_str(), "_count" | "_format") {
-            return Err(Outcome::bad_request(format!(
-                "$everything takes no parameter {name:?} here"
-            )));
+    // Paging as a search pages: `_count` entries from `_offset`; without `_count`, one page.
+    let (mut count, mut offset) = (None, 0usize);
+    for (name, value) in pairs {
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| Outcome::bad_request(format!("{name} is a non-negative integer")))
+        };
+        match name.as_str() {
+            "_count" => count = Some(number()?.min(EVERYTHING_PAGE_MAX)),
+            "_offset" => offset = number()?,
+            "_format" => {}
+            _ => {
+                return Err(Outcome::bad_request(format!(
+                    "$everything takes _count and _offset here, not {name:?}"
+                )))
+            }
         }
     }
     // Only the types the token may read are asked for: nothing else is fetched or logged.
@@ -951,15 +967,29 @@ async fn everything(
                 .to_string(),
         )
     });
+    let total = resources.len();
+    let base = format!("{}/Patient/{patient}/$everything", state.config.base_url);
+    let links = match count {
+        Some(count) => page_links(
+            |offset| format!("{base}?_count={count}&_offset={offset}"),
+            offset,
+            count,
+            total,
+        ),
+        None if offset == 0 => vec![json!({ "relation": "self", "url": base })],
+        None => vec![json!({ "relation": "self", "url": format!("{base}?_offset={offset}") })],
+    };
     let entries: Vec<Value> = resources
         .into_iter()
+        .skip(offset)
+        .take(count.unwrap_or(usize::MAX))
         .map(|r| entry(state, r, "match"))
         .collect();
     Ok(json!({
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": entries.len(),
-        "link": [{ "relation": "self", "url": format!("{}/Patient/{patient}/$everything", state.config.base_url) }],
+        "total": total,
+        "link": links,
         "entry": entries,
     }))
 }
@@ -1071,6 +1101,33 @@ pub(super) async fn search_type(
     ))
 }
 
+/// The links of the page at `offset` of `count` entries out of `total`: itself, the first,
+/// the next and previous where there are, and the last. `url` addresses the page at an
+/// offset.
+fn page_links(
+    url: impl Fn(usize) -> String,
+    offset: usize,
+    count: usize,
+    total: usize,
+) -> Vec<Value> {
+    let mut links = vec![
+        json!({ "relation": "self", "url": url(offset) }),
+        json!({ "relation": "first", "url": url(0) }),
+    ];
+    if count > 0 && offset + count < total {
+        links.push(json!({ "relation": "next", "url": url(offset + count) }));
+    }
+    if offset > 0 {
+        links.push(
+            json!({ "relation": "previous", "url": url(offset.saturating_sub(count.max(1))) }),
+        );
+    }
+    if count > 0 && total > 0 {
+        links.push(json!({ "relation": "last", "url": url((total - 1) / count * count) }));
+    }
+    links
+}
+
 /// One page of a searchset, with links that repeat the search at other offsets.
 fn search_bundle(
     state: &FhirState,
@@ -1093,26 +1150,16 @@ fn search_bundle(
             query.join("&")
         )
     };
-    let mut links = vec![json!({ "relation": "self", "url": link(params.offset) })];
     if params.summary_count {
         return json!({
             "resourceType": "Bundle",
             "type": "searchset",
             "total": total,
-            "link": links,
+            "link": [{ "relation": "self", "url": link(params.offset) }],
         });
     }
     let count = params.count;
-    links.push(json!({ "relation": "first", "url": link(0) }));
-    if count > 0 && params.offset + count < total {
-        links.push(json!({ "relation": "next", "url": link(params.offset + count) }));
-    }
-    if params.offset > 0 {
-        links.push(json!({ "relation": "previous", "url": link(params.offset.saturating_sub(count.max(1))) }));
-    }
-    if count > 0 && total > 0 {
-        links.push(json!({ "relation": "last", "url": link((total - 1) / count * count) }));
-    }
+    let links = page_links(link, params.offset, count, total);
     let page: Vec<Value> = matched
         .into_iter()
         .skip(params.offset)
