@@ -256,7 +256,7 @@ pub fn preverify<S: StateRead + ?Sized>(
         },
         None => (position, Candidate::Unverified(tx)),
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores();
     if keyed.len() < 32 || threads < 2 {
         return keyed.into_iter().map(verify).collect();
     }
@@ -276,6 +276,13 @@ pub fn preverify<S: StateRead + ?Sized>(
             .flat_map(|handle| handle.join().expect("verification threads do not panic"))
             .collect()
     })
+}
+
+/// The cores this process may use, looked up once: `available_parallelism` reads the
+/// cgroup's files on every call, and `preverify` runs for every entry on every node.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Counters of what the ledger has committed since start, and whether it still orders.

@@ -41,6 +41,7 @@ fn conformance(open: Opener<'_>) {
     a_version_is_stored_whole(open);
     malformed_names_never_reach_the_store(open);
     concurrent_writers_lose_nothing(open);
+    concurrent_versions_all_land_whole(open);
 }
 
 fn blobs_round_trip_and_are_checked(open: Opener<'_>) {
@@ -260,14 +261,192 @@ fn concurrent_writers_lose_nothing(open: Opener<'_>) {
     }
 }
 
+/// A version as a writer stores it: its blob, an attachment and two envelopes.
+struct Version {
+    cid: String,
+    bytes: Vec<u8>,
+    attachment: (String, Vec<u8>),
+    envelopes: [(String, WrappedKey); 2],
+}
+
+fn concurrent_versions_all_land_whole(open: Opener<'_>) {
+    // Many writers storing whole versions at once, started together so that their writes
+    // meet, each also sending a refused write between its versions: every version is stored
+    // whole and reads back the same after a reopen, and every refused write is refused with
+    // its own typed error, whatever it shared a commit with.
+    const WRITERS: u32 = 48;
+    const VERSIONS: u32 = 12;
+    let store: Arc<dyn RecordStore> = Arc::from(open());
+    let start = std::sync::Barrier::new(WRITERS as usize);
+    let written: Vec<Version> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let (store, start) = (store.clone(), &start);
+                scope.spawn(move || {
+                    start.wait();
+                    let mut versions = Vec::new();
+                    for n in 0..VERSIONS {
+                        let (cid, bytes) = blob(10_000 + writer * 100 + n);
+                        let attachment = blob(20_000 + writer * 100 + n);
+                        let envelopes = [
+                            ("hospital-a".to_string(), envelope()),
+                            (format!("pt-{writer}"), envelope()),
+                        ];
+                        store
+                            .put_version(
+                                &[(&attachment.0, &attachment.1), (&cid, &bytes)],
+                                &[
+                                    (&cid, &envelopes[0].0, &envelopes[0].1),
+                                    (&cid, &envelopes[1].0, &envelopes[1].1),
+                                ],
+                            )
+                            .unwrap();
+                        // Another version's bytes under this one's id: refused, alone.
+                        let refused = store.put_version(&[(&cid, &attachment.1)], &[]);
+                        assert!(
+                            matches!(refused, Err(RecordStoreError::WrongContentId { .. })),
+                            "{refused:?}"
+                        );
+                        versions.push(Version {
+                            cid,
+                            bytes,
+                            attachment,
+                            envelopes,
+                        });
+                    }
+                    versions
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(written.len(), (WRITERS * VERSIONS) as usize);
+    drop(store);
+    let store = open();
+    for version in &written {
+        assert_eq!(
+            store.get_blob(&version.cid),
+            Ok(Some(version.bytes.clone()))
+        );
+        let (attachment, attachment_bytes) = &version.attachment;
+        assert_eq!(
+            store.get_blob(attachment),
+            Ok(Some(attachment_bytes.clone()))
+        );
+        for (recipient, wrapped) in &version.envelopes {
+            assert_eq!(
+                store.get_envelope(&version.cid, recipient),
+                Ok(Some(wrapped.clone())),
+                "{} for {recipient}",
+                version.cid
+            );
+        }
+    }
+}
+
 #[test]
 fn the_embedded_store_conforms() {
     // Proves the embedded store (the default) meets the record store contract: checked
     // content ids, durable round trips across reopen, gap-free listing, envelopes per
-    // recipient, malformed names refused, concurrent writers.
+    // recipient, malformed names refused, concurrent writers, whole versions from many
+    // writers at once (which its writer commits in groups).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     conformance(&|| Box::new(EmbeddedStore::open(&path).unwrap()));
+}
+
+/// Set in the child process of `acknowledged_writes_survive_a_kill`: the directory of the
+/// store it writes to until it is killed.
+const WRITE_UNTIL_KILLED: &str = "MEDLEDGER_TEST_WRITE_UNTIL_KILLED";
+
+/// The child's side: writers storing versions at once, each acknowledged version printed
+/// (`ack <cid> <recipient>`) as soon as `put_version` returns. Stops by itself only if
+/// nobody kills it.
+fn write_until_killed(dir: &std::path::Path) {
+    let store = Arc::new(EmbeddedStore::open(dir).unwrap());
+    std::thread::scope(|scope| {
+        for writer in 0..16u32 {
+            let store = store.clone();
+            scope.spawn(move || {
+                let recipient = format!("writer-{writer}");
+                for n in 0..5_000u32 {
+                    let (cid, bytes) = blob(writer * 100_000 + n);
+                    store
+                        .put_version(&[(&cid, &bytes)], &[(&cid, &recipient, &envelope())])
+                        .unwrap();
+                    println!("ack {cid} {recipient}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn acknowledged_writes_survive_a_kill() {
+    // Proves nothing the embedded store acknowledged is lost when its process dies: a
+    // process writing from many threads at once is killed (SIGKILL) mid-stream, and every
+    // version it had been told was stored is in the store when it is reopened (redb
+    // recovering from a kill mid-commit). A kill keeps what reached the page cache, so the
+    // sync before each answer is checked in the store's own tests (records/embedded.rs).
+    if let Some(dir) = std::env::var_os(WRITE_UNTIL_KILLED) {
+        write_until_killed(std::path::Path::new(&dir));
+        return;
+    }
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "acknowledged_writes_survive_a_kill",
+            "--nocapture",
+        ])
+        .env(WRITE_UNTIL_KILLED, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut output = std::io::BufReader::new(child.stdout.take().unwrap());
+    // The next whole line the child printed (the test harness prints too); None at the end.
+    let mut next_line = move || {
+        let mut line = String::new();
+        match output.read_line(&mut line) {
+            Ok(n) if n > 0 && line.ends_with('\n') => Some(line),
+            _ => None,
+        }
+    };
+    let acknowledgement = |line: &str| {
+        let rest = &line[line.find("ack ")? + 4..];
+        let (cid, recipient) = rest.trim_end().split_once(' ')?;
+        Some((cid.to_string(), recipient.to_string()))
+    };
+    let mut acknowledged: Vec<(String, String)> = Vec::new();
+    // Killed once a good number of writes were acknowledged, while the writers are busy.
+    while acknowledged.len() < 400 {
+        let line = next_line().expect("the writing process ended before it was killed");
+        acknowledged.extend(acknowledgement(&line));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Acknowledgements printed before the kill count too.
+    while let Some(line) = next_line() {
+        acknowledged.extend(acknowledgement(&line));
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    for (cid, recipient) in &acknowledged {
+        let bytes = store.get_blob(cid).unwrap();
+        assert_eq!(
+            bytes.map(|b| content_id(&b)).as_ref(),
+            Some(cid),
+            "acknowledged {cid} is lost"
+        );
+        assert!(
+            store.get_envelope(cid, recipient).unwrap().is_some(),
+            "the acknowledged envelope of {cid} for {recipient} is lost"
+        );
+    }
 }
 
 #[test]
@@ -275,7 +454,7 @@ fn the_postgresql_store_conforms() {
     // Proves the PostgreSQL store meets the same contract as the embedded one, against a real
     // server: checked content ids, durable round trips across reconnects, gap-free listing,
     // envelopes per recipient, malformed names refused (never spliced into SQL), concurrent
-    // writers through the connection pool.
+    // writers and whole versions from many writers at once through the connection pool.
     let server = TestPostgres::start();
     let connection = server.connection.clone();
     conformance(&|| Box::new(PostgresStore::connect(&connection).unwrap()));
