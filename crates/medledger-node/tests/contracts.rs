@@ -726,6 +726,16 @@ fn search(actor: &str, patient: &str, resource_types: &[&str], purpose: Purpose)
     )
 }
 
+/// hospital-b's clinician reads P's obs-1, held at hospital-a, for treatment.
+fn bob_reads_obs_1(w: &World) -> TxBody {
+    read(
+        &w.bob.id,
+        &w.p.id,
+        &["hospital-a/obs-1"],
+        Purpose::Treatment,
+    )
+}
+
 /// A search of the patient's observations that names the custodians to be asked.
 fn search_at(actor: &str, patient: &str, custodians: &[&str]) -> TxBody {
     let mut body = search(actor, patient, &["Observation"], Purpose::Treatment);
@@ -1433,17 +1443,7 @@ fn every_transaction_kind_commits_and_makes_its_state_change() {
         case(
             "a node logs its own user's denied read: the denial commits",
             Committed,
-            |l, w| {
-                l.sign(
-                    w.node("hospital-b"),
-                    read(
-                        &w.bob.id,
-                        &w.p.id,
-                        &["hospital-a/obs-1"],
-                        Purpose::Treatment,
-                    ),
-                )
-            },
+            |l, w| l.sign(w.node("hospital-b"), bob_reads_obs_1(w)),
         )
         .then(|l, _| {
             let decision = l
@@ -2826,17 +2826,7 @@ fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodi
         case(
             "a requester's node names a record at another custodian",
             Committed,
-            |l, w| {
-                l.sign(
-                    w.node("hospital-b"),
-                    read(
-                        &w.bob.id,
-                        &w.p.id,
-                        &["hospital-a/obs-1"],
-                        Purpose::Treatment,
-                    ),
-                )
-            },
+            |l, w| l.sign(w.node("hospital-b"), bob_reads_obs_1(w)),
         ),
         case(
             "an entry naming a record twice",
@@ -2880,12 +2870,7 @@ fn access_entries_refuse_wrong_signers_and_records_not_of_the_patient_or_custodi
             },
         ),
         case("a read naming custodians", Refused("invalid"), |l, w| {
-            let mut body = read(
-                &w.bob.id,
-                &w.p.id,
-                &["hospital-a/obs-1"],
-                Purpose::Treatment,
-            );
+            let mut body = bob_reads_obs_1(w);
             if let TxBody::LogAccess { custodians, .. } = &mut body {
                 custodians.push("hospital-a".into());
             }
@@ -5067,16 +5052,8 @@ fn contributions_count_led_blocks_held_records_and_granted_accesses_only() {
             w.node("hospital-a"),
             read(&w.alice.id, &w.p.id, &["obs-1"], Purpose::Treatment),
         ),
-        // hospital-b's clinician has no consent: denied, logged by hospital-a.
-        ledger.sign(
-            w.node("hospital-b"),
-            read(
-                &w.bob.id,
-                &w.p.id,
-                &["hospital-a/obs-1"],
-                Purpose::Treatment,
-            ),
-        ),
+        // hospital-b's clinician has no consent: denied, logged by hospital-b.
+        ledger.sign(w.node("hospital-b"), bob_reads_obs_1(&w)),
         forged,
     ];
     let outcomes = ledger.run(txs);
