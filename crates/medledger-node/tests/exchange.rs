@@ -2,6 +2,8 @@
 //! own ledger store and record store (the lab's in PostgreSQL), over mutual TLS on loopback.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,13 +17,15 @@ use medledger_core::Hash;
 use medledger_node::cluster::{ClusterNode, ClusterSettings};
 use medledger_node::consensus::NodeInfo;
 use medledger_node::consortium::{Consortium, Identity};
-use medledger_node::keywrap::WrappedKey;
+use medledger_node::keywrap::{
+    AnswerBinding, EncryptionKeyPair, SealedKey, WrappedKey, OWN_ENVELOPE_BYTES,
+};
 use medledger_node::ledger::{initialise, now_ms, Committed, NodeIdentity};
 use medledger_node::pki::Validity;
 use medledger_node::records::check::check_store;
 use medledger_node::records::service::{
-    AttachmentUpload, FetchAnswer, FetchRequest, OpenedVersion, PrepareRequest, Prepared,
-    ReadRequest, ServedKey, VersionRef, ACCESS_ENTRY_TTL_MS,
+    AttachmentUpload, CustodianLink, FetchAnswer, FetchRequest, OpenedVersion, PrepareRequest,
+    Prepared, ReadRequest, ServedKey, VersionRef, ACCESS_ENTRY_TTL_MS,
 };
 use medledger_node::records::{
     EmbeddedStore, PostgresStore, RecordError, RecordService, RecordStore, RecordStoreError,
@@ -1084,4 +1088,130 @@ async fn altered_ciphertext_swapped_blobs_and_a_false_commitment_are_refused() {
         .problems
         .iter()
         .any(|p| p.cid == cond.cid && p.problem.contains("altered")));
+}
+
+/// The real link between nodes, with each answer passed through `alter` before the
+/// requester sees it: a custodian, or anything on the way, that lies about the keys.
+struct AlteringLink {
+    inner: Arc<dyn CustodianLink>,
+    alter: Mutex<Alteration>,
+}
+
+/// What happens to an answer on its way.
+type Alteration = fn(&mut FetchAnswer);
+
+impl CustodianLink for AlteringLink {
+    fn fetch<'a>(
+        &'a self,
+        custodian: &'a str,
+        request: &'a FetchRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<FetchAnswer, RecordError>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut answer = self.inner.fetch(custodian, request).await?;
+            let alter = *self.alter.lock().unwrap();
+            alter(&mut answer);
+            Ok(answer)
+        })
+    }
+}
+
+/// The key of the answer's first version.
+fn first_key(answer: &mut FetchAnswer) -> &mut ServedKey {
+    &mut answer.versions[0].key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_key_that_was_altered_or_not_sealed_for_the_reader_is_refused() {
+    // Proves the requester's side of the answer keys: with the consent in force, the
+    // unaltered answer opens, but a flipped bit in a sealed key, a key share for another
+    // key, a missing share, and the custodian's own-envelope form sent to another member
+    // are all refused as integrity errors, and nothing is decrypted into an answer.
+    let net = Net::start(false).await;
+    let alice = net.enroll("hospital-a", "dr-alice", Role::Clinician).await;
+    let bob = net.enroll("hospital-b", "dr-bob", Role::Clinician).await;
+    let patient = net.patient().await;
+    net.commit(
+        0,
+        &patient,
+        grant(
+            Grantee::Org {
+                org: "hospital-a".into(),
+            },
+            vec![Category::Diagnostics],
+            vec![Action::Read, Action::Write],
+        ),
+    )
+    .await;
+    net.commit(
+        0,
+        &patient,
+        grant(
+            Grantee::User {
+                user: bob.id.clone(),
+            },
+            vec![Category::Diagnostics],
+            vec![Action::Read],
+        ),
+    )
+    .await;
+    let obs = net.add(HOSPITAL_A, &alice, observation(&patient.id)).await;
+    let member = &net.consortium.org("hospital-b").unwrap().node;
+    let link = Arc::new(AlteringLink {
+        inner: net.nodes[HOSPITAL_B].custodian_link(),
+        alter: Mutex::new(|_| {}),
+    });
+    let reader = RecordService::new(
+        net.nodes[HOSPITAL_B].ledger.clone(),
+        net.stores[HOSPITAL_B].clone(),
+        member.encryption_keys.clone(),
+        Some(link.clone()),
+    )
+    .unwrap();
+    let read = || {
+        reader.read(ReadRequest {
+            actor: bob.id.clone(),
+            custodian: "hospital-a".into(),
+            record_id: obs.record_id.clone(),
+            version: None,
+            purpose: Purpose::Treatment,
+            attachments: false,
+        })
+    };
+    let opened = read().await.expect("the unaltered answer opens");
+    assert_eq!(opened.resource["resourceType"], "Observation");
+
+    let alterations: [(&str, Alteration); 4] = [
+        ("a flipped bit in the sealed key", |answer| {
+            if let ServedKey::Sealed(sealed) = first_key(answer) {
+                let mut bytes = sealed.as_bytes().to_vec();
+                bytes[3] ^= 0x10;
+                *sealed = SealedKey::from_bytes(&bytes).unwrap();
+            }
+        }),
+        ("a key share for another key", |answer| {
+            let stranger = EncryptionKeyPair::generate().public_key();
+            let binding = AnswerBinding {
+                custodian: "hospital-a",
+                requester: "hospital-b",
+                access_tx: &[0; 32],
+            };
+            answer.key_share = Some(stranger.answer_key(&binding).unwrap().0);
+        }),
+        ("no key share", |answer| answer.key_share = None),
+        ("an own envelope sent to another member", |answer| {
+            *first_key(answer) =
+                ServedKey::Own(WrappedKey::from_bytes(&[7; OWN_ENVELOPE_BYTES]).unwrap());
+        }),
+    ];
+    for (what, alter) in alterations {
+        *link.alter.lock().unwrap() = alter;
+        match read().await {
+            Err(RecordError::Integrity { detail, .. }) => {
+                assert!(detail.contains("does not open"), "{what}: {detail}")
+            }
+            other => panic!("{what}: expected an integrity error, got {other:?}"),
+        }
+    }
+    *link.alter.lock().unwrap() = |_| {};
+    read().await.expect("the unaltered answer still opens");
 }
