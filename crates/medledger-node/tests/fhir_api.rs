@@ -1296,6 +1296,19 @@ async fn records_are_created_read_versioned_and_searched() {
     )
     .await
     .expect_fhir(StatusCode::BAD_REQUEST);
+    // An offset at the end of the numbers is an empty page, not an overflow.
+    let far = node
+        .get(
+            &format!(
+                "/fhir/Patient/{patient}/$everything?_count=3&_offset={}",
+                usize::MAX
+            ),
+            &token,
+        )
+        .await;
+    assert!(far.expect_fhir(StatusCode::OK)["entry"]
+        .as_array()
+        .is_none_or(|entries| entries.is_empty()));
 }
 
 /// The record `id` of hospital-a as this node's ledger indexes it.

@@ -1114,7 +1114,8 @@ fn page_links(
         json!({ "relation": "self", "url": url(offset) }),
         json!({ "relation": "first", "url": url(0) }),
     ];
-    if count > 0 && offset + count < total {
+    // An offset is whatever the client sent: adding to it must not overflow.
+    if count > 0 && offset.saturating_add(count) < total {
         links.push(json!({ "relation": "next", "url": url(offset + count) }));
     }
     if offset > 0 {
