@@ -316,6 +316,23 @@ fn open_loop(
     )
 }
 
+/// Whether `wanted` leads with every node following it, and whom each node takes for the
+/// leader: what a bench waits for before it measures a node in a given role.
+pub(crate) fn lead_of<'a>(
+    nodes: impl IntoIterator<Item = &'a medledger_node::cluster::ClusterNode>,
+    wanted: &str,
+) -> (bool, Vec<Option<String>>) {
+    let mut leads = false;
+    let mut leaders = Vec::new();
+    for node in nodes {
+        let status = node.status();
+        leads |= node.info.node == wanted && status.role == "leader";
+        leaders.push(status.leader);
+    }
+    let led = leads && leaders.iter().all(|l| l.as_deref() == Some(wanted));
+    (led, leaders)
+}
+
 pub(crate) fn max_ms(latencies: &[Duration]) -> f64 {
     latencies
         .last()
@@ -818,13 +835,8 @@ pub(crate) mod records {
         let wanted = nodes[at].info.node.clone();
         let started = Instant::now();
         loop {
-            let leaders: Vec<Option<String>> =
-                nodes.iter().map(|node| node.status().leader).collect();
-            if nodes[at].status().role == "leader"
-                && leaders
-                    .iter()
-                    .all(|l| l.as_deref() == Some(wanted.as_str()))
-            {
+            let (led, leaders) = super::lead_of(nodes, &wanted);
+            if led {
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(30) {

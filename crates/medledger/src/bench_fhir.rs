@@ -44,7 +44,9 @@ use medledger_node::ledger::{now_ms, Ledger};
 use serde_json::{json, Value};
 
 use crate::bench::records::{commit, observation};
-use crate::bench::{drive, grant, max_ms, peak_memory_mib, percentile, verify_rate, CHAIN_ID};
+use crate::bench::{
+    drive, grant, lead_of, max_ms, peak_memory_mib, percentile, verify_rate, CHAIN_ID,
+};
 use crate::commands::validity_days;
 use crate::node_runner::RunningMember;
 
@@ -321,16 +323,8 @@ impl Net {
         let client = crate::client::Client::new(&self.urls[at]);
         let started = Instant::now();
         loop {
-            let leaders: Vec<Option<String>> = self
-                .members
-                .iter()
-                .map(|m| m.node.status().leader)
-                .collect();
-            if self.members[at].node.status().role == "leader"
-                && leaders
-                    .iter()
-                    .all(|l| l.as_deref() == Some(wanted.as_str()))
-            {
+            let (led, leaders) = lead_of(self.members.iter().map(|m| &*m.node), &wanted);
+            if led {
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(30) {

@@ -1,10 +1,9 @@
 //! The record index: every version of every record, at its custodian, for its patient.
 
-use crate::hash::Hash;
 use crate::identity::Role;
 use crate::model::{category_of, AccessDecision, Action, AuditEvent, Record, RecordVersion};
 use crate::state::{keys, Overlay, StateRead};
-use crate::tx::{TxBody, RECORD_GROUP_MAX};
+use crate::tx::{NewRecordVersion, TxBody, RECORD_GROUP_MAX};
 use std::collections::BTreeSet;
 
 use super::policy::{decide, AccessQuery};
@@ -42,38 +41,15 @@ pub(super) fn create<S: StateRead + ?Sized>(
     body: &TxBody,
     event: &mut AuditEvent,
 ) -> Result<(), Rejection> {
-    let TxBody::CreateRecord {
-        patient,
-        record_id,
-        version,
-        resource_type,
-        cid,
-        commitment,
-        deleted,
-    } = body
-    else {
+    let Some(new) = NewRecordVersion::of(body) else {
         unreachable!("dispatch routes only create_record here")
     };
     let (author, org) = context.signer.member_with_role(&AUTHOR_ROLES)?;
     let custodian = org.id.clone();
-    event.patient = Some(patient.clone());
-    event.records = vec![format!("{custodian}/{record_id}")];
+    event.patient = Some(new.patient.clone());
+    event.records = vec![format!("{custodian}/{}", new.record_id)];
     event.action = Some(Action::Write);
-    let decision = add_version(
-        state,
-        context,
-        &author.id,
-        &custodian,
-        &NewVersion {
-            patient,
-            record_id,
-            version: *version,
-            resource_type,
-            cid,
-            commitment,
-            deleted: *deleted,
-        },
-    )?;
+    let decision = add_version(state, context, &author.id, &custodian, &new)?;
     event.decision = Some(decision);
     Ok(())
 }
@@ -121,21 +97,7 @@ pub(super) fn create_group<S: StateRead + ?Sized>(
     }
     let mut decisions = Vec::with_capacity(versions.len());
     for v in versions {
-        decisions.push(add_version(
-            state,
-            context,
-            &author.id,
-            &custodian,
-            &NewVersion {
-                patient: &v.patient,
-                record_id: &v.record_id,
-                version: v.version,
-                resource_type: &v.resource_type,
-                cid: &v.cid,
-                commitment: &v.commitment,
-                deleted: v.deleted,
-            },
-        )?);
+        decisions.push(add_version(state, context, &author.id, &custodian, v)?);
     }
     // The basis of the writes when they share one (say, one consent); none otherwise.
     if decisions.iter().all(|d| *d == decisions[0]) {
@@ -152,17 +114,6 @@ const AUTHOR_ROLES: [Role; 4] = [
     Role::LabTechnician,
 ];
 
-/// One version as a transaction names it.
-struct NewVersion<'b> {
-    patient: &'b String,
-    record_id: &'b String,
-    version: u64,
-    resource_type: &'b String,
-    cid: &'b String,
-    commitment: &'b Hash,
-    deleted: bool,
-}
-
 /// Checks one version against the state (patient, id, type, CID, consent, numbering,
 /// tombstone rules) and indexes it. Writes only when every check passed; the caller's
 /// transaction is discarded as a whole on any refusal.
@@ -171,17 +122,17 @@ fn add_version<S: StateRead + ?Sized>(
     context: &TxContext<'_>,
     author: &str,
     custodian: &str,
-    new: &NewVersion<'_>,
+    new: &NewRecordVersion,
 ) -> Result<AccessDecision, Rejection> {
-    let NewVersion {
+    let NewRecordVersion {
         patient,
         record_id,
-        version,
         resource_type,
         cid,
         commitment,
-        deleted,
-    } = *new;
+        ..
+    } = new;
+    let (version, deleted) = (new.version, new.deleted);
     registered_patient(state, patient)?;
     if !is_valid_record_id(record_id) {
         return Err(Rejection::invalid(

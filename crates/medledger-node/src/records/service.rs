@@ -1500,64 +1500,51 @@ impl RecordService {
         .ok_or_else(|| {
             refuse("does not decrypt under its binding or does not match its commitment".into())
         })?;
-        if indexed.deleted {
+        let (resource, attachments) = if indexed.deleted {
             // A tombstone seals a stub, not a resource: it must name exactly this record.
             let stub = fhir::check_tombstone(&plaintext, &record.resource_type, &served.record_id)
                 .map_err(|e| refuse(format!("the decrypted tombstone is not valid: {e}")))?;
             if request.attachments && !served.attachments.is_empty() {
                 return Err(refuse("attachments served for a tombstone".into()));
             }
-            return Ok(OpenedVersion {
-                custodian: custodian.to_string(),
-                record_id: served.record_id.clone(),
-                version: served.version,
-                resource_type: record.resource_type.clone(),
-                patient: record.patient.clone(),
-                author: indexed.author.clone(),
-                height: indexed.height,
-                cid: indexed.cid.clone(),
-                resource: stub,
-                attachments: Vec::new(),
-                access_tx: Hash([0; 32]),
-                deleted: true,
-            });
-        }
-        let checked = fhir::check_resource(&plaintext)
-            .map_err(|e| refuse(format!("the decrypted resource is not valid: {e}")))?;
-        if checked.resource_type != record.resource_type
-            || checked.patient != record.patient
-            || checked.id.as_deref() != Some(served.record_id.as_str())
-        {
-            return Err(refuse(
-                "the decrypted resource is not the indexed type, patient or id".into(),
-            ));
-        }
-        let mut attachments = Vec::new();
-        if request.attachments {
-            let cids = fhir::attachment_cids(&checked.value);
-            if cids.len() != served.attachments.len() {
-                return Err(refuse("attachments missing or extra".into()));
+            (stub, Vec::new())
+        } else {
+            let checked = fhir::check_resource(&plaintext)
+                .map_err(|e| refuse(format!("the decrypted resource is not valid: {e}")))?;
+            if checked.resource_type != record.resource_type
+                || checked.patient != record.patient
+                || checked.id.as_deref() != Some(served.record_id.as_str())
+            {
+                return Err(refuse(
+                    "the decrypted resource is not the indexed type, patient or id".into(),
+                ));
             }
-            for (index, (cid, blob)) in cids.iter().zip(&served.attachments).enumerate() {
-                let bytes = medledger_core::crypto::from_base64url(&blob.ciphertext)
-                    .map_err(|_| refuse("an attachment is not base64url".into()))?;
-                if blob.cid != *cid || content_id(&bytes) != *cid {
-                    return Err(refuse(format!(
-                        "attachment {index} is not the content id the resource names"
-                    )));
+            let mut attachments = Vec::new();
+            if request.attachments {
+                let cids = fhir::attachment_cids(&checked.value);
+                if cids.len() != served.attachments.len() {
+                    return Err(refuse("attachments missing or extra".into()));
                 }
-                let data = sealing::open_part(
-                    &bytes,
-                    &data_key,
-                    &associated_data(custodian, &served.record_id, served.version, Some(index)),
-                )
-                .ok_or_else(|| refuse(format!("attachment {index} does not decrypt")))?;
-                attachments.push(OpenedAttachment {
-                    cid: cid.clone(),
-                    data: medledger_core::crypto::base64url(&data),
-                });
+                for (index, (cid, blob)) in cids.iter().zip(&served.attachments).enumerate() {
+                    let bytes = medledger_core::crypto::from_base64url(&blob.ciphertext)
+                        .map_err(|_| refuse("an attachment is not base64url".into()))?;
+                    if blob.cid != *cid || content_id(&bytes) != *cid {
+                        return Err(refuse(format!(
+                            "attachment {index} is not the content id the resource names"
+                        )));
+                    }
+                    let binding =
+                        associated_data(custodian, &served.record_id, served.version, Some(index));
+                    let data = sealing::open_part(&bytes, &data_key, &binding)
+                        .ok_or_else(|| refuse(format!("attachment {index} does not decrypt")))?;
+                    attachments.push(OpenedAttachment {
+                        cid: cid.clone(),
+                        data: medledger_core::crypto::base64url(&data),
+                    });
+                }
             }
-        }
+            (checked.value, attachments)
+        };
         Ok(OpenedVersion {
             custodian: custodian.to_string(),
             record_id: served.record_id.clone(),
@@ -1567,10 +1554,10 @@ impl RecordService {
             author: indexed.author.clone(),
             height: indexed.height,
             cid: indexed.cid.clone(),
-            resource: checked.value,
+            resource,
             attachments,
             access_tx: Hash([0; 32]),
-            deleted: false,
+            deleted: indexed.deleted,
         })
     }
 
