@@ -5,12 +5,17 @@
 //! `StateMachine`): a purge first makes them durable (`Store::make_durable`), and the
 //! writer thread does so at most once a second while entries arrive.
 //!
-//! On a node, `append` puts the entries where reads see them (`pending`) and hands them to
+//! On a node, `append` puts the entries where reads see them (`recent`) and hands them to
 //! the log's writer thread, which commits whatever appends have queued in one fsynced
 //! transaction (group commit) and then reports each as flushed. (openraft 0.9's core still
 //! waits for that report before it sends the entries to followers, so on the leader the
 //! fsync precedes replication; a Raft engine with asynchronous log IO would overlap them.)
 //! Truncations, purges and votes go through the same thread, in order, and are awaited.
+//!
+//! Reads of the latest entries (replication to followers that keep up, and the entries
+//! openraft's core hands to the state machine, read inside its own loop) are served from
+//! `recent`, which keeps the entries not yet durable and, within `RECENT_BYTES_MAX`, the
+//! latest durable ones, with the stored vote; older ranges are read from the table.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -34,6 +39,9 @@ const PURGED_KEY: &str = "last_purged";
 const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 /// How often the log writer makes the state machine's commits durable while entries arrive.
 const LEDGER_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Bytes (encoded) of durable entries that `recent` keeps for reads, besides those not yet
+/// durable, which it always keeps.
+const RECENT_BYTES_MAX: usize = 16 << 20;
 
 /// Raft's log store over the node's `Store`. Cheap to clone: clones share the database.
 #[derive(Clone)]
@@ -44,12 +52,112 @@ pub struct LogStore {
     offload: bool,
     /// Counts the fsyncs (durable log commits), when given.
     stats: Option<Arc<LedgerStats>>,
-    /// Entries appended but not yet durable, by index; reads see them.
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    /// The latest entries and the vote, for reads (see [`Recent`]).
+    recent: Arc<Mutex<Recent>>,
     writer: Option<mpsc::Sender<Job>>,
     /// Set on the readers handed to replication: the leader they replicate for. Once the
     /// stored vote names another leader, they read nothing (see `try_get_log_entries`).
     replicating_for: Option<openraft::LeaderId<u64>>,
+}
+
+/// The latest entries appended, by index, and the stored vote: what reads are answered from
+/// without the database. Every entry not yet durable is here; durable ones stay while they
+/// fit in `RECENT_BYTES_MAX`, the oldest leaving first. An append replaces the entries from
+/// its index on, a truncation drops the end and a purge the start, so the entries held
+/// normally form one unbroken run; reads check that they do and go to the table when not.
+#[derive(Default)]
+struct Recent {
+    /// Each entry with its encoded size and whether the table holds it yet.
+    entries: BTreeMap<u64, (Entry, usize, bool)>,
+    /// Encoded bytes of the durable entries held.
+    durable_bytes: usize,
+    /// The vote as stored; `None` until known (read at start, or saved since).
+    vote: Option<Option<Vote>>,
+}
+
+impl Recent {
+    fn append(&mut self, entry: Entry, size: usize) {
+        self.truncate(entry.log_id.index);
+        self.entries
+            .insert(entry.log_id.index, (entry, size, false));
+    }
+
+    /// The entry `log_id` is in the table now (if it is still the one held at its index).
+    fn made_durable(&mut self, log_id: &LogId) {
+        if let Some((entry, size, durable)) = self.entries.get_mut(&log_id.index) {
+            if entry.log_id == *log_id && !*durable {
+                *durable = true;
+                self.durable_bytes += *size;
+            }
+        }
+        while self.durable_bytes > RECENT_BYTES_MAX {
+            match self.entries.first_key_value() {
+                Some((&index, (_, _, true))) => self.remove(index),
+                _ => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, index: u64) {
+        if let Some((_, size, true)) = self.entries.remove(&index) {
+            self.durable_bytes -= size;
+        }
+    }
+
+    /// Drops the entries from `index` on.
+    fn truncate(&mut self, index: u64) {
+        let dropped = self.entries.split_off(&index);
+        for (_, size, durable) in dropped.values() {
+            if *durable {
+                self.durable_bytes -= size;
+            }
+        }
+    }
+
+    /// Drops the entries up to `index`, included.
+    fn purge(&mut self, index: u64) {
+        while let Some(&first) = self.entries.keys().next() {
+            if first > index {
+                break;
+            }
+            self.remove(first);
+        }
+    }
+
+    /// The entries in `[from, end)`, when every entry of the log from `from` on is held and
+    /// the vote is known; `None` sends the read to the table. A reader replicating for a
+    /// leader the vote no longer names gets nothing (see `try_get_log_entries`).
+    fn serve(
+        &self,
+        from: Bound<u64>,
+        end: Bound<u64>,
+        replicating_for: Option<openraft::LeaderId<u64>>,
+    ) -> Option<Vec<Entry>> {
+        let from = match from {
+            Bound::Included(index) => index,
+            Bound::Excluded(index) => index.checked_add(1)?,
+            Bound::Unbounded => return None,
+        };
+        let (&first, _) = self.entries.first_key_value()?;
+        if from < first {
+            return None;
+        }
+        if let Some(leader) = replicating_for {
+            let vote = self.vote?;
+            if vote.map(|vote| vote.leader_id) != Some(leader) {
+                return Some(Vec::new());
+            }
+        }
+        let mut out = Vec::new();
+        let held = self.entries.range((Bound::Included(from), end));
+        for (expected, (&index, (entry, _, _))) in (from..).zip(held) {
+            if index != expected {
+                return None;
+            }
+            out.push(entry.clone());
+        }
+        Some(out)
+    }
 }
 
 /// Work for the log's writer thread.
@@ -73,7 +181,7 @@ fn count_fsync(stats: &Option<Arc<LedgerStats>>) {
 /// The writer thread: commits queued appends together, other jobs one by one, in order.
 fn write_log(
     store: Arc<Store>,
-    pending: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    recent: Arc<Mutex<Recent>>,
     stats: Option<Arc<LedgerStats>>,
     jobs: mpsc::Receiver<Job>,
 ) {
@@ -109,12 +217,10 @@ fn write_log(
                 let result = append_durably(&store, batch.iter().flat_map(|(e, _)| e.iter()));
                 synced();
                 if result.is_ok() {
-                    let mut pending = pending.lock().expect("pending lock");
+                    let mut recent = recent.lock().expect("recent lock");
                     for (entries, _) in &batch {
                         for (log_id, _) in entries {
-                            if pending.get(&log_id.index).map(|e| e.log_id) == Some(*log_id) {
-                                pending.remove(&log_id.index);
-                            }
+                            recent.made_durable(log_id);
                         }
                     }
                 }
@@ -200,13 +306,16 @@ impl LogStore {
     }
 
     fn build(store: Arc<Store>, offload: bool, stats: Option<Arc<LedgerStats>>) -> LogStore {
-        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let recent = Arc::new(Mutex::new(Recent {
+            vote: LogStore::meta(&store, VOTE_KEY).ok(),
+            ..Recent::default()
+        }));
         let writer = offload.then(|| {
             let (jobs, queue) = mpsc::channel();
-            let (store, pending, stats) = (store.clone(), pending.clone(), stats.clone());
+            let (store, recent, stats) = (store.clone(), recent.clone(), stats.clone());
             std::thread::Builder::new()
                 .name("medledger-raft-log".into())
-                .spawn(move || write_log(store, pending, stats, queue))
+                .spawn(move || write_log(store, recent, stats, queue))
                 .expect("spawn the log writer");
             jobs
         });
@@ -214,7 +323,7 @@ impl LogStore {
             store,
             offload,
             stats,
-            pending,
+            recent,
             writer,
             replicating_for: None,
         }
@@ -324,14 +433,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        // Pending first: an entry leaves `pending` only once it is in the table.
-        let pending: Vec<Entry> = self
-            .pending
-            .lock()
-            .expect("pending lock")
-            .range((start, end))
-            .map(|(_, entry)| entry.clone())
-            .collect();
+        // Recent first: an entry not yet durable is there and nowhere else.
+        let pending: Vec<Entry> = {
+            let recent = self.recent.lock().expect("recent lock");
+            if let Some(entries) = recent.serve(start, end, self.replicating_for) {
+                return Ok(entries);
+            }
+            recent
+                .entries
+                .range((start, end))
+                .map(|(_, (entry, _, _))| entry.clone())
+                .collect()
+        };
         // The vote and the entries in one read transaction.
         let (vote, mut entries) = self
             .run(move |store| {
@@ -396,8 +509,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map(|mut state| {
-            let pending = self.pending.lock().expect("pending lock");
-            if let Some((_, entry)) = pending.last_key_value() {
+            let recent = self.recent.lock().expect("recent lock");
+            if let Some((_, (entry, _, _))) = recent.entries.last_key_value() {
                 state.last_log_id = Some(entry.log_id);
             }
             state
@@ -406,12 +519,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
         // Replication asks for a reader when a leader starts replicating: remember for whom.
-        let store = self.store.clone();
-        let vote: Option<Vote> = self
-            .run(move |_| LogStore::meta(&store, VOTE_KEY))
-            .await
-            .ok()
-            .flatten();
+        let known = self.recent.lock().expect("recent lock").vote;
+        let vote: Option<Vote> = match known {
+            Some(vote) => vote,
+            None => {
+                let store = self.store.clone();
+                self.run(move |_| LogStore::meta(&store, VOTE_KEY))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
         LogStore {
             replicating_for: vote.map(|vote| vote.leader_id),
             ..self.clone()
@@ -420,8 +538,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let vote = *vote;
-        self.in_order(move |store| LogStore::put_meta(store, VOTE_KEY, &vote, true))
-            .await
+        let recent = self.recent.clone();
+        self.in_order(move |store| {
+            let stored = LogStore::put_meta(store, VOTE_KEY, &vote, true);
+            // Readers see the new vote when the table does; after a failed write, the vote
+            // is read from the table again.
+            recent.lock().expect("recent lock").vote = stored.is_ok().then_some(Some(vote));
+            stored
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -441,12 +566,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut appended = Vec::new();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry).map_err(write_error)?;
+            let size = bytes.len();
             encoded.push((entry.log_id, bytes));
-            appended.push(entry);
+            appended.push((entry, size));
         }
         let Some(writer) = &self.writer else {
             let result = append_durably(&self.store, encoded.iter());
             self.synced();
+            if result.is_ok() {
+                let mut recent = self.recent.lock().expect("recent lock");
+                for (entry, size) in appended {
+                    let log_id = entry.log_id;
+                    recent.append(entry, size);
+                    recent.made_durable(&log_id);
+                }
+            }
             callback.log_io_completed(
                 result
                     .clone()
@@ -455,9 +589,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return result;
         };
         {
-            let mut pending = self.pending.lock().expect("pending lock");
-            for entry in appended {
-                pending.insert(entry.log_id.index, entry);
+            let mut recent = self.recent.lock().expect("recent lock");
+            for (entry, size) in appended {
+                recent.append(entry, size);
             }
         }
         writer
@@ -466,10 +600,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.pending
+        self.recent
             .lock()
-            .expect("pending lock")
-            .retain(|index, _| *index < log_id.index);
+            .expect("recent lock")
+            .truncate(log_id.index);
         self.in_order(move |store| {
             let txn = store.raft_database().begin_write().map_err(write_error)?;
             {
@@ -506,10 +640,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .retain(|index, _| *index > log_id.index);
+        self.recent.lock().expect("recent lock").purge(log_id.index);
         self.in_order(move |store| {
             let bytes = serde_json::to_vec(&Some(log_id)).map_err(write_error)?;
             // The blocks applied so far must be durable before the entries that produced
@@ -528,5 +659,168 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             txn.commit().map_err(write_error)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
+        entries
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect()
+    }
+
+    #[test]
+    fn recent_serves_only_an_unbroken_run_it_holds_and_only_to_current_readers() {
+        // Proves reads are answered from memory only when every entry asked for from the
+        // start is held, and a replicating reader only under a known vote naming its leader.
+        let mut recent = Recent::default();
+        for index in 5..=8 {
+            recent.append(entry(2, index), 10);
+        }
+        let all = recent
+            .serve(Bound::Included(5), Bound::Unbounded, None)
+            .unwrap();
+        assert_eq!(indexes(&all), vec![(2, 5), (2, 6), (2, 7), (2, 8)]);
+        let some = recent
+            .serve(Bound::Excluded(5), Bound::Excluded(8), None)
+            .unwrap();
+        assert_eq!(indexes(&some), vec![(2, 6), (2, 7)]);
+        // Before the first held entry, or from the log's start: the table answers.
+        assert!(recent
+            .serve(Bound::Included(4), Bound::Unbounded, None)
+            .is_none());
+        assert!(recent
+            .serve(Bound::Unbounded, Bound::Unbounded, None)
+            .is_none());
+        // Past the end: nothing, as the table would say.
+        assert_eq!(
+            recent.serve(Bound::Included(9), Bound::Unbounded, None),
+            Some(vec![])
+        );
+        // A gap (never made by Raft's own calls) sends the read to the table.
+        recent.entries.remove(&7);
+        assert!(recent
+            .serve(Bound::Included(6), Bound::Unbounded, None)
+            .is_none());
+
+        let leader = Vote::new(2, 1);
+        let other = Vote::new(3, 2);
+        assert!(recent
+            .serve(
+                Bound::Included(5),
+                Bound::Excluded(6),
+                Some(leader.leader_id)
+            )
+            .is_none());
+        recent.vote = Some(Some(leader));
+        let served = recent
+            .serve(
+                Bound::Included(5),
+                Bound::Excluded(6),
+                Some(leader.leader_id),
+            )
+            .unwrap();
+        assert_eq!(indexes(&served), vec![(2, 5)]);
+        recent.vote = Some(Some(other));
+        assert_eq!(
+            recent.serve(
+                Bound::Included(5),
+                Bound::Excluded(6),
+                Some(leader.leader_id)
+            ),
+            Some(vec![])
+        );
+        recent.vote = Some(None);
+        assert_eq!(
+            recent.serve(
+                Bound::Included(5),
+                Bound::Excluded(6),
+                Some(leader.leader_id)
+            ),
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn recent_keeps_every_entry_not_yet_durable_and_evicts_durable_ones_oldest_first() {
+        // Proves the bound only ever drops entries the table holds, the oldest first, and
+        // that a durability report for a replaced entry counts nothing.
+        let mut recent = Recent::default();
+        let big = RECENT_BYTES_MAX / 2 + 1;
+        for index in 1..=4 {
+            recent.append(entry(1, index), big);
+        }
+        assert_eq!(recent.entries.len(), 4, "nothing durable, nothing dropped");
+        assert_eq!(recent.durable_bytes, 0);
+        recent.made_durable(&entry(1, 1).log_id);
+        recent.made_durable(&entry(1, 2).log_id);
+        // Two durable entries exceed the bound: the older leaves.
+        assert_eq!(
+            recent.entries.keys().copied().collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(recent.durable_bytes, big);
+        // Entry 4 is replaced by another leader's before its report arrives.
+        recent.append(entry(2, 4), big);
+        recent.made_durable(&entry(1, 4).log_id);
+        assert_eq!(recent.durable_bytes, big);
+        assert!(!recent.entries[&4].2);
+        // Its own report counts once, and two durable entries exceed the bound again: entry
+        // 2 leaves; entry 3 is not durable, so eviction stops there, over the bound, rather
+        // than drop it or break the run behind it.
+        recent.made_durable(&entry(2, 4).log_id);
+        recent.made_durable(&entry(2, 4).log_id);
+        assert_eq!(
+            recent.entries.keys().copied().collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert_eq!(recent.durable_bytes, big);
+        recent.made_durable(&entry(1, 3).log_id);
+        assert_eq!(recent.entries.keys().copied().collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[test]
+    fn recent_follows_truncation_purge_and_overwriting_appends() {
+        // Proves truncation drops the end, a purge the start, an append replaces every
+        // entry from its index on, and the durable byte count follows each.
+        let mut recent = Recent::default();
+        for index in 1..=6 {
+            recent.append(entry(1, index), 10);
+            recent.made_durable(&entry(1, index).log_id);
+        }
+        assert_eq!(recent.durable_bytes, 60);
+        recent.truncate(5);
+        assert_eq!(
+            recent.entries.keys().copied().collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        assert_eq!(recent.durable_bytes, 40);
+        recent.purge(2);
+        assert_eq!(
+            recent.entries.keys().copied().collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert_eq!(recent.durable_bytes, 20);
+        recent.append(entry(2, 4), 5);
+        recent.append(entry(2, 3), 5);
+        let held = recent
+            .serve(Bound::Included(3), Bound::Unbounded, None)
+            .unwrap();
+        assert_eq!(indexes(&held), vec![(2, 3)]);
+        assert_eq!(recent.durable_bytes, 0);
+        recent.purge(10);
+        assert!(recent.entries.is_empty());
     }
 }
