@@ -1323,6 +1323,83 @@ fn indexed_record(node: &Node, id: &str) -> Record {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_patient_registers_nobody_and_a_cut_short_creation_is_finished_by_a_put() {
+    // Goal: creating a Patient never leaves a half-made patient. A Patient the checks refuse
+    // registers nobody and keeps no key. A creation cut short after the patient's
+    // registration (key file kept, registered, no encryption key, no consent, no record) is
+    // finished by a PUT of the resource to its id: the key is published, the organisation's
+    // consent is given once, the Patient is stored; a second PUT is an ordinary update and
+    // gives no second consent.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patients = |node: &Node| {
+        let snapshot = node.ledger.store().snapshot().expect("a snapshot");
+        snapshot.scan("patient/", None, 1024).expect("a scan").len()
+    };
+    let key_files =
+        |node: &Node| std::fs::read_dir(node.dir().join("patients")).map_or(0, |dir| dir.count());
+    let (patients_before, files_before) = (patients(&node), key_files(&node));
+    let mut malformed = patient_resource();
+    malformed["birthDate"] = json!("the twenty-ninth of February");
+    let refused = node.post("/fhir/Patient", &token, &malformed).await;
+    assert!(
+        refused.status.is_client_error(),
+        "a malformed Patient is refused: {}",
+        refused.status
+    );
+    malformed["birthDate"] = json!("1980-02-29");
+    malformed["favouriteColour"] = json!("teal");
+    let refused = node.post("/fhir/Patient", &token, &malformed).await;
+    assert!(refused.status.is_client_error(), "{}", refused.status);
+    assert_eq!(patients(&node), patients_before, "nobody was registered");
+    assert_eq!(key_files(&node), files_before, "no key was kept");
+
+    // A creation that stopped right after the registration.
+    let half = Identity::new_patient().expect("a patient identity");
+    std::fs::create_dir_all(node.dir().join("patients")).expect("the patients folder");
+    half.save(&node.patient_key_file(&half.id))
+        .expect("the key file");
+    node.commit(
+        &half,
+        TxBody::RegisterPatient {
+            public_key: half.key.public_key(),
+        },
+    )
+    .await;
+    let uri = format!("/fhir/Patient/{}", half.id);
+    let mut resource = patient_resource();
+    resource["id"] = json!(half.id);
+    let finished = node.put(&uri, &token, &resource, None).await;
+    let stored = finished.expect_fhir(StatusCode::CREATED).clone();
+    assert_eq!(stored["meta"]["versionId"], "1");
+    let snapshot = node.ledger.store().snapshot().expect("a snapshot");
+    assert!(snapshot
+        .value::<Value>(&keys::encryption_key(&half.id))
+        .expect("a read")
+        .is_some());
+    let consents = |node: &Node| {
+        let snapshot = node.ledger.store().snapshot().expect("a snapshot");
+        snapshot
+            .scan(&keys::patient_consent_prefix(&half.id), None, 1024)
+            .expect("a scan")
+            .len()
+    };
+    assert_eq!(consents(&node), 1, "the organisation's consent, once");
+    assert_eq!(
+        node.get(&uri, &token).await.expect_fhir(StatusCode::OK),
+        &stored
+    );
+    resource["active"] = json!(false);
+    let updated = node.put(&uri, &token, &resource, Some("W/\"1\"")).await;
+    assert_eq!(
+        updated.expect_fhir(StatusCode::OK)["meta"]["versionId"],
+        "2"
+    );
+    assert_eq!(consents(&node), 1, "no second consent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_is_a_tombstone_version_that_history_keeps_and_an_update_undoes() {
     // Goal: DELETE adds a tombstone version signed by the clinician (200 with an
     // OperationOutcome and the tombstone's ETag); afterwards the resource reads 410 Gone,

@@ -87,6 +87,9 @@ pub struct FhirState {
     codes: CodeStore,
     clock: RwLock<Clock>,
     signers: Signers,
+    /// Held while a cut-short Patient creation is finished, so that two requests finishing
+    /// the same patient do not both give its consent.
+    pub(super) finishing: tokio::sync::Mutex<()>,
 }
 
 impl FhirState {
@@ -106,6 +109,7 @@ impl FhirState {
             assertions: JtiCache::default(),
             codes: CodeStore::default(),
             clock: RwLock::new(Arc::new(|| now_ms() / 1000)),
+            finishing: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -227,11 +227,64 @@ pub(super) async fn create_record(
     }
     strip_identity(&mut resource);
     if resource_type == "Patient" {
-        let patient = register_patient(state, caller).await?;
-        resource["id"] = json!(patient);
+        return create_patient(state, caller, resource).await;
     }
     let stored = write_version(state, caller, resource, None).await?;
     Ok(Reply::Resource(StatusCode::CREATED, stored))
+}
+
+/// A Patient created through the API: a new patient, whose key pair this node keeps in its
+/// `patients/` folder (0600), registered on the ledger (`register_patient`), then the
+/// resource stored under the patient's pseudonym.
+///
+/// The resource is checked before anything is registered, so a Patient that would be
+/// refused leaves no patient behind. A failure after that (the ledger stopped answering,
+/// say) keeps the key file and says so: a PUT of the resource to `Patient/{id}` finishes
+/// the creation (`prepare_update`), where a retried POST would make a second patient.
+async fn create_patient(
+    state: &FhirState,
+    caller: &Caller,
+    mut resource: Value,
+) -> Result<Reply, Outcome> {
+    let org = registering_org(caller)?;
+    let identity = Identity::new_patient().map_err(|e| Outcome::internal(e.to_string()))?;
+    resource["id"] = json!(identity.id);
+    let bytes = serde_json::to_vec(&resource).map_err(|e| Outcome::bad_request(e.to_string()))?;
+    crate::fhir::check_resource(&bytes)
+        .map_err(|e| Outcome::from(crate::records::RecordError::from(e)))?;
+    let dir = patients_dir(state);
+    std::fs::create_dir_all(&dir).map_err(|e| Outcome::internal(e.to_string()))?;
+    identity
+        .save(&dir.join(format!("{}.json", identity.id)))
+        .map_err(|e| Outcome::internal(e.to_string()))?;
+    let created = async {
+        register_patient(state, &identity, org).await?;
+        write_version(state, caller, resource, None).await
+    };
+    match created.await {
+        Ok(stored) => Ok(Reply::Resource(StatusCode::CREATED, stored)),
+        Err(mut outcome) => {
+            outcome.diagnostics = format!(
+                "{}; the creation of Patient/{id} did not finish: PUT the resource to \
+                 Patient/{id} to finish it",
+                outcome.diagnostics,
+                id = identity.id
+            );
+            Err(outcome)
+        }
+    }
+}
+
+/// Where this node keeps the key files of patients created through the API.
+fn patients_dir(state: &FhirState) -> std::path::PathBuf {
+    state.config.data_dir.join("patients")
+}
+
+/// The organisation of a member's user, who alone registers patients.
+fn registering_org(caller: &Caller) -> Result<&str, Outcome> {
+    medledger_core::identity::split_user_id(&caller.actor)
+        .map(|(org, _)| org)
+        .ok_or_else(|| Outcome::forbidden("only a member's user registers patients"))
 }
 
 /// The server assigns the id and version of a created resource.
@@ -309,6 +362,9 @@ pub(super) async fn prepare_update(
         .value::<Record>(&keys::record(&custodian, id))?
         .and_then(|r| r.versions.last().map(|v| (v.version, v.deleted)));
     check_if_match(expected, current.map(|(version, _)| version))?;
+    if resource_type == "Patient" && current.is_none() {
+        finish_patient(state, caller, id).await?;
+    }
     let prepared = prepare_write(state, caller, resource, Some(id.to_string())).await?;
     let status = match current {
         Some((_, false)) => StatusCode::OK,
@@ -540,65 +596,112 @@ pub(super) async fn prepare_write(
         .await?)
 }
 
-/// A patient created through the API: a fresh key pair (kept in the node's `patients/`
-/// folder, 0600), registered on the ledger, its encryption key published, and the
-/// organisation's consent to treat: the patient grants the creating organisation reading,
-/// writing and searching their clinical records for treatment, which they can revoke.
-async fn register_patient(state: &FhirState, caller: &Caller) -> Result<String, Outcome> {
-    let Some((org, _)) = medledger_core::identity::split_user_id(&caller.actor) else {
-        return Err(Outcome::forbidden(
-            "only a member's user registers patients",
-        ));
+/// A Patient written to an id that has no record yet: if this node holds that patient's key
+/// (a creation here that did not finish), the patient's registration is finished first.
+async fn finish_patient(state: &FhirState, caller: &Caller, id: &str) -> Result<(), Outcome> {
+    // Only a pseudonym names a key file: nothing else in the URL reaches the filesystem.
+    if !medledger_core::identity::is_patient_pseudonym(id) {
+        return Ok(());
+    }
+    let file = patients_dir(state).join(format!("{id}.json"));
+    if !file.exists() {
+        return Ok(());
+    }
+    // A patient's own token writes its own Patient; only a member's user registers.
+    let Ok(org) = registering_org(caller) else {
+        return Ok(());
     };
-    let identity = Identity::new_patient().map_err(|e| Outcome::internal(e.to_string()))?;
-    let dir = state.config.data_dir.join("patients");
-    std::fs::create_dir_all(&dir).map_err(|e| Outcome::internal(e.to_string()))?;
-    identity
-        .save(&dir.join(format!("{}.json", identity.id)))
-        .map_err(|e| Outcome::internal(e.to_string()))?;
-    state
-        .submit_as(
-            &identity,
-            TxBody::RegisterPatient {
-                public_key: identity.key.public_key(),
-            },
-        )
-        .await?;
-    let encryption_key = identity
-        .encryption_key()
-        .ok_or_else(|| Outcome::internal("a new patient has no encryption key"))?
-        .public_key()
-        .to_base64url();
-    state
-        .submit_as(
-            &identity,
-            TxBody::SetEncryptionKey {
-                public_key: encryption_key,
-            },
-        )
-        .await?;
-    state
-        .submit_as(
-            &identity,
-            TxBody::Grant {
-                grantee: Grantee::Org {
-                    org: org.to_string(),
+    let identity = Identity::load(&file).map_err(|e| {
+        eprintln!("medledger: a patient's key file does not load: {e}");
+        Outcome::internal("the patient's key file does not load")
+    })?;
+    if identity.id != id {
+        return Err(Outcome::internal(
+            "a patient's key file belongs to someone else",
+        ));
+    }
+    let _finishing = state.finishing.lock().await;
+    register_patient(state, &identity, org).await
+}
+
+/// Brings a patient whose key this node holds to where a Patient creation leads: registered
+/// on the ledger, its encryption key published, and the organisation's consent to treat (the
+/// patient grants `org` reading, writing and searching their clinical records for treatment,
+/// which they can revoke). Each step is taken only if the ledger lacks it, so running this
+/// again finishes a registration that was cut short, and a consent to `org` that the patient
+/// has revoked since is never given again.
+async fn register_patient(
+    state: &FhirState,
+    identity: &Identity,
+    org: &str,
+) -> Result<(), Outcome> {
+    let snapshot = state.snapshot()?;
+    if snapshot
+        .value::<Value>(&keys::patient(&identity.id))?
+        .is_none()
+    {
+        state
+            .submit_as(
+                identity,
+                TxBody::RegisterPatient {
+                    public_key: identity.key.public_key(),
                 },
-                scope: Scope {
-                    resource_types: Vec::new(),
-                    categories: views::CLINICAL_CATEGORIES.to_vec(),
+            )
+            .await?;
+    }
+    if snapshot
+        .value::<Value>(&keys::encryption_key(&identity.id))?
+        .is_none()
+    {
+        let encryption_key = identity
+            .encryption_key()
+            .ok_or_else(|| Outcome::internal("a new patient has no encryption key"))?
+            .public_key()
+            .to_base64url();
+        state
+            .submit_as(
+                identity,
+                TxBody::SetEncryptionKey {
+                    public_key: encryption_key,
                 },
-                actions: vec![
-                    medledger_core::model::Action::Read,
-                    medledger_core::model::Action::Write,
-                    medledger_core::model::Action::Search,
-                ],
-                purposes: vec![Purpose::Treatment],
-                expires_at_ms: None,
-            },
-        )
-        .await?;
-    Ok(identity.id)
+            )
+            .await?;
+    }
+    let grantee = Grantee::Org {
+        org: org.to_string(),
+    };
+    // A patient being registered has few consents: one page of them holds any to `org`.
+    let prefix = keys::patient_consent_prefix(&identity.id);
+    let mut consented = false;
+    for (key, _) in snapshot.scan(&prefix, None, 1024)? {
+        let Ok(id) = medledger_core::hash::Hash::from_hex(&key[prefix.len()..]) else {
+            continue;
+        };
+        let consent = snapshot.value::<medledger_core::model::Consent>(&keys::consent(&id))?;
+        consented |= consent.is_some_and(|consent| consent.grantee == grantee);
+    }
+    if !consented {
+        state
+            .submit_as(
+                identity,
+                TxBody::Grant {
+                    grantee,
+                    scope: Scope {
+                        resource_types: Vec::new(),
+                        categories: views::CLINICAL_CATEGORIES.to_vec(),
+                    },
+                    actions: vec![
+                        medledger_core::model::Action::Read,
+                        medledger_core::model::Action::Write,
+                        medledger_core::model::Action::Search,
+                    ],
+                    purposes: vec![Purpose::Treatment],
+                    expires_at_ms: None,
+                },
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 // ---- reads ----------------------------------------------------------------------------------
