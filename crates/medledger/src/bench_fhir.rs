@@ -108,9 +108,18 @@ impl Drop for ScratchDir {
 }
 
 /// A blocking HTTP client with its own connection pool: one per simulated client.
+///
+/// Each phase of a request has its own deadline, and name resolution none: under a global
+/// deadline ureq resolves on a new thread for every request (even of an IP address), which
+/// here would be clients' work competing with the nodes for the same cores.
 fn agent() -> ureq::Agent {
+    let deadline = Some(REQUEST_TIMEOUT);
     ureq::Agent::config_builder()
-        .timeout_global(Some(REQUEST_TIMEOUT))
+        .timeout_connect(deadline)
+        .timeout_send_request(deadline)
+        .timeout_send_body(deadline)
+        .timeout_recv_response(deadline)
+        .timeout_recv_body(deadline)
         .http_status_as_error(false)
         .build()
         .into()
