@@ -442,6 +442,23 @@ impl Snapshot {
         Ok(out)
     }
 
+    /// Visits the key of every entry under `prefix`, in key order, while `visit` succeeds;
+    /// its first error ends the visit and is returned.
+    pub fn visit_keys<E: From<StoreError>>(
+        &self,
+        prefix: &str,
+        mut visit: impl FnMut(&str) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for entry in self.table.range(prefix..).map_err(StoreError::from)? {
+            let (key, _) = entry.map_err(StoreError::from)?;
+            if !key.value().starts_with(prefix) {
+                break;
+            }
+            visit(key.value())?;
+        }
+        Ok(())
+    }
+
     /// Every entry, in key order (for `verify`).
     pub fn for_each(&self, mut visit: impl FnMut(&str, &[u8])) -> Result<(), StoreError> {
         for entry in self.table.iter()? {
@@ -554,5 +571,53 @@ impl redb::StorageBackend for MemoryBackend {
         }
         bytes[start..end].copy_from_slice(data);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visit_keys_sees_every_key_under_its_prefix_in_order_and_stops_at_an_error() {
+        // Proves a visit covers exactly the keys under the prefix (not a neighbour that
+        // shares its first characters), in key order, beyond any one page, and that the
+        // visitor's error ends it and comes back unchanged.
+        let store = Store::open_memory().expect("a store");
+        let Db::Writable(db) = &store.db;
+        let txn = db.begin_write().expect("a write");
+        {
+            let mut state = txn.open_table(STATE).expect("the state table");
+            for i in (0..2500u32).rev() {
+                state
+                    .insert(format!("event/p/{i:08x}").as_str(), &[][..])
+                    .expect("insert");
+            }
+            for key in ["event/", "event/o/1", "event/p", "event/q/1", "event/pz/1"] {
+                state.insert(key, &[][..]).expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+        let snapshot = store.snapshot().expect("a snapshot");
+        let mut seen = Vec::new();
+        snapshot
+            .visit_keys("event/p/", |key| -> Result<(), StoreError> {
+                seen.push(key.to_string());
+                Ok(())
+            })
+            .expect("a visit");
+        let expected: Vec<String> = (0..2500u32).map(|i| format!("event/p/{i:08x}")).collect();
+        assert_eq!(seen, expected);
+
+        let mut visited = 0;
+        let stopped = snapshot.visit_keys("event/p/", |_| {
+            visited += 1;
+            if visited == 3 {
+                return Err(StoreError::Empty);
+            }
+            Ok(())
+        });
+        assert!(matches!(stopped, Err(StoreError::Empty)));
+        assert_eq!(visited, 3);
     }
 }

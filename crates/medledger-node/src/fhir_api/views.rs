@@ -574,18 +574,13 @@ pub async fn search(
             may_see_patient_ledger(&snapshot, caller, &patient)?;
             let prefix = keys::event_by_patient_prefix(&patient);
             let mut leaves = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let page = snapshot.scan(&prefix, after.as_deref(), 1000)?;
-                let Some((last, _)) = page.last() else { break };
-                after = Some(last.clone());
-                for (key, _) in &page {
-                    // The index key ends in the entry's place in the log, 16 hex digits.
-                    if let Ok(leaf) = u64::from_str_radix(&key[prefix.len()..], 16) {
-                        leaves.push(leaf);
-                    }
+            snapshot.visit_keys(&prefix, |key| -> Result<(), Outcome> {
+                // The index key ends in the entry's place in the log, 16 hex digits.
+                if let Ok(leaf) = u64::from_str_radix(&key[prefix.len()..], 16) {
+                    leaves.push(leaf);
                 }
-            }
+                Ok(())
+            })?;
             leaves.sort_unstable_by(|a, b| b.cmp(a));
             let mut out = Vec::new();
             for leaf in leaves.into_iter().take(count) {

@@ -54,92 +54,83 @@ pub fn check_store(
     };
     let mut named: BTreeSet<String> = BTreeSet::new();
     let prefix = keys::record(org, "");
-    let mut after: Option<String> = None;
-    loop {
-        let page = snapshot.scan(&prefix, after.as_deref(), 1000)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        for (key, _) in &page {
-            let Some(record) = snapshot.value::<Record>(key)? else {
+    snapshot.visit_keys(&prefix, |key| -> Result<(), RecordError> {
+        let Some(record) = snapshot.value::<Record>(key)? else {
+            return Ok(());
+        };
+        for version in &record.versions {
+            report.versions_checked += 1;
+            named.insert(version.cid.clone());
+            let what = format!("{}@{}", record.record_id, version.version);
+            let mut problem = |cid: &str, text: &str| {
+                report.problems.push(Problem {
+                    what: what.clone(),
+                    cid: cid.to_string(),
+                    problem: text.to_string(),
+                })
+            };
+            let Some(blob) = records.get_blob(&version.cid)? else {
+                problem(&version.cid, "missing from the store");
                 continue;
             };
-            for version in &record.versions {
-                report.versions_checked += 1;
-                named.insert(version.cid.clone());
-                let what = format!("{}@{}", record.record_id, version.version);
-                let mut problem = |cid: &str, text: &str| {
-                    report.problems.push(Problem {
-                        what: what.clone(),
-                        cid: cid.to_string(),
-                        problem: text.to_string(),
-                    })
-                };
-                let Some(blob) = records.get_blob(&version.cid)? else {
-                    problem(&version.cid, "missing from the store");
-                    continue;
-                };
-                if content_id(&blob) != version.cid {
-                    problem(&version.cid, "altered: not its content id");
-                    continue;
-                }
-                let Some(envelope) = records.get_envelope(&version.cid, org)? else {
-                    problem(&version.cid, "no envelope for the organisation");
-                    continue;
-                };
-                let context = WrapContext {
-                    record: &record.record_id,
-                    version: version.version,
-                    custodian: org,
-                    recipient: org,
-                };
-                let Some(data_key) = keys
-                    .iter()
-                    .rev()
-                    .find_map(|pair| pair.unwrap_key(&envelope, &context).ok())
-                else {
-                    problem(
-                        &version.cid,
-                        "the envelope opens under no key of the organisation",
-                    );
-                    continue;
-                };
-                let binding = associated_data(org, &record.record_id, version.version, None);
-                let Some(plaintext) = open(&blob, &data_key, &binding, &version.commitment) else {
-                    problem(
-                        &version.cid,
-                        "does not decrypt or does not match the ledger's commitment",
-                    );
-                    continue;
-                };
-                let Ok(resource) = serde_json::from_slice::<serde_json::Value>(&plaintext) else {
-                    problem(&version.cid, "the decrypted resource is not JSON");
-                    continue;
-                };
-                for (index, cid) in fhir::attachment_cids(&resource).iter().enumerate() {
-                    report.attachments_checked += 1;
-                    named.insert(cid.clone());
-                    let part = format!("attachment {index}");
-                    match records.get_blob(cid)? {
-                        None => problem(cid, &format!("{part} missing from the store")),
-                        Some(bytes) if content_id(&bytes) != *cid => {
-                            problem(cid, &format!("{part} altered: not its content id"))
-                        }
-                        Some(bytes) => {
-                            let binding = associated_data(
-                                org,
-                                &record.record_id,
-                                version.version,
-                                Some(index),
-                            );
-                            if open_part(&bytes, &data_key, &binding).is_none() {
-                                problem(cid, &format!("{part} does not decrypt"));
-                            }
+            if content_id(&blob) != version.cid {
+                problem(&version.cid, "altered: not its content id");
+                continue;
+            }
+            let Some(envelope) = records.get_envelope(&version.cid, org)? else {
+                problem(&version.cid, "no envelope for the organisation");
+                continue;
+            };
+            let context = WrapContext {
+                record: &record.record_id,
+                version: version.version,
+                custodian: org,
+                recipient: org,
+            };
+            let Some(data_key) = keys
+                .iter()
+                .rev()
+                .find_map(|pair| pair.unwrap_key(&envelope, &context).ok())
+            else {
+                problem(
+                    &version.cid,
+                    "the envelope opens under no key of the organisation",
+                );
+                continue;
+            };
+            let binding = associated_data(org, &record.record_id, version.version, None);
+            let Some(plaintext) = open(&blob, &data_key, &binding, &version.commitment) else {
+                problem(
+                    &version.cid,
+                    "does not decrypt or does not match the ledger's commitment",
+                );
+                continue;
+            };
+            let Ok(resource) = serde_json::from_slice::<serde_json::Value>(&plaintext) else {
+                problem(&version.cid, "the decrypted resource is not JSON");
+                continue;
+            };
+            for (index, cid) in fhir::attachment_cids(&resource).iter().enumerate() {
+                report.attachments_checked += 1;
+                named.insert(cid.clone());
+                let part = format!("attachment {index}");
+                match records.get_blob(cid)? {
+                    None => problem(cid, &format!("{part} missing from the store")),
+                    Some(bytes) if content_id(&bytes) != *cid => {
+                        problem(cid, &format!("{part} altered: not its content id"))
+                    }
+                    Some(bytes) => {
+                        let binding =
+                            associated_data(org, &record.record_id, version.version, Some(index));
+                        if open_part(&bytes, &data_key, &binding).is_none() {
+                            problem(cid, &format!("{part} does not decrypt"));
                         }
                     }
                 }
             }
         }
-    }
+        Ok(())
+    })?;
     let mut after: Option<String> = None;
     loop {
         let page = records.blob_ids(after.as_deref(), LIST_MAX)?;

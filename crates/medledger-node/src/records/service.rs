@@ -1289,24 +1289,20 @@ impl RecordService {
         drop(state);
         let mut planned: Vec<(String, VersionRef)> = Vec::new();
         let prefix = keys::patient_records_prefix(patient);
-        let mut after: Option<String> = None;
-        while !granted.is_empty() {
-            let page = snapshot.scan(&prefix, after.as_deref(), 1000)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (key, _) in &page {
+        if !granted.is_empty() {
+            snapshot.visit_keys(&prefix, |key| -> Result<(), RecordError> {
                 let Some((custodian, record_id)) = key[prefix.len()..].split_once('/') else {
-                    continue;
+                    return Ok(());
                 };
                 let Some(record) = snapshot.value::<Record>(&keys::record(custodian, record_id))?
                 else {
-                    continue;
+                    return Ok(());
                 };
                 // A search or `$everything` leaves a deleted resource out: its latest
                 // version is a tombstone, known from the index without fetching it.
                 let deleted = record.versions.last().is_some_and(|v| v.deleted);
                 if !granted.contains(&record.resource_type) || (latest_only && deleted) {
-                    continue;
+                    return Ok(());
                 }
                 let skip = if latest_only {
                     record.versions.len().saturating_sub(1)
@@ -1322,7 +1318,8 @@ impl RecordService {
                         },
                     )
                 }));
-            }
+                Ok(())
+            })?;
         }
         drop(snapshot);
         let mut custodians: Vec<String> = planned.iter().map(|(c, _)| c.clone()).collect();
