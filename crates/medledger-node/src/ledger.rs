@@ -83,23 +83,13 @@ impl Default for OrderingConfig {
 pub const SIGNED_NONCE_RETRIES: usize = 3;
 
 /// The nonces one signer's transactions take: each above the last one taken here and
-/// above the one the ledger holds.
+/// above the one the ledger holds. Its lock is held from taking a nonce until the signed
+/// transaction is queued for ordering (`Ledger::submit_signed`), so one signer's
+/// transactions reach the orderer in nonce order and none is refused as stale for having
+/// been overtaken by a later one.
 #[derive(Debug, Default)]
 pub struct NonceCounter {
     last: std::sync::Mutex<u64>,
-}
-
-impl NonceCounter {
-    /// Whether a nonce was taken yet (before that, the ledger's must be read).
-    fn started(&self) -> bool {
-        *self.last.lock().expect("nonce lock") > 0
-    }
-
-    fn next_above(&self, on_ledger: u64) -> u64 {
-        let mut last = self.last.lock().expect("nonce lock");
-        *last = (*last).max(on_ledger) + 1;
-        *last
-    }
 }
 
 /// A transaction's fate, once its block is durable.
@@ -140,6 +130,9 @@ pub struct Pending {
     pub urgent: bool,
     pub reply: oneshot::Sender<Result<Committed, SubmitError>>,
 }
+
+/// Where a queued transaction's fate arrives.
+type Answer = oneshot::Receiver<Result<Committed, SubmitError>>;
 
 /// Orders admitted transactions into committed blocks.
 pub trait Orderer: Send + Sync {
@@ -499,9 +492,10 @@ impl Ledger {
     }
 
     /// Signs `body(nonce)` as `signer` with `key` and submits it, taking the next nonce from
-    /// `nonces`; a nonce that lost a race with another of the signer's transactions (signed
-    /// elsewhere) is replaced and the transaction resent, up to `SIGNED_NONCE_RETRIES`
-    /// times. The transaction may be ordered for `lifetime_ms`.
+    /// `nonces`. Taking the nonce, signing, admission and queueing happen under the
+    /// counter's lock, so the signer's transactions are ordered in nonce order; one that
+    /// still lost a race (a batch handed back to a new leader, say) is replaced and resent,
+    /// up to `SIGNED_NONCE_RETRIES` times. The transaction may be ordered for `lifetime_ms`.
     pub async fn submit_signed<E: From<StoreError> + From<SubmitError>>(
         &self,
         signer: &str,
@@ -513,31 +507,37 @@ impl Ledger {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            // The ledger's nonce is read at the first use and after a lost race; otherwise
-            // the counter is ahead of it.
-            let on_ledger = if nonces.started() && attempt == 1 {
-                0
-            } else {
-                self.store()
-                    .snapshot()?
-                    .value::<u64>(&keys::nonce(signer))?
-                    .unwrap_or(0)
+            let (tx_id, is_access, answer) = {
+                let mut last = nonces.last.lock().expect("nonce lock");
+                // The ledger's nonce is read at the first use and after a lost race;
+                // otherwise the counter is ahead of it.
+                let on_ledger = if *last > 0 && attempt == 1 {
+                    0
+                } else {
+                    self.store()
+                        .snapshot()?
+                        .value::<u64>(&keys::nonce(signer))?
+                        .unwrap_or(0)
+                };
+                let nonce = (*last).max(on_ledger) + 1;
+                *last = nonce;
+                let payload = medledger_core::tx::TxPayload {
+                    chain_id: self.chain_id().to_string(),
+                    signer: signer.to_string(),
+                    nonce,
+                    expires_at_ms: now_ms() + lifetime_ms,
+                    body: body(nonce),
+                };
+                let is_access = matches!(
+                    payload.body,
+                    TxBody::LogAccess { .. }
+                        | TxBody::CreateRecord { .. }
+                        | TxBody::CreateRecords { .. }
+                );
+                let (tx_id, answer) = self.queue(crate::consortium::sign(payload, key))?;
+                (tx_id, is_access, answer)
             };
-            let nonce = nonces.next_above(on_ledger);
-            let payload = medledger_core::tx::TxPayload {
-                chain_id: self.chain_id().to_string(),
-                signer: signer.to_string(),
-                nonce,
-                expires_at_ms: now_ms() + lifetime_ms,
-                body: body(nonce),
-            };
-            let is_access = matches!(
-                payload.body,
-                TxBody::LogAccess { .. }
-                    | TxBody::CreateRecord { .. }
-                    | TxBody::CreateRecords { .. }
-            );
-            let committed = self.submit(crate::consortium::sign(payload, key)).await?;
+            let committed = self.answer(tx_id, answer).await?;
             let stale = matches!(
                 &committed.outcome,
                 TxOutcome::Rejected { rejection }
@@ -557,6 +557,12 @@ impl Ledger {
 
     /// Admits, orders and commits a transaction; answers once its block is durable.
     pub async fn submit(&self, tx: SignedTx) -> Result<Committed, SubmitError> {
+        let (tx_id, answer) = self.queue(tx)?;
+        self.answer(tx_id, answer).await
+    }
+
+    /// Admits a transaction and queues it for ordering; its fate arrives on the receiver.
+    fn queue(&self, tx: SignedTx) -> Result<(TxId, Answer), SubmitError> {
         if let Some(reason) = self.fatal() {
             return Err(SubmitError::Stopped(reason));
         }
@@ -565,6 +571,12 @@ impl Ledger {
         let tx_id = tx.id();
         let (reply, answer) = oneshot::channel();
         self.orderer.enqueue(Pending { tx, urgent, reply })?;
+        Ok((tx_id, answer))
+    }
+
+    /// Waits for a queued transaction's fate, at most the commit timeout: after that its
+    /// outcome is unknown (never a false success).
+    async fn answer(&self, tx_id: TxId, answer: Answer) -> Result<Committed, SubmitError> {
         let deadline = Duration::from_millis(self.config.commit_timeout_ms);
         match tokio::time::timeout(deadline, answer).await {
             Ok(Ok(result)) => result,

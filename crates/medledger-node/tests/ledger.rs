@@ -70,3 +70,81 @@ async fn a_client_that_stops_waiting_hears_outcome_unknown_and_the_transaction_s
         ("register_patient", None)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_signers_concurrent_transactions_commit_at_their_first_nonce() {
+    // Goal: 128 transactions signed at once for one signer (as the node signs access
+    // entries for many requests) reach the orderer in nonce order: each commits at the
+    // nonce it was first signed with, none is overtaken by a later one and refused as
+    // stale, so none is signed twice and the ledger's nonce for the signer is exactly the
+    // number of its transactions.
+    use medledger_core::contracts::TxOutcome;
+    use medledger_core::model::{Action, Category, Grantee, Purpose, Scope};
+    use medledger_node::ledger::NonceCounter;
+    use medledger_node::records::RecordError;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(open(dir.path(), OrderingConfig::default()));
+    let patient = Arc::new(Identity::new_patient().unwrap());
+    let nonces = Arc::new(NonceCounter::default());
+    let registered = ledger
+        .submit_signed::<RecordError>(&patient.id, &patient.key, &nonces, 60_000, |_| {
+            TxBody::RegisterPatient {
+                public_key: patient.key.public_key(),
+            }
+        })
+        .await
+        .unwrap();
+    assert!(registered.outcome.is_committed());
+    const GRANTS: u64 = 128;
+    let tasks: Vec<_> = (0..GRANTS)
+        .map(|_| {
+            let (ledger, patient, nonces) = (ledger.clone(), patient.clone(), nonces.clone());
+            tokio::spawn(async move {
+                let mut signed = 0;
+                let committed = ledger
+                    .submit_signed::<RecordError>(
+                        &patient.id,
+                        &patient.key,
+                        &nonces,
+                        60_000,
+                        |_| {
+                            signed += 1;
+                            TxBody::Grant {
+                                grantee: Grantee::Org {
+                                    org: "hospital-a".into(),
+                                },
+                                scope: Scope {
+                                    resource_types: vec![],
+                                    categories: vec![Category::Diagnostics],
+                                },
+                                actions: vec![Action::Read],
+                                purposes: vec![Purpose::Treatment],
+                                expires_at_ms: None,
+                            }
+                        },
+                    )
+                    .await
+                    .unwrap();
+                (committed, signed)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (committed, signed) = task.await.unwrap();
+        assert!(
+            matches!(committed.outcome, TxOutcome::Committed { .. }),
+            "{:?}",
+            committed.outcome
+        );
+        assert_eq!(signed, 1, "signed once, at its first nonce");
+    }
+    let on_ledger: u64 = ledger
+        .store()
+        .snapshot()
+        .unwrap()
+        .value(&keys::nonce(&patient.id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(on_ledger, 1 + GRANTS);
+}
