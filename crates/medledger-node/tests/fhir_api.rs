@@ -1324,10 +1324,12 @@ fn indexed_record(node: &Node, id: &str) -> Record {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_patient_registers_nobody_and_a_cut_short_creation_is_finished_by_a_put() {
-    // Goal: creating a Patient never leaves a half-made patient. A Patient the checks refuse
-    // registers nobody and keeps no key. A creation cut short after the patient's
+    // Goal: creating a Patient never leaves a half-made patient. A Patient the checks refuse,
+    // or one created by a member who may not author records, registers nobody and keeps no
+    // key. A creation cut short after the patient's
     // registration (key file kept, registered, no encryption key, no consent, no record) is
-    // finished by a PUT of the resource to its id: the key is published, the organisation's
+    // finished by a PUT of the resource to its id (not by such a member, not inside a
+    // transaction, whose refusals sign nothing): the key is published, the organisation's
     // consent is given once, the Patient is stored; a second PUT is an ordinary update and
     // gives no second consent.
     let node = Node::start().await;
@@ -1370,14 +1372,58 @@ async fn a_refused_patient_registers_nobody_and_a_cut_short_creation_is_finished
     let uri = format!("/fhir/Patient/{}", half.id);
     let mut resource = patient_resource();
     resource["id"] = json!(half.id);
+    let published = |node: &Node| {
+        let snapshot = node.ledger.store().snapshot().expect("a snapshot");
+        snapshot
+            .value::<Value>(&keys::encryption_key(&half.id))
+            .expect("a read")
+            .is_some()
+    };
+    // Neither a member who may not author records nor a transaction finishes it: each
+    // is refused before any of the patient's own transactions is signed.
+    let auditor = node.enroll("audrey", Role::Auditor).await;
+    let auditors = node.token(&auditor.id, "user/*.cruds", None);
+    node.post("/fhir/Patient", &auditors, &patient_resource())
+        .await
+        .expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("not_permitted"));
+    node.put(&uri, &auditors, &resource, None)
+        .await
+        .expect_outcome(StatusCode::FORBIDDEN, "forbidden", Some("not_permitted"));
+    let in_transaction = bundle(
+        "transaction",
+        vec![
+            request_entry(
+                "PUT",
+                &format!("Patient/{}", half.id),
+                Some(resource.clone()),
+            ),
+            request_entry(
+                "POST",
+                "Observation",
+                Some(observation(
+                    &half.id,
+                    HEART_RATE,
+                    "2025-03-10T08:00:00Z",
+                    70,
+                )),
+            ),
+        ],
+    );
+    node.post("/fhir", &token, &in_transaction)
+        .await
+        .expect_outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-supported",
+            Some("patient_in_transaction"),
+        );
+    assert!(!published(&node), "nothing was signed for the patient");
+    assert_eq!(patients(&node), patients_before + 1);
+    assert_eq!(key_files(&node), files_before + 1);
+
     let finished = node.put(&uri, &token, &resource, None).await;
     let stored = finished.expect_fhir(StatusCode::CREATED).clone();
     assert_eq!(stored["meta"]["versionId"], "1");
-    let snapshot = node.ledger.store().snapshot().expect("a snapshot");
-    assert!(snapshot
-        .value::<Value>(&keys::encryption_key(&half.id))
-        .expect("a read")
-        .is_some());
+    assert!(published(&node));
     let consents = |node: &Node| {
         let snapshot = node.ledger.store().snapshot().expect("a snapshot");
         snapshot

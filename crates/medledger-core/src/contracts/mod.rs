@@ -21,7 +21,7 @@ pub(crate) use governance::{
     check_org_certificates as governance_check_org, user_from_certificate as governance_user,
 };
 pub use policy::{decide, AccessQuery};
-pub use records::{is_valid_cid, is_valid_record_id};
+pub use records::{is_valid_cid, is_valid_record_id, AUTHOR_ROLES};
 
 use crate::crypto::from_base64url;
 use crate::hash::Hash;

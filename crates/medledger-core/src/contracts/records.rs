@@ -107,7 +107,7 @@ pub(super) fn create_group<S: StateRead + ?Sized>(
 }
 
 /// The roles that author record versions.
-const AUTHOR_ROLES: [Role; 4] = [
+pub const AUTHOR_ROLES: [Role; 4] = [
     Role::Clinician,
     Role::Nurse,
     Role::Radiologist,

@@ -602,6 +602,19 @@ async fn stage(
         Method::Put => {
             caller.require(resource_type, Interaction::Update)?;
             let id = request.id().unwrap_or("");
+            if resource_type == "Patient" && resources::unfinished_patient(state, id)? {
+                // Finishing it signs the patient's own transactions, which cannot join the
+                // author's atomic group.
+                return Err(Outcome::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "not-supported",
+                    format!(
+                        "Patient/{id} is a creation that did not finish: finish it with its \
+                         own PUT (or in a batch), not in a transaction"
+                    ),
+                )
+                .detail("patient_in_transaction"));
+            }
             let mut resource = own_id(request.body()?, id)?;
             rewrite_references(&mut resource, rewrites);
             let (prepared, status) = resources::prepare_update(

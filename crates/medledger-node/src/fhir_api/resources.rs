@@ -9,6 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use medledger_core::contracts::{Rejection, AUTHOR_ROLES};
 use medledger_core::model::{category_of, Grantee, Purpose, Record, Scope};
 use medledger_core::state::keys;
 use medledger_core::tx::TxBody;
@@ -247,6 +248,7 @@ async fn create_patient(
     mut resource: Value,
 ) -> Result<Reply, Outcome> {
     let org = registering_org(caller)?;
+    require_author(state, caller)?;
     let identity = Identity::new_patient().map_err(|e| Outcome::internal(e.to_string()))?;
     resource["id"] = json!(identity.id);
     let bytes = serde_json::to_vec(&resource).map_err(|e| Outcome::bad_request(e.to_string()))?;
@@ -273,6 +275,24 @@ async fn create_patient(
             Err(outcome)
         }
     }
+}
+
+/// A Patient is a record its creator authors: a caller whose role may not author (the
+/// ledger would refuse the version) is refused before any patient is registered.
+fn require_author(state: &FhirState, caller: &Caller) -> Result<(), Outcome> {
+    let author = state
+        .snapshot()?
+        .value::<medledger_core::model::User>(&keys::user(&caller.actor))?;
+    if author.is_some_and(|user| AUTHOR_ROLES.contains(&user.role)) {
+        return Ok(());
+    }
+    let roles: Vec<&str> = AUTHOR_ROLES.iter().map(|role| role.as_str()).collect();
+    Err(super::rejected(&Rejection::NotPermitted {
+        detail: format!(
+            "a Patient is a record its creator authors: requires a member with role {}",
+            roles.join(" or ")
+        ),
+    }))
 }
 
 /// Where this node keeps the key files of patients created through the API.
@@ -335,6 +355,9 @@ pub(super) async fn update_record(
     resource: Value,
     expected: Option<u64>,
 ) -> Result<Reply, Outcome> {
+    if resource_type == "Patient" && unfinished_patient(state, id)? {
+        finish_patient(state, caller, id).await?;
+    }
     let (prepared, status) =
         prepare_update(state, caller, resource_type, id, resource, expected).await?;
     state.submit_for(caller, prepared.body).await?;
@@ -362,9 +385,6 @@ pub(super) async fn prepare_update(
         .value::<Record>(&keys::record(&custodian, id))?
         .and_then(|r| r.versions.last().map(|v| (v.version, v.deleted)));
     check_if_match(expected, current.map(|(version, _)| version))?;
-    if resource_type == "Patient" && current.is_none() {
-        finish_patient(state, caller, id).await?;
-    }
     let prepared = prepare_write(state, caller, resource, Some(id.to_string())).await?;
     let status = match current {
         Some((_, false)) => StatusCode::OK,
@@ -596,21 +616,29 @@ pub(super) async fn prepare_write(
         .await?)
 }
 
-/// A Patient written to an id that has no record yet: if this node holds that patient's key
-/// (a creation here that did not finish), the patient's registration is finished first.
-async fn finish_patient(state: &FhirState, caller: &Caller, id: &str) -> Result<(), Outcome> {
+/// Whether `id` names a Patient whose creation here did not finish: this node holds the
+/// patient's key, and no Patient record is indexed here yet.
+pub(super) fn unfinished_patient(state: &FhirState, id: &str) -> Result<bool, Outcome> {
     // Only a pseudonym names a key file: nothing else in the URL reaches the filesystem.
     if !medledger_core::identity::is_patient_pseudonym(id) {
-        return Ok(());
+        return Ok(false);
     }
+    let indexed = state
+        .snapshot()?
+        .value::<Record>(&keys::record(state.records.org(), id))?
+        .is_some();
+    Ok(!indexed && patients_dir(state).join(format!("{id}.json")).exists())
+}
+
+/// Finishes the registration of a Patient whose creation here did not finish
+/// (`unfinished_patient`), before its resource is written.
+async fn finish_patient(state: &FhirState, caller: &Caller, id: &str) -> Result<(), Outcome> {
     let file = patients_dir(state).join(format!("{id}.json"));
-    if !file.exists() {
-        return Ok(());
-    }
     // A patient's own token writes its own Patient; only a member's user registers.
     let Ok(org) = registering_org(caller) else {
         return Ok(());
     };
+    require_author(state, caller)?;
     let identity = Identity::load(&file).map_err(|e| {
         eprintln!("medledger: a patient's key file does not load: {e}");
         Outcome::internal("the patient's key file does not load")
