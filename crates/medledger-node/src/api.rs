@@ -14,7 +14,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use medledger_core::audit::{ConsistencyProof, InclusionProof, SignedTreeHead};
 use medledger_core::block::{tx_leaf_bytes, Block};
 use medledger_core::contracts::{decide, AccessQuery, TxOutcome};
@@ -28,6 +28,8 @@ use medledger_core::Hash;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::auth::{Interaction, ScopeContext};
+use crate::fhir_api::{Caller, Outcome};
 use crate::ledger::{now_ms, Ledger, SubmitError};
 use crate::records::service::{History, OpenedVersion, PrepareRequest, Prepared, ReadRequest};
 use crate::records::{RecordError, RecordService};
@@ -47,33 +49,12 @@ pub const PAGE_DEFAULT: usize = 100;
 pub const PAGE_MAX: usize = 1000;
 
 pub fn router(ledger: Arc<Ledger>) -> Router {
-    router_with_records(ledger, None)
+    router_with(ledger, None)
 }
 
-/// The API, with the record endpoints when the node keeps records.
-pub fn router_with_records(ledger: Arc<Ledger>, records: Option<Arc<RecordService>>) -> Router {
-    router_with(ledger, records, None)
-}
-
-/// The API with the record endpoints and `more` routes (the FHIR API), all behind the same
-/// limits: deadline, requests in flight, and no service from a stopped node.
-pub fn router_with(
-    ledger: Arc<Ledger>,
-    records: Option<Arc<RecordService>>,
-    more: Option<Router>,
-) -> Router {
-    let records = match records {
-        None => Router::new(),
-        Some(service) => Router::new()
-            .route("/v1/records", post(prepare_record))
-            .route(
-                "/v1/records/{custodian}/{record_id}/read",
-                post(read_record),
-            )
-            .route("/v1/patients/{patient}/history", post(patient_history))
-            .layer(DefaultBodyLimit::max(RECORD_BODY_BYTES_MAX))
-            .with_state(service),
-    };
+/// The API with `more` routes (the FHIR API, and with it the record endpoints), all behind
+/// the same limits: deadline, requests in flight, and no service from a stopped node.
+pub fn router_with(ledger: Arc<Ledger>, more: Option<Router>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/transactions", post(submit))
@@ -106,7 +87,6 @@ pub fn router_with(
         .route("/v1/contributions", get(contributions))
         .route("/v1/consensus/transfer-leader", post(transfer_leader))
         .with_state(ledger.clone())
-        .merge(records)
         .merge(more.unwrap_or_default())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -220,6 +200,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A refused token or scope, in this API's error form.
+impl From<Outcome> for ApiError {
+    fn from(outcome: Outcome) -> ApiError {
+        let code = match outcome.status {
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not_found",
+            _ => "invalid_request",
+        };
+        let message = match &outcome.detail {
+            Some(detail) => format!("{} ({detail})", outcome.diagnostics),
+            None => outcome.diagnostics.clone(),
+        };
+        ApiError::new(outcome.status, code, message)
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         ApiError::new(
@@ -290,22 +287,45 @@ fn json_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))
 }
 
+/// The record endpoints: sealing a version to sign, reading a record, a patient's history.
+/// Each acts for the user its bearer token names (a token of this node's, for one of its
+/// organisation's users), as far as the token's scopes allow; `fhir_api` mounts them behind
+/// the token check, which puts the verified `Caller` in the request.
+pub(crate) fn record_routes(service: Arc<RecordService>) -> Router {
+    Router::new()
+        .route("/v1/records", post(prepare_record))
+        .route(
+            "/v1/records/{custodian}/{record_id}/read",
+            post(read_record),
+        )
+        .route("/v1/patients/{patient}/history", post(patient_history))
+        .layer(DefaultBodyLimit::max(RECORD_BODY_BYTES_MAX))
+        .with_state(service)
+}
+
 /// Seals and stores a new record version; answers with the `create_record` body its
 /// author signs and submits. The version exists once that transaction is committed.
 async fn prepare_record(
     State(service): State<Arc<RecordService>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Prepared>), ApiError> {
     let request: PrepareRequest = json_body(body)?;
+    let resource_type = request
+        .resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    acting_user(&service, &caller, None)?;
+    caller.require(resource_type, Interaction::Create)?;
     Ok((StatusCode::CREATED, Json(service.prepare(request).await?)))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReadBody {
-    /// The user reading, `name@org` of this node's organisation (authenticated by the
-    /// node's own login once the API has one).
-    actor: String,
+    /// The user reading: the token's, which this may repeat (`name@org`).
+    actor: Option<String>,
     version: Option<u64>,
     purpose: Purpose,
     #[serde(default)]
@@ -316,12 +336,23 @@ struct ReadBody {
 /// ledger and decrypted; the custodian's access entry is on the ledger before it answers.
 async fn read_record(
     State(service): State<Arc<RecordService>>,
+    Extension(caller): Extension<Caller>,
     Path((custodian, record_id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<OpenedVersion> {
     let body: ReadBody = json_body(body)?;
+    let actor = acting_user(&service, &caller, body.actor)?;
+    // The scopes are judged on the indexed type; an unknown record is the service's 404.
+    let indexed = service
+        .ledger()
+        .store()
+        .snapshot()?
+        .value::<Record>(&keys::record(&custodian, &record_id))?;
+    if let Some(record) = indexed {
+        caller.require(&record.resource_type, Interaction::Read)?;
+    }
     let request = ReadRequest {
-        actor: own_user(&service, body.actor)?,
+        actor,
         custodian,
         record_id,
         version: body.version,
@@ -334,29 +365,50 @@ async fn read_record(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HistoryBody {
-    actor: String,
+    /// The user asking: the token's, which this may repeat (`name@org`).
+    actor: Option<String>,
     purpose: Purpose,
 }
 
-/// A patient's records across custodians, as far as the actor may see them.
+/// A patient's records across custodians, as far as the actor may see them. The history
+/// may hold any record type, so the token's scopes must allow reading every one.
 async fn patient_history(
     State(service): State<Arc<RecordService>>,
+    Extension(caller): Extension<Caller>,
     Path(patient): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<History> {
     let body: HistoryBody = json_body(body)?;
-    let actor = own_user(&service, body.actor)?;
+    let actor = acting_user(&service, &caller, body.actor)?;
+    for resource_type in crate::fhir::record_types() {
+        caller.require(resource_type, Interaction::Read)?;
+    }
     Ok(Json(service.history(&actor, &patient, body.purpose).await?))
 }
 
-/// A node speaks only for users of its own organisation.
-fn own_user(service: &RecordService, actor: String) -> Result<String, ApiError> {
-    match medledger_core::identity::split_user_id(&actor) {
-        Some((org, _)) if org == service.org() => Ok(actor),
-        _ => Err(ApiError::bad_request(
-            "invalid_request",
-            format!("the actor must be a user of {}", service.org()),
-        )),
+/// The user a record request acts for: its token's, a user of this node's organisation
+/// (not a patient or a backend client). An `actor` the body names must be that user.
+fn acting_user(
+    service: &RecordService,
+    caller: &Caller,
+    named: Option<String>,
+) -> Result<String, ApiError> {
+    let forbidden = |message: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", message);
+    match medledger_core::identity::split_user_id(&caller.actor) {
+        Some((org, _)) if org == service.org() && caller.context == ScopeContext::User => {}
+        _ => {
+            return Err(forbidden(format!(
+                "these endpoints act for a user of {} with a user's token",
+                service.org()
+            )))
+        }
+    }
+    match named {
+        Some(named) if named != caller.actor => Err(forbidden(format!(
+            "the token is {}'s, not {named}'s",
+            caller.actor
+        ))),
+        _ => Ok(caller.actor.clone()),
     }
 }
 
@@ -949,14 +1001,13 @@ async fn access_decision(
     })))
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the ledger's API (no record endpoints) on `listener` until `shutdown` resolves.
 pub async fn serve(
     ledger: Arc<Ledger>,
-    records: Option<Arc<RecordService>>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_router(router_with_records(ledger, records), listener, shutdown).await
+    serve_router(router(ledger), listener, shutdown).await
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.

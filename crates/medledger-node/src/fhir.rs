@@ -767,6 +767,11 @@ const SPECS: [TypeSpec; 17] = [
     spec("Patient", "id", PATIENT),
 ];
 
+/// The resource types records are kept as.
+pub fn record_types() -> impl Iterator<Item = &'static str> {
+    SPECS.iter().map(|spec| spec.name)
+}
+
 fn spec_of(resource_type: &str) -> Option<&'static TypeSpec> {
     SPECS.iter().find(|spec| spec.name == resource_type)
 }

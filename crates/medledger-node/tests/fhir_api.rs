@@ -172,11 +172,8 @@ impl Node {
         let state = Arc::new(
             FhirState::open(records.clone(), dir.path(), API_URL).expect("the FHIR API opens"),
         );
-        let app = medledger_node::api::router_with(
-            ledger.clone(),
-            Some(records),
-            Some(fhir_api::router(state.clone())),
-        );
+        let app =
+            medledger_node::api::router_with(ledger.clone(), Some(fhir_api::router(state.clone())));
         Node {
             app,
             state,
@@ -1443,6 +1440,125 @@ async fn a_refused_patient_registers_nobody_and_a_cut_short_creation_is_finished
         "2"
     );
     assert_eq!(consents(&node), 1, "no second consent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_record_endpoints_act_only_for_the_user_a_token_names() {
+    // Goal: the JSON API's record endpoints (seal a version, read a record, a patient's
+    // history) need a bearer token of this node's, act for the user it names, within its
+    // scopes: no token, another user named in the body, a token without the scope, and a
+    // patient's token are refused, and a refused request leaves no access entry.
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let token = node.token(&alice.id, "user/*.cruds", None);
+    let patient = node.create_patient(&token).await;
+    let created = node
+        .create_observation(&token, &patient, HEART_RATE, "2025-03-10T08:00:00Z", 72)
+        .await;
+    let id = id_of(&created);
+    let read_uri = format!("/v1/records/{ORG}/{id}/read");
+    let history_uri = format!("/v1/patients/{patient}/history");
+    let post = |uri: String, token: Option<String>, body: Value| {
+        let node = &node;
+        async move {
+            let answer = node
+                .send(
+                    Method::POST,
+                    &uri,
+                    token.as_deref(),
+                    &[(header::CONTENT_TYPE, "application/json")],
+                    Body::from(body.to_string()),
+                )
+                .await;
+            let body: Value = serde_json::from_slice(&answer.bytes).unwrap_or(Value::Null);
+            (answer.status, body)
+        }
+    };
+    let entries_before = node.audit_trail(&patient).await.len();
+    let treatment = json!({ "purpose": "treatment" });
+
+    let refusals = [
+        (
+            read_uri.clone(),
+            None,
+            treatment.clone(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            read_uri.clone(),
+            Some(token.clone()),
+            json!({ "purpose": "treatment", "actor": format!("dr-bob@{ORG}") }),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            read_uri.clone(),
+            Some(node.token(&alice.id, "user/Condition.rs", None)),
+            treatment.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            read_uri.clone(),
+            Some(node.token(&patient, "patient/*.rs", Some(&patient))),
+            treatment.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            history_uri.clone(),
+            None,
+            treatment.clone(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            history_uri.clone(),
+            Some(node.token(&alice.id, "user/Observation.rs", None)),
+            treatment.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/v1/records".to_string(),
+            None,
+            json!({ "resource": observation(&patient, HEART_RATE, "2025-03-11T08:00:00Z", 70) }),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "/v1/records".to_string(),
+            Some(node.token(&alice.id, "user/*.rs", None)),
+            json!({ "resource": observation(&patient, HEART_RATE, "2025-03-11T08:00:00Z", 70) }),
+            StatusCode::FORBIDDEN,
+        ),
+    ];
+    for (uri, bearer, body, status) in refusals {
+        let (got, answer) = post(uri.clone(), bearer, body).await;
+        assert_eq!(got, status, "{uri}: {answer}");
+        assert!(answer["error"]["message"].is_string(), "{uri}: {answer}");
+    }
+    assert_eq!(
+        node.audit_trail(&patient).await.len(),
+        entries_before,
+        "a refused request leaves no access entry"
+    );
+
+    // Alice's own token reads, and the entry names her.
+    let (status, opened) = post(read_uri.clone(), Some(token.clone()), treatment.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{opened}");
+    assert_eq!(opened["resource"]["valueQuantity"]["value"], 72);
+    let (status, history) = post(
+        history_uri,
+        Some(token.clone()),
+        json!({ "purpose": "treatment", "actor": alice.id }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    assert!(!history["versions"].as_array().expect("versions").is_empty());
+    let trail = node.audit_trail(&patient).await;
+    assert_eq!(trail.len(), entries_before + 2);
+    for event in &trail[entries_before..] {
+        assert_eq!(event["kind"], "log_access", "{event}");
+        assert!(
+            event.to_string().contains(&alice.id),
+            "the entry names the token's user: {event}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,9 @@ pub enum ClientError {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// An access token from the node, sent with every request (the record endpoints act
+    /// only for the user a token names).
+    bearer: Option<String>,
 }
 
 impl Client {
@@ -46,19 +49,29 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             agent: config.into(),
+            bearer: None,
+        }
+    }
+
+    /// A client that sends `token` (an access token from `medledger token`) with every
+    /// request.
+    pub fn with_token(base: &str, token: &str) -> Client {
+        Client {
+            bearer: Some(format!("Bearer {}", token.trim())),
+            ..Client::new(base)
         }
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let response = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| ClientError::Transport {
-                url: url.clone(),
-                detail: e.to_string(),
-            })?;
+        let mut request = self.agent.get(&url);
+        if let Some(bearer) = &self.bearer {
+            request = request.header("Authorization", bearer);
+        }
+        let response = request.call().map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            detail: e.to_string(),
+        })?;
         decode(&url, response)
     }
 
@@ -72,14 +85,16 @@ impl Client {
         body: &impl serde::Serialize,
     ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let response =
-            self.agent
-                .post(&url)
-                .send_json(body)
-                .map_err(|e| ClientError::Transport {
-                    url: url.clone(),
-                    detail: e.to_string(),
-                })?;
+        let mut request = self.agent.post(&url);
+        if let Some(bearer) = &self.bearer {
+            request = request.header("Authorization", bearer);
+        }
+        let response = request
+            .send_json(body)
+            .map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                detail: e.to_string(),
+            })?;
         decode(&url, response)
     }
 

@@ -38,8 +38,9 @@ pub const SYNTHETIC_PATIENTS: [(&str, &str); 2] = [
 
 struct Story {
     client: Client,
-    /// Each organisation's node, by organisation id.
-    nodes: Vec<(String, Client)>,
+    /// Staff who read and write records, each with their node and an access token from it
+    /// (the record endpoints act only for the user a token names).
+    staff: Vec<(String, Client)>,
     step: usize,
 }
 
@@ -71,12 +72,13 @@ impl Story {
         }
     }
 
-    fn node_of(&self, org: &str) -> Result<&Client, String> {
-        self.nodes
+    /// `who`'s own node, acting for them with their token.
+    fn as_staff(&self, who: &Identity) -> Result<&Client, String> {
+        self.staff
             .iter()
-            .find(|(id, _)| id == org)
+            .find(|(id, _)| *id == who.id)
             .map(|(_, client)| client)
-            .ok_or_else(|| format!("{org} runs no node"))
+            .ok_or_else(|| format!("{} has no login", who.id))
     }
 
     /// A user asks their own organisation's node for a record held by `custodian`. That
@@ -90,11 +92,10 @@ impl Story {
         record_id: &str,
         purpose: Purpose,
     ) -> Result<(medledger_core::Hash, bool), String> {
-        let (_, own_org) = actor.id.split_once('@').ok_or("a member's id")?;
         let purpose_text = serde_json::to_value(purpose).unwrap_or_default();
-        let answer: Result<OpenedVersion, ClientError> = self.node_of(own_org)?.post(
+        let answer: Result<OpenedVersion, ClientError> = self.as_staff(actor)?.post(
             &format!("/v1/records/{custodian}/{record_id}/read"),
-            &json!({"actor": actor.id, "purpose": purpose}),
+            &json!({"purpose": purpose}),
         );
         match answer {
             Ok(opened) => {
@@ -142,7 +143,7 @@ impl Story {
         resource: serde_json::Value,
     ) -> Result<SubmitResponse, String> {
         let (_, custodian) = author.id.split_once('@').ok_or("a member's id")?;
-        let node = self.node_of(custodian)?;
+        let node = self.as_staff(author)?;
         let request = PrepareRequest {
             resource,
             record_id: Some(record_id.to_string()),
@@ -252,10 +253,7 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     let node_dir = dir.join("nodes").join("hospital-a");
     let mut story = Story {
         client: Client::new(&node.api_url),
-        nodes: nodes
-            .iter()
-            .map(|running| (org_of(running), Client::new(&running.api_url)))
-            .collect(),
+        staff: Vec::new(),
         step: 0,
     };
     let first_head: SignedTreeHead = story
@@ -320,6 +318,53 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         identity
             .save(&people.join(format!("{name}.identity.json")))
             .map_err(|e| e.to_string())?;
+    }
+    // Logins at the nodes (password and one-time code), for the FHIR API and for the
+    // record endpoints, which act only for the user an access token names.
+    let node_dirs: Vec<(String, String, PathBuf)> = nodes
+        .iter()
+        .map(|running| {
+            let org = org_of(running);
+            let data_dir = dir.join("nodes").join(&org);
+            (org, running.api_url.clone(), data_dir)
+        })
+        .collect();
+    let login = |who: &Identity, file: &str, org: &str| {
+        (
+            who.id.clone(),
+            people.join(format!("{file}.identity.json")),
+            org.to_string(),
+        )
+    };
+    let logins = crate::fhir_cli::demo_logins(
+        &dir,
+        &node_dirs,
+        &[
+            login(&alice, "dr-alice", "hospital-a"),
+            login(&bob, "dr-bob", "hospital-b"),
+            login(&carol, "tech-carol", "lab-x"),
+            login(&maria, "maria", "hospital-a"),
+        ],
+        &maria.id,
+    )?;
+    let mut tokens: Vec<(String, String)> = Vec::new();
+    for (staff, account) in [&alice, &bob, &carol]
+        .into_iter()
+        .zip(logins["accounts"].as_array().into_iter().flatten())
+    {
+        let node = account["node"].as_str().unwrap_or_default();
+        let token = crate::fhir_cli::login(
+            node,
+            &staff.id,
+            crate::fhir_cli::DEMO_PASSWORD,
+            account["totp_secret"].as_str().unwrap_or_default(),
+            "user/*.cruds",
+        )?;
+        let token = token["access_token"].as_str().unwrap_or_default();
+        story
+            .staff
+            .push((staff.id.clone(), Client::with_token(node, token)));
+        tokens.push((staff.id.clone(), token.to_string()));
     }
     let mut registrations = Vec::new();
     for (patient, (name, born)) in [
@@ -449,10 +494,10 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
 
     story.chapter("Maria's history across custodians, as dr-bob may see it, in one call");
     let history: History = story
-        .node_of("hospital-b")?
+        .as_staff(&bob)?
         .post(
             &format!("/v1/patients/{}/history", maria.id),
-            &json!({"actor": bob.id, "purpose": Purpose::Treatment}),
+            &json!({"purpose": Purpose::Treatment}),
         )
         .map_err(|e| e.to_string())?;
     for version in &history.versions {
@@ -569,51 +614,18 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     story.chapter(
         "The FHIR R4 API: any FHIR client, with a token from the node (password and one-time code)",
     );
-    let node_dirs: Vec<(String, String, PathBuf)> = nodes
+    // dr-alice's token from her login above (a one-time code is good for one login).
+    let token = tokens
         .iter()
-        .map(|running| {
-            let org = org_of(running);
-            let data_dir = dir.join("nodes").join(&org);
-            (org, running.api_url.clone(), data_dir)
-        })
-        .collect();
-    let logins = crate::fhir_cli::demo_logins(
-        &dir,
-        &node_dirs,
-        &[
-            (
-                "dr-alice@hospital-a".into(),
-                people.join("dr-alice.identity.json"),
-                "hospital-a".into(),
-            ),
-            (
-                "dr-bob@hospital-b".into(),
-                people.join("dr-bob.identity.json"),
-                "hospital-b".into(),
-            ),
-            (
-                maria.id.clone(),
-                people.join("maria.identity.json"),
-                "hospital-a".into(),
-            ),
-        ],
-        &maria.id,
-    )?;
-    let alice_secret = logins["accounts"][0]["totp_secret"].as_str().unwrap_or("");
-    let token = crate::fhir_cli::login(
-        &node.api_url,
-        "dr-alice@hospital-a",
-        crate::fhir_cli::DEMO_PASSWORD,
-        alice_secret,
-        "user/*.rs",
-    )?;
-    let token = token["access_token"].as_str().unwrap_or("").to_string();
+        .find(|(id, _)| *id == alice.id)
+        .map(|(_, token)| token.clone())
+        .unwrap_or_default();
     let (status, bundle) = crate::fhir_cli::fhir_get(
         &format!("{}/fhir/Patient/{}/$everything", node.api_url, maria.id),
         &token,
     )?;
     println!(
-        "   dr-alice logs in (password + one-time code), GET /fhir/Patient/{}/$everything: {status}, {} resources from every custodian she may read",
+        "   dr-alice, with her token (password + one-time code), GET /fhir/Patient/{}/$everything: {status}, {} resources from every custodian she may read",
         short(&maria.id),
         bundle["total"]
     );

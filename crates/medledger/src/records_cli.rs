@@ -38,15 +38,20 @@ pub enum RecordCommand {
         /// An attachment as FILE:MEDIA-TYPE (e.g. report.pdf:application/pdf); repeatable.
         #[arg(long = "attach")]
         attachments: Vec<String>,
+        /// An access token from the node for the acting user (`medledger token`), or
+        /// `MEDLEDGER_TOKEN`.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Read a record version from its custodian (any member's node), checked against the
     /// ledger and decrypted; prints the resource.
     Read {
         #[arg(long, default_value = "http://127.0.0.1:7400")]
         node: String,
-        /// The reading user, `name@org` of the node's organisation.
+        /// An access token from the node for the reading user (of the node's organisation) (`medledger token`), or
+        /// `MEDLEDGER_TOKEN`.
         #[arg(long)]
-        actor: String,
+        token: Option<String>,
         #[arg(long)]
         custodian: String,
         #[arg(long)]
@@ -63,8 +68,10 @@ pub enum RecordCommand {
     History {
         #[arg(long, default_value = "http://127.0.0.1:7400")]
         node: String,
+        /// An access token from the node for the acting user (`medledger token`), or
+        /// `MEDLEDGER_TOKEN`.
         #[arg(long)]
-        actor: String,
+        token: Option<String>,
         #[arg(long)]
         patient: String,
         #[arg(long, default_value = "treatment")]
@@ -104,22 +111,28 @@ pub fn record(command: RecordCommand) -> CliResult {
             resource,
             record_id,
             attachments,
-        } => add(&node, &author, &resource, record_id, &attachments),
+            token,
+        } => add(
+            &Client::with_token(&node, &token_of(token)?),
+            &author,
+            &resource,
+            record_id,
+            &attachments,
+        ),
         RecordCommand::Read {
             node,
-            actor,
+            token,
             custodian,
             record_id,
             version,
             purpose,
             attachments_dir,
         } => {
-            let client = Client::new(&node);
+            let client = Client::with_token(&node, &token_of(token)?);
             let opened: OpenedVersion = client
                 .post(
                     &format!("/v1/records/{custodian}/{record_id}/read"),
                     &json!({
-                        "actor": actor,
                         "version": version,
                         "purpose": parse_word::<Purpose>(&purpose)?,
                         "attachments": attachments_dir.is_some(),
@@ -153,16 +166,16 @@ pub fn record(command: RecordCommand) -> CliResult {
         }
         RecordCommand::History {
             node,
-            actor,
+            token,
             patient,
             purpose,
             json,
         } => {
-            let client = Client::new(&node);
+            let client = Client::with_token(&node, &token_of(token)?);
             let history: History = client
                 .post(
                     &format!("/v1/patients/{patient}/history"),
-                    &json!({"actor": actor, "purpose": parse_word::<Purpose>(&purpose)?}),
+                    &json!({"purpose": parse_word::<Purpose>(&purpose)?}),
                 )
                 .map_err(|e| e.to_string())?;
             if json {
@@ -201,8 +214,19 @@ pub fn record(command: RecordCommand) -> CliResult {
     }
 }
 
+/// The access token given, or `MEDLEDGER_TOKEN`.
+fn token_of(given: Option<String>) -> Result<String, String> {
+    given
+        .or_else(|| std::env::var("MEDLEDGER_TOKEN").ok())
+        .filter(|token| !token.trim().is_empty())
+        .ok_or_else(|| {
+            "an access token is needed (--token or MEDLEDGER_TOKEN): get one with `medledger token`"
+                .to_string()
+        })
+}
+
 fn add(
-    node: &str,
+    client: &Client,
     author: &Path,
     resource: &Path,
     record_id: Option<String>,
@@ -228,7 +252,6 @@ fn add(
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let client = Client::new(node);
     let prepared: Prepared = client
         .post(
             "/v1/records",

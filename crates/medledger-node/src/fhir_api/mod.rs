@@ -174,8 +174,9 @@ impl FhirState {
     }
 }
 
-/// A node's whole HTTP API: the JSON API, the record endpoints and, when it keeps records,
-/// the FHIR API with its token endpoint. `api_url` is how clients reach it.
+/// A node's whole HTTP API: the JSON API and, when it keeps records, the FHIR API with its
+/// token endpoint and the JSON API's record endpoints (behind the same tokens). `api_url`
+/// is how clients reach it.
 pub fn node_api(
     ledger: Arc<Ledger>,
     records: Option<Arc<RecordService>>,
@@ -190,13 +191,17 @@ pub fn node_api(
             api_url,
         )?))),
     };
-    Ok(crate::api::router_with(ledger, records, fhir))
+    Ok(crate::api::router_with(ledger, fhir))
 }
 
 /// The FHIR routes (nested at `/fhir`, with FHIR answers for unknown paths), the token
-/// endpoint and the SMART discovery document. It has no fallback of its own at the top, so
-/// it merges into the node's API.
+/// endpoint, the SMART discovery document, and the JSON API's record endpoints behind the
+/// same tokens (`api::record_routes`). It has no fallback of its own at the top, so it
+/// merges into the node's API.
 pub fn router(state: Arc<FhirState>) -> Router {
+    let records = crate::api::record_routes(state.records.clone()).layer(
+        axum::middleware::from_fn_with_state(state.clone(), with_caller),
+    );
     let fhir = Router::new()
         .route("/.well-known/smart-configuration", get(smart_configuration))
         .route("/metadata", get(views::capability_statement))
@@ -235,6 +240,23 @@ pub fn router(state: Arc<FhirState>) -> Router {
         .route("/auth/jwks", get(jwks))
         .with_state(state)
         .nest("/fhir", fhir)
+        .merge(records)
+}
+
+/// Lets a request through only with a valid bearer token of this node's, and hands the
+/// verified caller to the handler; refusals are the JSON API's errors.
+async fn with_caller(
+    State(state): State<Arc<FhirState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authenticate(&state, request.headers()) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(outcome) => crate::api::ApiError::from(outcome).into_response(),
+    }
 }
 
 /// The header naming the ledger entries a FHIR request left: its access entry (a read or
