@@ -1105,8 +1105,19 @@ impl RecordService {
                 };
                 let service = self.clone();
                 running.spawn(async move {
-                    let answer = service.fetch(&custodian, &request).await;
-                    (custodian, request, answer)
+                    let opened = match service.fetch(&custodian, &request).await {
+                        Err(error) => Err(error),
+                        // Checking signatures and decrypting is CPU work: off the async
+                        // threads, and alongside the other custodians' answers.
+                        Ok(answer) => Ok(tokio::task::spawn_blocking(move || {
+                            service.open_answer(&answer, &request, request.access_tx)
+                        })
+                        .await
+                        .map_err(|e| {
+                            RecordError::Ledger(format!("opening an answer failed: {e}"))
+                        })),
+                    };
+                    (custodian, opened)
                 });
             }
             match running.join_next().await {
@@ -1119,14 +1130,16 @@ impl RecordService {
         }
         let mut versions = Vec::new();
         let mut failures = Vec::new();
-        for (custodian, request, answer) in answers {
-            match answer {
+        for (custodian, opened) in answers {
+            match opened {
                 Err(error) => failures.push(WireError {
                     message: format!("{custodian}: {error}"),
                     ..WireError::from(&error)
                 }),
-                Ok(answer) => {
-                    for opened in self.open_answer(&answer, &request, access.tx_id)? {
+                Ok(opened) => {
+                    // An answer that could not be opened at all (the task failed, or this
+                    // node's state could not be read) fails the whole call, as before.
+                    for opened in opened?? {
                         match opened {
                             Ok(version) => versions.push(version),
                             Err(error) => failures.push(WireError::from(&error)),
