@@ -717,40 +717,20 @@ mod tests {
 
         let leader = Vote::new(2, 1);
         let other = Vote::new(3, 2);
-        assert!(recent
-            .serve(
-                Bound::Included(5),
-                Bound::Excluded(6),
-                Some(leader.leader_id)
-            )
-            .is_none());
-        recent.vote = Some(Some(leader));
-        let served = recent
-            .serve(
+        let for_leader = |recent: &Recent| {
+            recent.serve(
                 Bound::Included(5),
                 Bound::Excluded(6),
                 Some(leader.leader_id),
             )
-            .unwrap();
-        assert_eq!(indexes(&served), vec![(2, 5)]);
+        };
+        assert!(for_leader(&recent).is_none(), "the vote is not known yet");
+        recent.vote = Some(Some(leader));
+        assert_eq!(indexes(&for_leader(&recent).unwrap()), vec![(2, 5)]);
         recent.vote = Some(Some(other));
-        assert_eq!(
-            recent.serve(
-                Bound::Included(5),
-                Bound::Excluded(6),
-                Some(leader.leader_id)
-            ),
-            Some(vec![])
-        );
+        assert_eq!(for_leader(&recent), Some(vec![]));
         recent.vote = Some(None);
-        assert_eq!(
-            recent.serve(
-                Bound::Included(5),
-                Bound::Excluded(6),
-                Some(leader.leader_id)
-            ),
-            Some(vec![])
-        );
+        assert_eq!(for_leader(&recent), Some(vec![]));
     }
 
     #[test]
