@@ -241,7 +241,8 @@ pub(super) async fn create_record(
 /// The resource is checked before anything is registered, so a Patient that would be
 /// refused leaves no patient behind. A failure after that (the ledger stopped answering,
 /// say) keeps the key file and says so: a PUT of the resource to `Patient/{id}` finishes
-/// the creation (`prepare_update`), where a retried POST would make a second patient.
+/// the creation (`finish_patient`, before the update), where a retried POST would make a
+/// second patient.
 async fn create_patient(
     state: &FhirState,
     caller: &Caller,
