@@ -310,13 +310,13 @@ async fn prepare_record(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Prepared>), ApiError> {
+    acting_user(&service, &caller, None)?;
     let request: PrepareRequest = json_body(body)?;
     let resource_type = request
         .resource
         .get("resourceType")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    acting_user(&service, &caller, None)?;
     caller.require(resource_type, Interaction::Create)?;
     Ok((StatusCode::CREATED, Json(service.prepare(request).await?)))
 }

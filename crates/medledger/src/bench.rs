@@ -649,6 +649,34 @@ pub(crate) mod records {
         }
     }
 
+    /// Issues `count` users `{prefix}-{n}` with `role` by `founding`'s authority and enrolls
+    /// them on `ledger`, signed by its admin with nonces 1 to `count` (its first entries).
+    pub(crate) async fn enroll_users(
+        ledger: &Ledger,
+        founding: &medledger_node::consortium::FoundingOrg,
+        prefix: &str,
+        role: Role,
+        count: usize,
+    ) -> Result<Vec<Identity>, String> {
+        let mut users = Vec::with_capacity(count);
+        for n in 0..count {
+            let user = founding
+                .authority
+                .issue(&format!("{prefix}-{n}"), role, validity_days(2))
+                .map_err(|e| e.to_string())?;
+            let certificate = user.certificate_text().ok_or("an issued certificate")?;
+            commit(
+                ledger,
+                &founding.admin,
+                n as u64 + 1,
+                TxBody::EnrollUser { certificate },
+            )
+            .await?;
+            users.push(user);
+        }
+        Ok(users)
+    }
+
     /// Three member nodes (hospital-a, hospital-b, lab-x), each with its ledger store and an
     /// embedded record store in its own directory and a record service.
     struct Net {
@@ -739,23 +767,8 @@ pub(crate) mod records {
         ) -> Result<Vec<Arc<Identity>>, String> {
             let founding = &self.consortium.orgs[index];
             let ledger = &self.nodes[index].ledger;
-            let mut users = Vec::with_capacity(count);
-            for n in 0..count {
-                let user = founding
-                    .authority
-                    .issue(&format!("dr-{n}"), Role::Clinician, validity_days(2))
-                    .map_err(|e| e.to_string())?;
-                let certificate = user.certificate_text().ok_or("an issued certificate")?;
-                commit(
-                    ledger,
-                    &founding.admin,
-                    n as u64 + 1,
-                    TxBody::EnrollUser { certificate },
-                )
-                .await?;
-                users.push(Arc::new(user));
-            }
-            Ok(users)
+            let users = enroll_users(ledger, founding, "dr", Role::Clinician, count).await?;
+            Ok(users.into_iter().map(Arc::new).collect())
         }
 
         /// `count` registered patients with published encryption keys who let the custodian

@@ -47,7 +47,6 @@ use crate::bench::records::{commit, observation};
 use crate::bench::{
     drive, grant, lead_of, max_ms, peak_memory_mib, percentile, verify_rate, CHAIN_ID,
 };
-use crate::commands::validity_days;
 use crate::node_runner::RunningMember;
 
 #[derive(clap::Args)]
@@ -411,23 +410,7 @@ async fn enroll(
     let ledger = &net.members[index].ledger;
     let people = net.data_dir(index).join("people");
     std::fs::create_dir_all(&people).map_err(|e| format!("{}: {e}", people.display()))?;
-    let mut staff = Vec::with_capacity(count);
-    for n in 0..count {
-        let user = founding
-            .authority
-            .issue(&format!("{prefix}-{n}"), role, validity_days(2))
-            .map_err(|e| e.to_string())?;
-        let certificate = user.certificate_text().ok_or("an issued certificate")?;
-        commit(
-            ledger,
-            &founding.admin,
-            n as u64 + 1,
-            TxBody::EnrollUser { certificate },
-        )
-        .await?;
-        staff.push(user);
-    }
-    Ok(staff)
+    crate::bench::records::enroll_users(ledger, founding, prefix, role, count).await
 }
 
 /// A login at a node: the `Authorization` header value of its token.

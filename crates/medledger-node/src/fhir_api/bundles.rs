@@ -566,16 +566,24 @@ fn check_transaction_entry(request: &EntryRequest) -> Result<(), Outcome> {
         .detail("not_in_transaction"));
     }
     if request.method == Method::Post && resource_type == "Patient" {
-        return Err(Outcome::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "not-supported",
+        return Err(patient_in_transaction(
             "a transaction cannot create a Patient: registering a patient takes the patient's \
              own signatures, which cannot join the author's atomic group; create the Patient \
-             first (or in a batch)",
-        )
-        .detail("patient_in_transaction"));
+             first (or in a batch)"
+                .into(),
+        ));
     }
     Ok(())
+}
+
+/// A transaction entry that would sign a patient's own transactions (registering one).
+fn patient_in_transaction(diagnostics: String) -> Outcome {
+    Outcome::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "not-supported",
+        diagnostics,
+    )
+    .detail("patient_in_transaction")
 }
 
 /// Checks and seals one transaction entry (nothing is signed yet).
@@ -605,15 +613,10 @@ async fn stage(
             if resource_type == "Patient" && resources::unfinished_patient(state, id)? {
                 // Finishing it signs the patient's own transactions, which cannot join the
                 // author's atomic group.
-                return Err(Outcome::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "not-supported",
-                    format!(
-                        "Patient/{id} is a creation that did not finish: finish it with its \
-                         own PUT (or in a batch), not in a transaction"
-                    ),
-                )
-                .detail("patient_in_transaction"));
+                return Err(patient_in_transaction(format!(
+                    "Patient/{id} is a creation that did not finish: finish it with its own \
+                     PUT (or in a batch), not in a transaction"
+                )));
             }
             let mut resource = own_id(request.body()?, id)?;
             rewrite_references(&mut resource, rewrites);
