@@ -18,9 +18,10 @@ use axum::{Extension, Json, Router};
 use medledger_core::audit::{ConsistencyProof, InclusionProof, SignedTreeHead};
 use medledger_core::block::{tx_leaf_bytes, Block};
 use medledger_core::contracts::{decide, AccessQuery, TxOutcome};
+use medledger_core::identity::Role;
 use medledger_core::model::{
     AccessDecision, AccessRequest, Action, AuditEvent, BreakGlass, Consent, Contribution,
-    EncryptionKey, Org, Patient, Purpose, Record, User,
+    EncryptionKey, Org, Patient, Purpose, Record, User, UserStatus,
 };
 use medledger_core::state::{keys, Overlay};
 use medledger_core::tx::SignedTx;
@@ -85,7 +86,6 @@ pub fn router_with(ledger: Arc<Ledger>, more: Option<Router>) -> Router {
         .route("/v1/access-decision", get(access_decision))
         .route("/v1/health", get(health))
         .route("/v1/contributions", get(contributions))
-        .route("/v1/consensus/transfer-leader", post(transfer_leader))
         .with_state(ledger.clone())
         .merge(more.unwrap_or_default())
         .fallback(not_found)
@@ -148,18 +148,50 @@ struct TransferRequest {
     to: String,
 }
 
+/// The operator endpoints: moving the consortium's leadership. Only an active org admin of
+/// this node's organisation, with a user's token of this node's, may call them; `fhir_api`
+/// mounts them behind the token check, as it does the record endpoints.
+pub(crate) fn operator_routes(ledger: Arc<Ledger>) -> Router {
+    Router::new()
+        .route("/v1/consensus/transfer-leader", post(transfer_leader))
+        .with_state(ledger)
+}
+
 async fn transfer_leader(
     State(ledger): State<Arc<Ledger>>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Value> {
-    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.body_text()))?;
-    let request: TransferRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("malformed_json", e.to_string()))?;
+    operator(&ledger, &caller)?;
+    let request: TransferRequest = json_body(body)?;
     ledger
         .transfer_leader(&request.to)
         .await
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, "transfer_failed", e))?;
     Ok(Json(json!({"leader": request.to})))
+}
+
+/// Refuses unless the token's user is an active org admin of this node's organisation, as
+/// the ledger has it now (a revoked admin's unexpired token is refused too).
+fn operator(ledger: &Ledger, caller: &Caller) -> Result<(), ApiError> {
+    let org = medledger_core::identity::split_user_id(ledger.node_id()).map(|(org, _)| org);
+    let user: Option<User> = match medledger_core::identity::split_user_id(&caller.actor) {
+        Some((user_org, _)) if Some(user_org) == org && caller.context == ScopeContext::User => {
+            snapshot(ledger)?.value(&keys::user(&caller.actor))?
+        }
+        _ => None,
+    };
+    match user {
+        Some(user) if user.role == Role::OrgAdmin && user.status == UserStatus::Active => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "only an active org admin of {} may operate this node",
+                org.unwrap_or("this node's organisation")
+            ),
+        )),
+    }
 }
 
 /// An API error: a status and a stable code with a readable message.

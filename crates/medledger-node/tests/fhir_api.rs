@@ -1443,6 +1443,67 @@ async fn a_refused_patient_registers_nobody_and_a_cut_short_creation_is_finished
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_active_org_admin_of_the_nodes_organisation_may_move_the_lead() {
+    // Goal: the operator endpoint (leader transfer) needs a bearer token of this node's for
+    // an org admin of its organisation, active on the ledger now: no token, a clinician's, a
+    // patient's and a revoked admin's (still unexpired) token are refused before anything
+    // moves; the admin's request reaches the orderer (a solo node has no lead to hand over).
+    let node = Node::start().await;
+    let alice = node.clinician("dr-alice").await;
+    let patient = node
+        .create_patient(&node.token(&alice.id, "user/*.cruds", None))
+        .await;
+    let second_admin = node.enroll("admin-2", Role::OrgAdmin).await;
+    let second_admin_token = node.token(&second_admin.id, "user/*.cruds", None);
+    node.commit(
+        &node.consortium.orgs[0].admin,
+        TxBody::RevokeUser {
+            user: second_admin.id.clone(),
+            reason: medledger_core::model::RevocationReason::LeftOrganisation,
+        },
+    )
+    .await;
+    let admin = &node.consortium.orgs[0].admin.id;
+    let transfer = |token: Option<String>| {
+        let node = &node;
+        async move {
+            let answer = node
+                .send(
+                    Method::POST,
+                    "/v1/consensus/transfer-leader",
+                    token.as_deref(),
+                    &[(header::CONTENT_TYPE, "application/json")],
+                    Body::from(json!({ "to": format!("node@{ORG}") }).to_string()),
+                )
+                .await;
+            (answer.status, answer.body["error"]["code"].clone())
+        }
+    };
+    let refusals = [
+        (None, StatusCode::UNAUTHORIZED),
+        (
+            Some(node.token(&alice.id, "user/*.cruds", None)),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Some(node.token(&patient, "patient/*.rs", Some(&patient))),
+            StatusCode::FORBIDDEN,
+        ),
+        (Some(second_admin_token), StatusCode::FORBIDDEN),
+    ];
+    for (index, (token, status)) in refusals.into_iter().enumerate() {
+        let (got, code) = transfer(token).await;
+        assert_eq!(got, status, "refusal {index}: {code}");
+    }
+    let (status, code) = transfer(Some(node.token(admin, "user/*.cruds", None))).await;
+    assert_eq!(
+        (status, code),
+        (StatusCode::CONFLICT, json!("transfer_failed")),
+        "the admin passes the gate and the solo orderer answers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_json_record_endpoints_act_only_for_the_user_a_token_names() {
     // Goal: the JSON API's record endpoints (seal a version, read a record, a patient's
     // history) need a bearer token of this node's, act for the user it names, within its

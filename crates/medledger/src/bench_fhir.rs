@@ -325,10 +325,19 @@ impl Net {
         self.members.iter().map(|m| m.ledger.clone()).collect()
     }
 
-    /// Hands the lead to node `at` through its API, and waits until every node follows it.
+    /// Hands the lead to node `at` through its API, as its organisation's admin, and waits
+    /// until every node follows it.
     fn lead_at(&self, at: usize) -> Result<(), String> {
         let wanted = self.members[at].ledger.node_id().to_string();
-        let client = crate::client::Client::new(&self.urls[at]);
+        let admin = &self
+            .local
+            .consortium
+            .org(&self.orgs[at])
+            .ok_or("a founding member")?
+            .admin;
+        let login = logins(self, at, std::slice::from_ref(admin))?;
+        let token = login[0].bearer.trim_start_matches("Bearer ");
+        let client = crate::client::Client::with_token(&self.urls[at], token);
         let started = Instant::now();
         loop {
             let (led, leaders) = lead_of(self.members.iter().map(|m| &*m.node), &wanted);
@@ -408,8 +417,6 @@ async fn enroll(
         .org(&net.orgs[index])
         .ok_or("a founding member")?;
     let ledger = &net.members[index].ledger;
-    let people = net.data_dir(index).join("people");
-    std::fs::create_dir_all(&people).map_err(|e| format!("{}: {e}", people.display()))?;
     crate::bench::records::enroll_users(ledger, founding, prefix, role, count).await
 }
 
@@ -422,15 +429,15 @@ struct Login {
 /// logs each in at the node's token endpoint with password and one-time code.
 fn logins(net: &Net, index: usize, staff: &[Identity]) -> Result<Vec<Login>, String> {
     let data_dir = net.data_dir(index);
+    let people = data_dir.join("people");
+    std::fs::create_dir_all(&people).map_err(|e| format!("{}: {e}", people.display()))?;
     // One store for all, so that accounts added from several threads are all written.
     let store = AccountStore::open(&data_dir.join(ACCOUNTS_FILE)).map_err(|e| e.to_string())?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let secrets = in_parallel(staff, cores, |person| {
-        let key_file = data_dir
-            .join("people")
-            .join(format!("{}.identity.json", person.id));
+        let key_file = people.join(format!("{}.identity.json", person.id));
         person.save(&key_file).map_err(|e| e.to_string())?;
         store
             .add_account(

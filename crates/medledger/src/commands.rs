@@ -354,13 +354,17 @@ pub enum NodeCommand {
         #[arg(long, default_value = "http://127.0.0.1:7400")]
         node: String,
     },
-    /// Hand leadership to another voter (ask any node).
+    /// Hand leadership to another voter (ask any node, as an org admin of its organisation).
     TransferLeader {
         #[arg(long, default_value = "http://127.0.0.1:7400")]
         node: String,
         /// The node to lead, name@org.
         #[arg(long)]
         to: String,
+        /// An access token from the node for one of its organisation's admins (`medledger
+        /// token`), or `MEDLEDGER_TOKEN`.
+        #[arg(long)]
+        token: Option<String>,
     },
 }
 
@@ -439,8 +443,8 @@ pub fn node(command: NodeCommand) -> CliResult {
             print_json(&status);
             Ok(())
         }
-        NodeCommand::TransferLeader { node, to } => {
-            let answer: Value = Client::new(&node)
+        NodeCommand::TransferLeader { node, to, token } => {
+            let answer: Value = Client::with_token(&node, &crate::records_cli::token_of(token)?)
                 .post(
                     "/v1/consensus/transfer-leader",
                     &serde_json::json!({ "to": to }),

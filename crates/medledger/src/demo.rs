@@ -344,6 +344,12 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
             login(&bob, "dr-bob", "hospital-b"),
             login(&carol, "tech-carol", "lab-x"),
             login(&maria, "maria", "hospital-a"),
+            // The operator: moving the lead takes an org admin's token.
+            (
+                "admin@hospital-a".to_string(),
+                keys.org_file("hospital-a", "admin"),
+                "hospital-a".to_string(),
+            ),
         ],
         &maria.id,
     )?;
@@ -709,10 +715,23 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
         "   curl {}/v1/status      (role, term, leader, peers' lag)",
         node.api_url
     );
-    println!(
-        "   medledger node transfer-leader --node {} --to node@hospital-b",
-        node.api_url
-    );
+    let admin = logins["accounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|account| account["username"] == "admin@hospital-a");
+    if let Some(admin) = admin {
+        println!(
+            "   export MEDLEDGER_TOKEN=$(medledger token --node {} --username admin@hospital-a --totp-secret {} --password-file {})",
+            node.api_url,
+            admin["totp_secret"].as_str().unwrap_or(""),
+            logins["password_file"].as_str().unwrap_or(""),
+        );
+        println!(
+            "   medledger node transfer-leader --node {} --to node@hospital-b      (an org admin's call)",
+            node.api_url
+        );
+    }
     println!("   curl {}/v1/audit/patients/{}", node.api_url, maria.id);
     println!("   curl {}/v1/patients/{}/records", node.api_url, maria.id);
     println!(

@@ -215,7 +215,7 @@ pub fn record(command: RecordCommand) -> CliResult {
 }
 
 /// The access token given, or `MEDLEDGER_TOKEN`.
-fn token_of(given: Option<String>) -> Result<String, String> {
+pub fn token_of(given: Option<String>) -> Result<String, String> {
     given
         .or_else(|| std::env::var("MEDLEDGER_TOKEN").ok())
         .filter(|token| !token.trim().is_empty())

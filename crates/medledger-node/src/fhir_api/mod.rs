@@ -195,13 +195,16 @@ pub fn node_api(
 }
 
 /// The FHIR routes (nested at `/fhir`, with FHIR answers for unknown paths), the token
-/// endpoint, the SMART discovery document, and the JSON API's record endpoints behind the
-/// same tokens (`api::record_routes`). It has no fallback of its own at the top, so it
+/// endpoint, the SMART discovery document, and the JSON API's record and operator endpoints
+/// behind the same tokens (`api::record_routes`, `api::operator_routes`). It has no fallback of its own at the top, so it
 /// merges into the node's API.
 pub fn router(state: Arc<FhirState>) -> Router {
-    let records = crate::api::record_routes(state.records.clone()).layer(
-        axum::middleware::from_fn_with_state(state.clone(), with_caller),
-    );
+    let records = crate::api::record_routes(state.records.clone())
+        .merge(crate::api::operator_routes(state.records.ledger().clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            with_caller,
+        ));
     let fhir = Router::new()
         .route("/.well-known/smart-configuration", get(smart_configuration))
         .route("/metadata", get(views::capability_statement))
