@@ -117,10 +117,21 @@ async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R) -> std::io::Result<Vec
             "frame of {len} bytes over the limit"
         )));
     }
-    let mut bytes = vec![0u8; len];
-    stream.read_exact(&mut bytes).await?;
+    // The buffer grows with the bytes that arrive: a header claiming a large frame costs
+    // its sender the bytes, not the receiver an allocation up front.
+    let mut bytes = Vec::with_capacity(len.min(FRAME_PREALLOCATE_MAX));
+    stream.take(len as u64).read_to_end(&mut bytes).await?;
+    if bytes.len() < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("frame cut short at {} of {len} bytes", bytes.len()),
+        ));
+    }
     Ok(bytes)
 }
+
+/// Most bytes reserved for a frame before its bytes arrive.
+const FRAME_PREALLOCATE_MAX: usize = 64 << 10;
 
 /// Accepts peers on `listener` until `shutdown` resolves. Each connection must complete a
 /// mutual TLS handshake whose client certificate `check` accepts; each call is checked
@@ -250,5 +261,36 @@ impl PeerClient {
             Ok(result) => result,
             Err(_) => Err(RpcError::Timeout(self.addr.clone(), deadline)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_frame_reads_whole_and_a_cut_short_one_is_an_error() {
+        // Goal: a frame round-trips; a header claiming more bytes than follow (the largest
+        // frame allowed, say) is an end-of-stream error, not a frame, and one over the limit
+        // is refused from its header.
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b"{\"ping\":1}")
+            .await
+            .expect("writes");
+        assert_eq!(
+            read_frame(&mut wire.as_slice()).await.expect("reads"),
+            b"{\"ping\":1}"
+        );
+
+        let mut short = (FRAME_BYTES_MAX as u32).to_be_bytes().to_vec();
+        short.extend_from_slice(b"only this");
+        let error = read_frame(&mut short.as_slice())
+            .await
+            .expect_err("cut short");
+        assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
+
+        let over = ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes();
+        let error = read_frame(&mut over.as_slice()).await.expect_err("over");
+        assert!(error.to_string().contains("over the limit"), "{error}");
     }
 }
