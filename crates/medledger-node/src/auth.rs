@@ -510,7 +510,7 @@ impl fmt::Display for Scopes {
 // Randomness, base32 and TOTP
 // ---------------------------------------------------------------------------------------
 
-fn random_bytes(count: usize) -> Result<Vec<u8>, AuthError> {
+pub(crate) fn random_bytes(count: usize) -> Result<Vec<u8>, AuthError> {
     let mut bytes = vec![0u8; count];
     SystemRandom::new()
         .fill(&mut bytes)
@@ -709,7 +709,7 @@ fn sync_dir(dir: &Path) -> Result<(), AuthError> {
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new
 /// content, never a mixture. The file is readable by its owner only.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthError> {
     let temp = write_temp_beside(path, bytes)?;
     if let Err(e) = std::fs::rename(&temp, path) {
         let _ = std::fs::remove_file(&temp);

@@ -14,6 +14,7 @@ pub mod keywrap;
 pub mod ledger;
 pub mod pki;
 pub mod records;
+pub mod refresh;
 pub mod rpc;
 pub mod sealing;
 pub mod store;

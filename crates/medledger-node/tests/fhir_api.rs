@@ -838,9 +838,9 @@ async fn a_person_logs_in_with_password_and_one_time_code() {
         .await;
     stranger.expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
 
-    node.token_request(&[("grant_type", "refresh_token"), ("refresh_token", "x")])
+    node.token_request(&[("grant_type", "refresh_token"), ("refresh_token", "x.0.y")])
         .await
-        .expect_oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type");
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
 
     // More than the account may hold is narrowed to what it may hold.
     let wide = login(
@@ -851,6 +851,10 @@ async fn a_person_logs_in_with_password_and_one_time_code() {
     .await;
     assert_eq!(wide.status, StatusCode::OK, "{}", wide.text());
     assert_eq!(wide.body["scope"], "user/*.cruds openid");
+    assert!(
+        wide.body.get("refresh_token").is_none(),
+        "no offline_access, no refresh token"
+    );
     let claims = jwt_claims(wide.body["access_token"].as_str().expect("a token"));
     assert_eq!(claims["scope"], "user/*.cruds openid");
 }
@@ -3019,7 +3023,7 @@ impl Launch {
         let secret = node.add_account(
             &patient,
             AccountKind::Patient,
-            "patient/*.rs patient/Consent.cruds",
+            "patient/*.rs patient/Consent.cruds offline_access",
             &node.patient_key_file(&patient),
         );
         node.state
@@ -3027,7 +3031,9 @@ impl Launch {
             .add_app(medledger_node::auth::App {
                 client_id: APP_ID.to_string(),
                 redirect_uris: vec![APP_REDIRECT.to_string(), APP_OTHER_REDIRECT.to_string()],
-                allowed_scopes: "patient/*.rs user/*.rs openid fhirUser launch/patient".to_string(),
+                allowed_scopes:
+                    "patient/*.rs user/*.rs openid fhirUser launch/patient offline_access"
+                        .to_string(),
             })
             .expect("the app is registered");
         let clock_offset_s = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -3124,6 +3130,15 @@ impl Launch {
         let back = redirected(&answer, APP_REDIRECT);
         assert_eq!(back.get("state").map(String::as_str), Some(APP_STATE));
         back.get("code").expect("a code").clone()
+    }
+
+    /// A login through the app asking for `scope`, its code exchanged for tokens.
+    async fn tokens_for(&self, scope: &str) -> Answer {
+        let login = self
+            .log_in(&self.request(&[("scope", Some(scope))]), PASSWORD)
+            .await;
+        let code = redirected(&login, APP_REDIRECT)["code"].clone();
+        self.exchange_code(&code, &[]).await
     }
 
     async fn exchange(&self, changes: &[(&str, Option<&str>)]) -> Answer {
@@ -3306,6 +3321,88 @@ async fn a_smart_app_logs_a_patient_in_with_an_authorization_code_and_pkce() {
 
     launch
         .exchange_code(&code, &[])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smart_app_granted_offline_access_refreshes_and_a_replayed_refresh_token_ends_it() {
+    // Goal: a launch granted `offline_access` answers a refresh token; redeeming it (with
+    // the app's client id) answers a working access token and the next refresh token;
+    // another client and a wider scope are refused without using the token up; a narrower
+    // scope is granted as asked; a replay of a used token is refused and ends the session,
+    // so its newest token dies too; and a removed account refreshes nothing. (The unit
+    // tests of `refresh` show the sessions survive a restart.)
+    let launch = Launch::start().await;
+    let node = &launch.node;
+    let scope = "patient/*.rs launch/patient openid offline_access";
+    let answer = launch.tokens_for(scope).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    // Narrowed to what the account allows: its patient scopes and offline_access.
+    assert_eq!(answer.body["scope"], "patient/*.rs offline_access");
+    let first = answer.body["refresh_token"]
+        .as_str()
+        .expect("a refresh token")
+        .to_string();
+    let refresh = |token: String, client: Option<&'static str>, scope: Option<&'static str>| async move {
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", token.as_str()),
+        ];
+        form.extend(client.map(|client| ("client_id", client)));
+        form.extend(scope.map(|scope| ("scope", scope)));
+        node.token_request(&form).await
+    };
+
+    refresh(first.clone(), Some("another-app"), None)
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    refresh(first.clone(), Some(APP_ID), Some("patient/*.cruds"))
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_scope");
+    let renewed = refresh(first.clone(), Some(APP_ID), None).await;
+    assert_eq!(renewed.status, StatusCode::OK, "{}", renewed.text());
+    assert_eq!(renewed.header(header::CACHE_CONTROL), Some("no-store"));
+    assert_eq!(renewed.body["patient"], json!(launch.patient));
+    let token = renewed.body["access_token"]
+        .as_str()
+        .expect("an access token");
+    node.get(&format!("/fhir/Observation/{}", launch.observation), token)
+        .await
+        .expect_fhir(StatusCode::OK);
+    let second = renewed.body["refresh_token"]
+        .as_str()
+        .expect("the next refresh token")
+        .to_string();
+    assert_ne!(second, first);
+
+    let narrower = refresh(second.clone(), Some(APP_ID), Some("patient/Observation.rs")).await;
+    assert_eq!(narrower.status, StatusCode::OK, "{}", narrower.text());
+    assert_eq!(narrower.body["scope"], "patient/Observation.rs");
+    let third = narrower.body["refresh_token"]
+        .as_str()
+        .expect("the next refresh token")
+        .to_string();
+
+    // A replay of a used token: someone else holds a copy, so the session ends.
+    refresh(second, Some(APP_ID), None)
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    refresh(third, Some(APP_ID), None)
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+
+    // A removed account refreshes nothing.
+    let again = launch.tokens_for(scope).await;
+    let last = again.body["refresh_token"]
+        .as_str()
+        .expect("a refresh token")
+        .to_string();
+    node.state
+        .accounts()
+        .remove_account(&launch.patient)
+        .expect("the account is removed");
+    refresh(last, Some(APP_ID), None)
         .await
         .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
 }

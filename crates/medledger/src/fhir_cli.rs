@@ -83,7 +83,7 @@ pub enum AccountCommand {
 /// consents; a member user every record type (their role and the consents still decide).
 fn default_scopes(kind: AccountKind) -> &'static str {
     match kind {
-        AccountKind::Patient => "patient/*.rs patient/Consent.cruds openid fhirUser",
+        AccountKind::Patient => "patient/*.rs patient/Consent.cruds openid fhirUser offline_access",
         AccountKind::Practitioner => "user/*.cruds openid fhirUser",
     }
 }

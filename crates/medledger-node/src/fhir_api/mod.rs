@@ -41,6 +41,7 @@ use crate::auth::{
 use crate::consortium::Identity;
 use crate::ledger::{now_ms, Committed, Ledger, NonceCounter, SubmitError};
 use crate::records::{RecordError, RecordService};
+use crate::refresh::{RefreshError, RefreshSessions, SessionGrant, SESSIONS_FILE};
 use crate::store::{Snapshot, StoreError};
 
 /// The media type of every FHIR answer.
@@ -85,6 +86,8 @@ pub struct FhirState {
     assertions: JtiCache,
     /// Authorization codes of the SMART App Launch, until exchanged or expired.
     codes: CodeStore,
+    /// The refresh sessions of logins granted `offline_access`.
+    sessions: RefreshSessions,
     clock: RwLock<Clock>,
     signers: Signers,
     /// Held while a cut-short Patient creation is finished, so that two requests finishing
@@ -98,8 +101,10 @@ impl FhirState {
         accounts: Arc<AccountStore>,
         tokens: TokenIssuer,
         config: FhirConfig,
+        sessions: RefreshSessions,
     ) -> FhirState {
         FhirState {
+            sessions,
             signers: Signers::default(),
             ledger: records.ledger().clone(),
             records,
@@ -150,7 +155,15 @@ impl FhirState {
             data_dir: data_dir.to_path_buf(),
         };
         let tokens = TokenIssuer::new(keys, &config.issuer, &config.base_url, TOKEN_LIFETIME_S);
-        Ok(FhirState::new(records, Arc::new(accounts), tokens, config))
+        let sessions = RefreshSessions::open(&data_dir.join(SESSIONS_FILE))
+            .map_err(|e| format!("{SESSIONS_FILE}: {e}"))?;
+        Ok(FhirState::new(
+            records,
+            Arc::new(accounts),
+            tokens,
+            config,
+            sessions,
+        ))
     }
 
     /// The accounts as the file now holds them: `medledger account add` writes the file
@@ -703,16 +716,18 @@ async fn smart_configuration(State(state): State<Arc<FhirState>>) -> Response {
         // Backend services sign an assertion; registered public apps (PKCE) send only their id.
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["ES384", "RS384", "ES256"],
-        "grant_types_supported": ["authorization_code", "client_credentials", "password"],
+        "grant_types_supported": [
+            "authorization_code", "client_credentials", "password", "refresh_token"
+        ],
         "scopes_supported": [
             "patient/*.rs", "patient/*.cruds", "user/*.rs", "user/*.cruds", "system/*.rs",
-            "system/*.cruds", "openid", "fhirUser"
+            "system/*.cruds", "openid", "fhirUser", "offline_access"
         ],
         "response_types_supported": ["code"],
         "capabilities": [
             "launch-standalone", "client-public", "client-confidential-asymmetric",
             "context-standalone-patient", "permission-v2", "permission-v1",
-            "permission-patient", "permission-user"
+            "permission-patient", "permission-user", "permission-offline"
         ],
         "code_challenge_methods_supported": ["S256"]
     });
@@ -790,8 +805,14 @@ fn issue_for_person(
 ///   a person's login;
 /// - `grant_type=authorization_code`, `code`, `redirect_uri`, `client_id`,
 ///   `code_verifier`: a SMART app exchanging the code of a person's login (`launch`);
+/// - `grant_type=refresh_token`, `refresh_token`, `client_id` (the app's, if an app logged
+///   in), `scope` (optional, at most what the login was granted): a login granted
+///   `offline_access` going on (`refresh`);
 /// - `grant_type=client_credentials`, `client_assertion_type` (jwt-bearer),
 ///   `client_assertion`, `scope`: SMART Backend Services.
+///
+/// The two person logins answer a `refresh_token` when `offline_access` was granted; a
+/// refresh answers the session's next one.
 async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
     let form: HashMap<String, String> = match std::str::from_utf8(&body).ok().and_then(decode_pairs)
     {
@@ -810,6 +831,9 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
         Ok(scopes) => scopes,
         Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string()),
     };
+    // A person's login granted `offline_access` starts a refresh session; a refresh goes on
+    // with the next token of its session.
+    let mut refresh: Option<Refresh> = None;
     let issued = match field("grant_type") {
         "password" => {
             let accounts = state.accounts();
@@ -840,6 +864,7 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                 Ok(granted) => granted,
                 Err(refusal) => return *refusal,
             };
+            refresh = Refresh::start(&account, None, &granted);
             issue_for_person(&state, &account, &granted, now_s)
         }
         "authorization_code" => {
@@ -890,8 +915,16 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                     "the account that logged in no longer exists",
                 );
             };
+            refresh = Refresh::start(&account, Some(client_id), &granted);
             issue_for_person(&state, &account, &granted, now_s)
         }
+        "refresh_token" => match refreshed(&state, &requested, &form, now_s) {
+            Ok((account, granted, next)) => {
+                refresh = Some(Refresh::Next(next));
+                issue_for_person(&state, &account, &granted, now_s)
+            }
+            Err(refusal) => return *refusal,
+        },
         "client_credentials" => {
             if field("client_assertion_type")
                 != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -958,6 +991,23 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
             if let Some(patient) = &claims.patient {
                 body["patient"] = json!(patient);
             }
+            let refresh_token = match refresh {
+                Some(Refresh::Next(token)) => Some(token),
+                Some(Refresh::Start(grant)) => match state.sessions.start(grant, now_s) {
+                    Ok(token) => token,
+                    Err(e) => {
+                        return oauth_error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "server_error",
+                            &format!("the refresh session could not be kept: {e}"),
+                        )
+                    }
+                },
+                None => None,
+            };
+            if let Some(refresh_token) = refresh_token {
+                body["refresh_token"] = json!(refresh_token);
+            }
             let mut response = axum::Json(body).into_response();
             response
                 .headers_mut()
@@ -966,6 +1016,102 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
         }
         Err(e) => oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string()),
     }
+}
+
+/// What a token answer says about refreshing: a new session to start, or a session's next
+/// token.
+enum Refresh {
+    Start(SessionGrant),
+    Next(String),
+}
+
+impl Refresh {
+    /// A session for a person's login, when it was granted `offline_access`.
+    fn start(account: &Account, client_id: Option<&str>, granted: &Scopes) -> Option<Refresh> {
+        granted.offline_access.then(|| {
+            Refresh::Start(SessionGrant {
+                username: account.username.clone(),
+                client_id: client_id.map(str::to_string),
+                scope: granted.to_string(),
+            })
+        })
+    }
+}
+
+/// Redeems a refresh token: the account, what this refresh grants (what was asked for, at
+/// most what the login was granted and what the account may hold now) and the session's
+/// next token. A removed account's sessions end; a locked account refreshes nothing.
+fn refreshed(
+    state: &FhirState,
+    requested: &Scopes,
+    form: &HashMap<String, String>,
+    now_s: u64,
+) -> Result<(Account, Scopes, String), Box<Response>> {
+    let field = |name: &str| form.get(name).map(String::as_str).unwrap_or("");
+    let invalid_grant =
+        |text: &str| Box::new(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", text));
+    let refused = |e: RefreshError| match e {
+        RefreshError::Store(_) => Box::new(oauth_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            &e.to_string(),
+        )),
+        _ => invalid_grant(&e.to_string()),
+    };
+    if field("refresh_token").is_empty() {
+        return Err(Box::new(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "refresh_token is required",
+        )));
+    }
+    let client_id = Some(field("client_id")).filter(|id| !id.is_empty());
+    let session = state
+        .sessions
+        .check(field("refresh_token"), client_id, now_s)
+        .map_err(refused)?;
+    let accounts = state.accounts();
+    if let Some(app) = &session.client_id {
+        if accounts.app(app).is_none() {
+            return Err(Box::new(oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "the app that logged in is no longer registered",
+            )));
+        }
+    }
+    let Some(account) = accounts.account(&session.username) else {
+        let _ = state.sessions.end_sessions_of(&session.username);
+        return Err(invalid_grant("the account that logged in no longer exists"));
+    };
+    if account.locked_until_s > now_s {
+        return Err(invalid_grant(&crate::auth::AuthError::Locked.to_string()));
+    }
+    let original = Scopes::parse(&session.scope).map_err(|_| {
+        Box::new(oauth_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the session's scopes do not parse",
+        ))
+    })?;
+    let wanted = if requested.is_empty() {
+        original
+    } else if requested.intersect(&original) == *requested {
+        requested.clone()
+    } else {
+        return Err(Box::new(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            "a refresh may ask for no more than the login was granted",
+        )));
+    };
+    let granted = grant(&wanted, &account.allowed_scopes, "account")?;
+    // Only a refresh that will answer uses its token up.
+    let next = state
+        .sessions
+        .rotate(field("refresh_token"), now_s)
+        .map_err(refused)?;
+    Ok((account, granted, next))
 }
 
 /// `name=value` pairs joined by `&`, decoded, in order: a query string or a form body.
