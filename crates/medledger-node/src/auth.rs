@@ -520,7 +520,7 @@ pub(crate) fn random_bytes(count: usize) -> Result<Vec<u8>, AuthError> {
 
 /// Compares two byte strings in time that depends only on their lengths, so a guess
 /// that shares a prefix with the right answer is not answered faster or slower.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -1488,6 +1488,31 @@ pub struct Claims {
     pub amr: Vec<String>,
 }
 
+/// What an ID token says about a login, besides issuer and times.
+pub struct IdTokenClaims<'a> {
+    pub sub: &'a str,
+    /// The app the token is for: its audience.
+    pub client_id: &'a str,
+    pub nonce: Option<&'a str>,
+    /// Given when the `fhirUser` scope was granted.
+    pub fhir_user: Option<&'a str>,
+    pub amr: &'a [&'a str],
+}
+
+#[derive(Serialize)]
+struct IdToken<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    exp: u64,
+    iat: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nonce: Option<&'a str>,
+    #[serde(rename = "fhirUser", skip_serializing_if = "Option::is_none")]
+    fhir_user: Option<&'a str>,
+    amr: &'a [&'a str],
+}
+
 /// Why an access token was refused. The HTTP layer answers all of them with 401
 /// `invalid_token`; `code` is for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
@@ -1600,6 +1625,30 @@ impl TokenIssuer {
         let token = jsonwebtoken::encode(&header, &claims, &self.keys.encoding)
             .map_err(|_| AuthError::Signing)?;
         Ok((token, claims))
+    }
+
+    /// Signs an OpenID Connect ID token for `client_id` about `sub`, valid as long as an
+    /// access token. Its type is `JWT`, not an access token's, and its audience the app,
+    /// so `verify` refuses it as a bearer token.
+    pub fn issue_id_token(
+        &self,
+        claims: IdTokenClaims<'_>,
+        now_s: u64,
+    ) -> Result<String, AuthError> {
+        let body = IdToken {
+            iss: &self.issuer,
+            sub: claims.sub,
+            aud: claims.client_id,
+            exp: now_s.saturating_add(self.lifetime_s),
+            iat: now_s,
+            nonce: claims.nonce,
+            fhir_user: claims.fhir_user,
+            amr: claims.amr,
+        };
+        let mut header = Header::new(Algorithm::ES256);
+        header.typ = Some("JWT".to_string());
+        header.kid = Some(self.keys.kid.clone());
+        jsonwebtoken::encode(&header, &body, &self.keys.encoding).map_err(|_| AuthError::Signing)
     }
 
     /// Checks an access token: ES256 under this node's key, this issuer and audience,
@@ -1998,6 +2047,8 @@ pub struct CodeGrant {
     pub scope: String,
     /// The account that logged in.
     pub username: String,
+    /// The app's OpenID Connect `nonce`, repeated in the ID token.
+    pub nonce: Option<String>,
 }
 
 /// Why a code was not exchanged. The token endpoint answers all but `Full` and
@@ -3041,6 +3092,7 @@ mod tests {
             code_challenge: RFC7636_CHALLENGE.to_string(),
             scope: "patient/*.rs".to_string(),
             username: "pt-abc".to_string(),
+            nonce: None,
         }
     }
 

@@ -23,7 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{random_bytes, write_atomic, AuthError};
+use crate::auth::{constant_time_eq, random_bytes, write_atomic, AuthError};
 
 /// The file of a node's refresh sessions, in its data directory.
 pub const SESSIONS_FILE: &str = "refresh-sessions.json";
@@ -215,10 +215,6 @@ impl RefreshSessions {
 
 fn secret_hash(secret: &str) -> String {
     medledger_core::Hash::digest(secret.as_bytes()).to_hex()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -2989,6 +2989,7 @@ const APP_ID: &str = "pocket-chart";
 const APP_REDIRECT: &str = "http://127.0.0.1:8765/callback";
 const APP_OTHER_REDIRECT: &str = "https://pocket-chart.example/callback";
 const APP_STATE: &str = "af0ifjsldkj<&\">'";
+const APP_NONCE: &str = "n-0S6_WzA2Mj";
 /// A PKCE verifier: 64 characters of the unreserved set.
 const VERIFIER: &str = "m4Y-t3st.v3rifier~that_is_long_enough_for_rfc7636_0123456789abcd";
 
@@ -3013,6 +3014,11 @@ struct Launch {
 
 impl Launch {
     async fn start() -> Launch {
+        Launch::start_allowing("patient/*.rs patient/Consent.cruds").await
+    }
+
+    /// The launch with the patient's account allowed `account_scopes`.
+    async fn start_allowing(account_scopes: &str) -> Launch {
         let node = Node::start().await;
         let alice = node.clinician("dr-alice").await;
         let clinician = node.token(&alice.id, "user/*.cruds", None);
@@ -3023,7 +3029,7 @@ impl Launch {
         let secret = node.add_account(
             &patient,
             AccountKind::Patient,
-            "patient/*.rs patient/Consent.cruds offline_access",
+            account_scopes,
             &node.patient_key_file(&patient),
         );
         node.state
@@ -3135,7 +3141,10 @@ impl Launch {
     /// A login through the app asking for `scope`, its code exchanged for tokens.
     async fn tokens_for(&self, scope: &str) -> Answer {
         let login = self
-            .log_in(&self.request(&[("scope", Some(scope))]), PASSWORD)
+            .log_in(
+                &self.request(&[("scope", Some(scope)), ("nonce", Some(APP_NONCE))]),
+                PASSWORD,
+            )
             .await;
         let code = redirected(&login, APP_REDIRECT)["code"].clone();
         self.exchange_code(&code, &[]).await
@@ -3296,6 +3305,11 @@ async fn a_smart_app_logs_a_patient_in_with_an_authorization_code_and_pkce() {
     assert_eq!(exchanged.body["patient"], launch.patient);
     // The app may have launch/patient and openid, the account neither.
     assert_eq!(exchanged.body["scope"], "patient/*.rs");
+    assert!(
+        exchanged.body.get("id_token").is_none(),
+        "no openid, no ID token"
+    );
+    assert!(exchanged.body.get("refresh_token").is_none());
     let token = exchanged.body["access_token"]
         .as_str()
         .expect("an access token")
@@ -3326,20 +3340,52 @@ async fn a_smart_app_logs_a_patient_in_with_an_authorization_code_and_pkce() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_smart_app_granted_offline_access_refreshes_and_a_replayed_refresh_token_ends_it() {
-    // Goal: a launch granted `offline_access` answers a refresh token; redeeming it (with
+async fn a_smart_app_granted_openid_and_offline_access_gets_id_and_refresh_tokens() {
+    // Goal: a launch granted `openid` answers an ID token for the app (its nonce, the
+    // fhirUser claim; refused as a bearer token); one granted `offline_access` answers a
+    // refresh token; redeeming it (with
     // the app's client id) answers a working access token and the next refresh token;
     // another client and a wider scope are refused without using the token up; a narrower
     // scope is granted as asked; a replay of a used token is refused and ends the session,
     // so its newest token dies too; and a removed account refreshes nothing. (The unit
     // tests of `refresh` show the sessions survive a restart.)
-    let launch = Launch::start().await;
+    let launch =
+        Launch::start_allowing("patient/*.rs patient/Consent.cruds openid fhirUser offline_access")
+            .await;
     let node = &launch.node;
-    let scope = "patient/*.rs launch/patient openid offline_access";
+    let scope = "patient/*.rs launch/patient openid fhirUser offline_access";
     let answer = launch.tokens_for(scope).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-    // Narrowed to what the account allows: its patient scopes and offline_access.
-    assert_eq!(answer.body["scope"], "patient/*.rs offline_access");
+    // Narrowed to what the account allows: not launch/patient.
+    assert_eq!(
+        answer.body["scope"],
+        "patient/*.rs openid fhirUser offline_access"
+    );
+    // openid: an ID token for the app, which is no bearer token for the API.
+    let id_token = answer.body["id_token"].as_str().expect("an ID token");
+    let id_claims = jwt_claims(id_token);
+    assert_eq!(id_claims["iss"], API_URL);
+    assert_eq!(id_claims["aud"], APP_ID);
+    assert_eq!(id_claims["sub"], json!(launch.patient));
+    assert_eq!(id_claims["nonce"], APP_NONCE);
+    assert_eq!(
+        id_claims["fhirUser"],
+        format!("{FHIR_BASE}/Patient/{}", launch.patient)
+    );
+    node.get(
+        &format!("/fhir/Observation/{}", launch.observation),
+        id_token,
+    )
+    .await
+    .expect_fhir(StatusCode::UNAUTHORIZED);
+    let discovery = node
+        .get_anonymous("/.well-known/openid-configuration")
+        .await;
+    assert_eq!(discovery.body["issuer"], API_URL);
+    assert_eq!(
+        discovery.body["id_token_signing_alg_values_supported"],
+        json!(["ES256"])
+    );
     let first = answer.body["refresh_token"]
         .as_str()
         .expect("a refresh token")
@@ -3364,6 +3410,9 @@ async fn a_smart_app_granted_offline_access_refreshes_and_a_replayed_refresh_tok
     assert_eq!(renewed.status, StatusCode::OK, "{}", renewed.text());
     assert_eq!(renewed.header(header::CACHE_CONTROL), Some("no-store"));
     assert_eq!(renewed.body["patient"], json!(launch.patient));
+    let renewed_id = jwt_claims(renewed.body["id_token"].as_str().expect("an ID token"));
+    assert_eq!(renewed_id["aud"], APP_ID);
+    assert!(renewed_id.get("nonce").is_none(), "a refresh has no nonce");
     let token = renewed.body["access_token"]
         .as_str()
         .expect("an access token");

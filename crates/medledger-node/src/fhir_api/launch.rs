@@ -25,7 +25,7 @@ use crate::auth::{
 const MAX_STATE_BYTES: usize = 1024;
 
 /// The request's parameters that the login form carries through, in order.
-const CARRIED: [&str; 7] = [
+const CARRIED: [&str; 8] = [
     "response_type",
     "client_id",
     "redirect_uri",
@@ -33,6 +33,7 @@ const CARRIED: [&str; 7] = [
     "state",
     "aud",
     "code_challenge",
+    "nonce",
 ];
 
 /// A request that passed every check.
@@ -152,6 +153,9 @@ fn check(state: &FhirState, pairs: &[(String, String)]) -> Result<Checked, Refus
             "state is required (at most 1024 bytes)",
         ));
     }
+    if params["nonce"].len() > MAX_STATE_BYTES {
+        return Err(refuse("invalid_request", "nonce is at most 1024 bytes"));
+    }
     let base = state.config.base_url.trim_end_matches('/');
     if params["aud"].trim_end_matches('/') != base {
         return Err(refuse(
@@ -263,6 +267,7 @@ pub(super) async fn authorize_login(State(state): State<Arc<FhirState>>, body: B
         code_challenge: checked.params["code_challenge"].clone(),
         scope: granted.to_string(),
         username: account.username.clone(),
+        nonce: Some(checked.params["nonce"].clone()).filter(|nonce| !nonce.is_empty()),
     };
     match state.codes.issue(grant, now_s) {
         Ok(code) => redirect(&redirect_uri, &[("code", &code), ("state", &app_state)]),

@@ -36,7 +36,8 @@ use serde_json::{json, Value};
 
 use crate::auth::{
     is_code_verifier, verify_client_assertion, Account, AccountKind, AccountStore, AuthError,
-    Claims, CodeStore, Interaction, JtiCache, ScopeContext, Scopes, TokenError, TokenIssuer,
+    Claims, CodeStore, IdTokenClaims, Interaction, JtiCache, ScopeContext, Scopes, TokenError,
+    TokenIssuer,
 };
 use crate::consortium::Identity;
 use crate::ledger::{now_ms, Committed, Ledger, NonceCounter, SubmitError};
@@ -248,6 +249,10 @@ pub fn router(state: Arc<FhirState>) -> Router {
         .with_state(state.clone());
     Router::new()
         .route("/.well-known/smart-configuration", get(smart_configuration))
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
         .route("/auth/token", post(token))
         .route(
             "/auth/authorize",
@@ -727,8 +732,27 @@ async fn smart_configuration(State(state): State<Arc<FhirState>>) -> Response {
         "capabilities": [
             "launch-standalone", "client-public", "client-confidential-asymmetric",
             "context-standalone-patient", "permission-v2", "permission-v1",
-            "permission-patient", "permission-user", "permission-offline"
+            "permission-patient", "permission-user", "permission-offline",
+            "sso-openid-connect"
         ],
+        "code_challenge_methods_supported": ["S256"]
+    });
+    axum::Json(body).into_response()
+}
+
+/// OpenID Connect discovery: what an app needs to check the ID tokens of its logins.
+async fn openid_configuration(State(state): State<Arc<FhirState>>) -> Response {
+    let body = json!({
+        "issuer": state.config.issuer,
+        "jwks_uri": format!("{}/auth/jwks", state.config.issuer),
+        "authorization_endpoint": state.authorize_url(),
+        "token_endpoint": state.token_url(),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "scopes_supported": ["openid", "fhirUser", "offline_access"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nonce", "fhirUser", "amr"],
+        "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
         "code_challenge_methods_supported": ["S256"]
     });
     axum::Json(body).into_response()
@@ -834,6 +858,8 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
     // A person's login granted `offline_access` starts a refresh session; a refresh goes on
     // with the next token of its session.
     let mut refresh: Option<Refresh> = None;
+    // An app's login granted `openid` gets an ID token too.
+    let mut id_token: Option<IdTokenFor> = None;
     let issued = match field("grant_type") {
         "password" => {
             let accounts = state.accounts();
@@ -916,11 +942,13 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                 );
             };
             refresh = Refresh::start(&account, Some(client_id), &granted);
+            id_token = IdTokenFor::app(Some(client_id), grant.nonce, &granted);
             issue_for_person(&state, &account, &granted, now_s)
         }
         "refresh_token" => match refreshed(&state, &requested, &form, now_s) {
-            Ok((account, granted, next)) => {
+            Ok((account, granted, next, client_id)) => {
                 refresh = Some(Refresh::Next(next));
+                id_token = IdTokenFor::app(client_id.as_deref(), None, &granted);
                 issue_for_person(&state, &account, &granted, now_s)
             }
             Err(refusal) => return *refusal,
@@ -1008,6 +1036,25 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
             if let Some(refresh_token) = refresh_token {
                 body["refresh_token"] = json!(refresh_token);
             }
+            if let Some(wanted) = id_token {
+                let claims = IdTokenClaims {
+                    sub: &claims.sub,
+                    client_id: &wanted.client_id,
+                    nonce: wanted.nonce.as_deref(),
+                    fhir_user: claims.fhir_user.as_deref().filter(|_| wanted.fhir_user),
+                    amr: &["pwd", "otp"],
+                };
+                match state.tokens.issue_id_token(claims, now_s) {
+                    Ok(token) => body["id_token"] = json!(token),
+                    Err(e) => {
+                        return oauth_error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "server_error",
+                            &e.to_string(),
+                        )
+                    }
+                }
+            }
             let mut response = axum::Json(body).into_response();
             response
                 .headers_mut()
@@ -1015,6 +1062,26 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
             response
         }
         Err(e) => oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &e.to_string()),
+    }
+}
+
+/// The ID token a token answer carries: for the app a person logged in through, when the
+/// login was granted `openid`.
+struct IdTokenFor {
+    client_id: String,
+    nonce: Option<String>,
+    /// Whether the `fhirUser` claim was granted.
+    fhir_user: bool,
+}
+
+impl IdTokenFor {
+    fn app(client_id: Option<&str>, nonce: Option<String>, granted: &Scopes) -> Option<IdTokenFor> {
+        let client_id = client_id.filter(|_| granted.openid)?;
+        Some(IdTokenFor {
+            client_id: client_id.to_string(),
+            nonce,
+            fhir_user: granted.fhir_user,
+        })
     }
 }
 
@@ -1040,13 +1107,14 @@ impl Refresh {
 
 /// Redeems a refresh token: the account, what this refresh grants (what was asked for, at
 /// most what the login was granted and what the account may hold now) and the session's
-/// next token. A removed account's sessions end; a locked account refreshes nothing.
+/// next token, with the app that logged in. A removed account's sessions end; a locked
+/// account refreshes nothing.
 fn refreshed(
     state: &FhirState,
     requested: &Scopes,
     form: &HashMap<String, String>,
     now_s: u64,
-) -> Result<(Account, Scopes, String), Box<Response>> {
+) -> Result<(Account, Scopes, String, Option<String>), Box<Response>> {
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or("");
     let invalid_grant =
         |text: &str| Box::new(oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", text));
@@ -1111,7 +1179,7 @@ fn refreshed(
         .sessions
         .rotate(field("refresh_token"), now_s)
         .map_err(refused)?;
-    Ok((account, granted, next))
+    Ok((account, granted, next, session.client_id))
 }
 
 /// `name=value` pairs joined by `&`, decoded, in order: a query string or a form body.
