@@ -171,7 +171,9 @@ impl RefreshSessions {
         let ended = if session.ends_at_s <= now_s {
             RefreshError::Expired
         } else if generation < session.generation {
-            // An earlier token of this session: a copy is in other hands.
+            // An earlier token of this session: a copy is in other hands. Earlier secrets
+            // are not kept, so whoever has seen a token of the session can end it this way,
+            // and no one else can: the session id is in no other place.
             RefreshError::Reused
         } else if generation == session.generation
             && constant_time_eq(
@@ -191,7 +193,7 @@ impl RefreshSessions {
         Err(ended)
     }
 
-    /// Ends every session of `username` (an account removed or its password reset).
+    /// Ends every session of `username` (an account that was removed).
     pub fn end_sessions_of(&self, username: &str) -> Result<usize, AuthError> {
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let mut next = sessions.clone();
