@@ -175,10 +175,8 @@ async fn transfer_leader(
 /// the ledger has it now (a revoked admin's unexpired token is refused too).
 fn operator(ledger: &Ledger, caller: &Caller) -> Result<(), ApiError> {
     let org = medledger_core::identity::split_user_id(ledger.node_id()).map(|(org, _)| org);
-    let user: Option<User> = match medledger_core::identity::split_user_id(&caller.actor) {
-        Some((user_org, _)) if Some(user_org) == org && caller.context == ScopeContext::User => {
-            snapshot(ledger)?.value(&keys::user(&caller.actor))?
-        }
+    let user: Option<User> = match org {
+        Some(org) if user_of(caller, org) => snapshot(ledger)?.value(&keys::user(&caller.actor))?,
         _ => None,
     };
     match user {
@@ -418,6 +416,14 @@ async fn patient_history(
     Ok(Json(service.history(&actor, &patient, body.purpose).await?))
 }
 
+/// Whether `caller` holds a user's token (not a patient's or a backend client's) for a user
+/// of `org`.
+fn user_of(caller: &Caller, org: &str) -> bool {
+    caller.context == ScopeContext::User
+        && medledger_core::identity::split_user_id(&caller.actor)
+            .is_some_and(|(user_org, _)| user_org == org)
+}
+
 /// The user a record request acts for: its token's, a user of this node's organisation
 /// (not a patient or a backend client). An `actor` the body names must be that user.
 fn acting_user(
@@ -426,14 +432,11 @@ fn acting_user(
     named: Option<String>,
 ) -> Result<String, ApiError> {
     let forbidden = |message: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", message);
-    match medledger_core::identity::split_user_id(&caller.actor) {
-        Some((org, _)) if org == service.org() && caller.context == ScopeContext::User => {}
-        _ => {
-            return Err(forbidden(format!(
-                "these endpoints act for a user of {} with a user's token",
-                service.org()
-            )))
-        }
+    if !user_of(caller, service.org()) {
+        return Err(forbidden(format!(
+            "these endpoints act for a user of {} with a user's token",
+            service.org()
+        )));
     }
     match named {
         Some(named) if named != caller.actor => Err(forbidden(format!(

@@ -1496,7 +1496,8 @@ pub struct IdTokenClaims<'a> {
     pub nonce: Option<&'a str>,
     /// Given when the `fhirUser` scope was granted.
     pub fhir_user: Option<&'a str>,
-    pub amr: &'a [&'a str],
+    /// How the person logged in: the access token's `amr`.
+    pub amr: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -1510,7 +1511,7 @@ struct IdToken<'a> {
     nonce: Option<&'a str>,
     #[serde(rename = "fhirUser", skip_serializing_if = "Option::is_none")]
     fhir_user: Option<&'a str>,
-    amr: &'a [&'a str],
+    amr: &'a [String],
 }
 
 /// Why an access token was refused. The HTTP layer answers all of them with 401

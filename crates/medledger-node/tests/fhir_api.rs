@@ -3347,7 +3347,8 @@ async fn a_smart_app_granted_openid_and_offline_access_gets_id_and_refresh_token
     // the app's client id) answers a working access token and the next refresh token;
     // another client and a wider scope are refused without using the token up; a narrower
     // scope is granted as asked; a replay of a used token is refused and ends the session,
-    // so its newest token dies too; and a removed account refreshes nothing. (The unit
+    // so its newest token dies too; a locked account refreshes nothing until the lock ends;
+    // and a removed account refreshes nothing. (The unit
     // tests of `refresh` show the sessions survive a restart.)
     let launch =
         Launch::start_allowing("patient/*.rs patient/Consent.cruds openid fhirUser offline_access")
@@ -3368,6 +3369,7 @@ async fn a_smart_app_granted_openid_and_offline_access_gets_id_and_refresh_token
     assert_eq!(id_claims["aud"], APP_ID);
     assert_eq!(id_claims["sub"], json!(launch.patient));
     assert_eq!(id_claims["nonce"], APP_NONCE);
+    assert_eq!(id_claims["amr"], json!(["pwd", "otp"]));
     assert_eq!(
         id_claims["fhirUser"],
         format!("{FHIR_BASE}/Patient/{}", launch.patient)
@@ -3441,11 +3443,33 @@ async fn a_smart_app_granted_openid_and_offline_access_gets_id_and_refresh_token
         .await
         .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
 
-    // A removed account refreshes nothing.
+    // A locked account refreshes nothing, and the refusal leaves the token good for when
+    // the lock ends; a removed account refreshes nothing.
     let again = launch.tokens_for(scope).await;
-    let last = again.body["refresh_token"]
+    let locked = again.body["refresh_token"]
         .as_str()
         .expect("a refresh token")
+        .to_string();
+    for _ in 0..medledger_node::auth::MAX_FAILED_LOGINS {
+        node.token_request(&[
+            ("grant_type", "password"),
+            ("username", &launch.patient),
+            ("password", "not the password at all"),
+            ("totp", "000000"),
+            ("scope", "patient/*.rs"),
+        ])
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    }
+    refresh(locked.clone(), Some(APP_ID), None)
+        .await
+        .expect_oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+    launch.advance_clock(medledger_node::auth::LOCKOUT_S + 1);
+    let unlocked = refresh(locked, Some(APP_ID), None).await;
+    assert_eq!(unlocked.status, StatusCode::OK, "{}", unlocked.text());
+    let last = unlocked.body["refresh_token"]
+        .as_str()
+        .expect("the next refresh token")
         .to_string();
     node.state
         .accounts()

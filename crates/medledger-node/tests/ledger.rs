@@ -79,7 +79,7 @@ async fn one_signers_concurrent_transactions_commit_at_their_first_nonce() {
     // stale, so none is signed twice and the ledger's nonce for the signer is exactly the
     // number of its transactions.
     use medledger_core::contracts::TxOutcome;
-    use medledger_core::model::{Action, Category, Grantee, Purpose, Scope};
+    use medledger_core::model::Category;
     use medledger_node::ledger::NonceCounter;
     use medledger_node::records::RecordError;
 
@@ -110,18 +110,7 @@ async fn one_signers_concurrent_transactions_commit_at_their_first_nonce() {
                         60_000,
                         |_| {
                             signed += 1;
-                            TxBody::Grant {
-                                grantee: Grantee::Org {
-                                    org: "hospital-a".into(),
-                                },
-                                scope: Scope {
-                                    resource_types: vec![],
-                                    categories: vec![Category::Diagnostics],
-                                },
-                                actions: vec![Action::Read],
-                                purposes: vec![Purpose::Treatment],
-                                expires_at_ms: None,
-                            }
+                            common::read_grant("hospital-a", Category::Diagnostics)
                         },
                     )
                     .await

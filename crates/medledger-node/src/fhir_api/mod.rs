@@ -210,11 +210,11 @@ pub fn node_api(
 
 /// The FHIR routes (nested at `/fhir`, with FHIR answers for unknown paths), the token
 /// endpoint, the SMART discovery document, and the JSON API's record and operator endpoints
-/// behind the same tokens (`api::record_routes`, `api::operator_routes`). It has no fallback of its own at the top, so it
-/// merges into the node's API.
+/// behind the same tokens (`api::record_routes`, `api::operator_routes`). It has no
+/// fallback of its own at the top, so it merges into the node's API.
 pub fn router(state: Arc<FhirState>) -> Router {
-    let records = crate::api::record_routes(state.records.clone())
-        .merge(crate::api::operator_routes(state.records.ledger().clone()))
+    let behind_tokens = crate::api::record_routes(state.records.clone())
+        .merge(crate::api::operator_routes(state.ledger.clone()))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             with_caller,
@@ -261,7 +261,7 @@ pub fn router(state: Arc<FhirState>) -> Router {
         .route("/auth/jwks", get(jwks))
         .with_state(state)
         .nest("/fhir", fhir)
-        .merge(records)
+        .merge(behind_tokens)
 }
 
 /// Lets a request through only with a valid bearer token of this node's, and hands the
@@ -1042,7 +1042,7 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
                     client_id: &wanted.client_id,
                     nonce: wanted.nonce.as_deref(),
                     fhir_user: claims.fhir_user.as_deref().filter(|_| wanted.fhir_user),
-                    amr: &["pwd", "otp"],
+                    amr: &claims.amr,
                 };
                 match state.tokens.issue_id_token(claims, now_s) {
                     Ok(token) => body["id_token"] = json!(token),

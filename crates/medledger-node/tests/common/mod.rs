@@ -19,6 +19,20 @@ pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 #[allow(dead_code)]
 pub const GENESIS_MS: u64 = 1_700_000_000_000;
 
+/// A patient's grant: `org` may read `category` for treatment, with no end.
+pub fn read_grant(org: &str, category: Category) -> TxBody {
+    TxBody::Grant {
+        grantee: Grantee::Org { org: org.into() },
+        scope: Scope {
+            resource_types: vec![],
+            categories: vec![category],
+        },
+        actions: vec![Action::Read],
+        purposes: vec![Purpose::Treatment],
+        expires_at_ms: None,
+    }
+}
+
 /// Writes genesis and three blocks (six transactions, one rejected) through the node's
 /// store in `data_dir`.
 #[allow(dead_code)]
@@ -60,18 +74,7 @@ pub fn build_ledger(data_dir: &std::path::Path) {
             CHAIN_ID,
             2,
             expires_at_ms,
-            TxBody::Grant {
-                grantee: Grantee::Org {
-                    org: "hospital-a".into(),
-                },
-                scope: Scope {
-                    resource_types: vec![],
-                    categories: vec![Category::Conditions],
-                },
-                actions: vec![Action::Read],
-                purposes: vec![Purpose::Treatment],
-                expires_at_ms: None,
-            },
+            read_grant("hospital-a", Category::Conditions),
         )
     };
     let maria_grant = grant(&maria);
