@@ -4,9 +4,11 @@
 //! fsynced before `commit_block` returns, so after a crash the store holds every block it
 //! acknowledged and never half of one. The same file is all `verify` needs.
 //!
-//! A consortium node keeps Raft's log and vote in a second redb file beside it
-//! (`RAFT_FILE`): the log's fsynced appends and the state machine's commits then never wait
-//! for each other's write lock, and each file's commits stay small.
+//! A consortium node keeps Raft's log and vote beside it, in a write-ahead log
+//! (`consensus::wal`, directory `raft-log`): an append is one sequential write and one
+//! `fdatasync`, where a durable redb commit writes pages across its file and its header;
+//! and the log's appends and the state machine's commits never wait for each other's lock.
+//! A store in memory (simulations) keeps the log in a second in-memory redb database.
 
 use std::path::Path;
 
@@ -24,9 +26,10 @@ const HEAD_KEY: &str = "head";
 /// Where the Raft state machine stands (last applied log id and membership); written with
 /// the block it applied.
 const APPLIED_KEY: &str = "raft_applied";
-/// Raft's log (in the Raft file): index → encoded entry.
+/// Raft's log in a Raft database (in memory, or `raft.redb` of earlier versions):
+/// index → encoded entry.
 pub(crate) const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// Raft's vote and purge point (in the Raft file).
+/// Raft's vote and purge point in a Raft database.
 pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 /// The state machine's stored position and every stored block.
@@ -34,8 +37,6 @@ pub(crate) type AppliedAndBlocks = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
 /// The file name of the ledger store inside a node's data directory.
 pub const LEDGER_FILE: &str = "ledger.redb";
-/// The file name of Raft's log and vote inside a node's data directory.
-pub const RAFT_FILE: &str = "raft.redb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -76,7 +77,15 @@ enum Db {
 pub struct Store {
     db: Db,
     /// Raft's log and vote; absent in a store opened from a copy (for `verify`).
-    raft: Option<redb::Database>,
+    raft: Option<RaftDisk>,
+}
+
+/// Where a store keeps Raft's log and vote.
+pub(crate) enum RaftDisk {
+    /// Tables `RAFT_LOG` and `RAFT_META` of a redb database (stores in memory).
+    Tables(redb::Database),
+    /// The write-ahead log in the data directory (stores on disk).
+    Wal(Box<crate::consensus::wal::Wal>),
 }
 
 impl Store {
@@ -84,8 +93,8 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Storage(e.to_string()))?;
         let db = redb::Database::create(data_dir.join(LEDGER_FILE))?;
-        let raft = redb::Database::create(data_dir.join(RAFT_FILE))?;
-        Store::with_tables(db, raft)
+        let wal = crate::consensus::wal::open(data_dir)?;
+        Store::with_tables(db, RaftDisk::Wal(Box::new(wal)))
     }
 
     /// An empty store in memory (simulations and tests of whole clusters).
@@ -94,18 +103,19 @@ impl Store {
             redb::Builder::new()
                 .create_with_backend(MemoryBackend(std::sync::RwLock::new(Vec::new())))
         };
-        Store::with_tables(memory()?, memory()?)
+        let raft = memory()?;
+        let txn = raft.begin_write()?;
+        txn.open_table(RAFT_LOG)?;
+        txn.open_table(RAFT_META)?;
+        txn.commit()?;
+        Store::with_tables(memory()?, RaftDisk::Tables(raft))
     }
 
-    fn with_tables(db: redb::Database, raft: redb::Database) -> Result<Store, StoreError> {
+    fn with_tables(db: redb::Database, raft: RaftDisk) -> Result<Store, StoreError> {
         let txn = db.begin_write()?;
         txn.open_table(BLOCKS)?;
         txn.open_table(STATE)?;
         txn.open_table(META)?;
-        txn.commit()?;
-        let txn = raft.begin_write()?;
-        txn.open_table(RAFT_LOG)?;
-        txn.open_table(RAFT_META)?;
         txn.commit()?;
         Ok(Store {
             db: Db::Writable(db),
@@ -113,14 +123,29 @@ impl Store {
         })
     }
 
-    /// The Raft file, for the Raft log store.
+    /// Raft's log and vote, for the Raft log store.
     ///
     /// # Panics
     /// On a store opened from a copy, which no log store is ever built on.
-    pub(crate) fn raft_database(&self) -> &redb::Database {
+    pub(crate) fn raft_disk(&self) -> &RaftDisk {
         self.raft
             .as_ref()
             .expect("a store opened from a copy has no Raft log")
+    }
+
+    /// How many times the write-ahead log has synced since the store opened (several
+    /// appends can share one sync); `None` for a log kept in tables.
+    pub fn raft_log_syncs(&self) -> Option<u64> {
+        match self.raft.as_ref()? {
+            RaftDisk::Wal(wal) => Some(
+                wal.lock()
+                    .expect("raft log lock")
+                    .stat()
+                    .flush_metrics
+                    .sync_batch_count,
+            ),
+            RaftDisk::Tables(_) => None,
+        }
     }
 
     /// Makes every commit so far durable (an fsynced empty commit of the ledger file):

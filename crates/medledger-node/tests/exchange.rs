@@ -600,9 +600,16 @@ async fn a_clinician_elsewhere_reads_exactly_while_the_patient_consents() {
         node.shutdown().await;
     }
     drop(nodes);
-    for dir in &dirs {
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
+    // Every file of every node, the Raft log's chunk files under `raft-log/` included.
+    let mut pending: Vec<std::path::PathBuf> =
+        dirs.iter().map(|d| d.path().to_path_buf()).collect();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
             let bytes = std::fs::read(&path).unwrap();
             for needle in [SYNTHETIC_NAME, SYNTHETIC_NOTE] {
                 assert!(

@@ -413,10 +413,17 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         .iter()
         .map(|p| (0..per_client as u64).map(|n| grant(p, n + 2)).collect())
         .collect();
-    let fsyncs_before = leader.stats().fsyncs.load(Ordering::Relaxed);
+    // The write-ahead log counts its own syncs (appends queued together share one).
+    let fsyncs_now = || {
+        leader
+            .store()
+            .raft_log_syncs()
+            .unwrap_or_else(|| leader.stats().fsyncs.load(Ordering::Relaxed))
+    };
+    let fsyncs_before = fsyncs_now();
     let blocks_before = leader.stats().blocks.load(Ordering::Relaxed);
     let throughput = drive(&runtime, &ledgers, load);
-    let fsyncs = leader.stats().fsyncs.load(Ordering::Relaxed) - fsyncs_before;
+    let fsyncs = fsyncs_now() - fsyncs_before;
     let blocks = leader.stats().blocks.load(Ordering::Relaxed) - blocks_before;
     let tx_per_s = throughput.committed as f64 / throughput.seconds;
     let tx_per_block = throughput.committed as f64 / blocks.max(1) as f64;

@@ -1,25 +1,27 @@
-//! Raft's log and vote, durable in the node's Raft file (`store::RAFT_FILE`).
+//! Raft's log and vote, durable in the store's Raft log (`store::RaftDisk`): the
+//! write-ahead log of a node on disk (`wal`), or redb tables of a store in memory.
 //!
-//! Every append, vote, truncation and purge is an fsynced redb commit before openraft hears
-//! it is done. The state machine's commits to the ledger file skip their own fsync (see
+//! Every append, vote, truncation and purge is durable before openraft hears it is done.
+//! The state machine's commits to the ledger file skip their own fsync (see
 //! `StateMachine`): a purge first makes them durable (`Store::make_durable`), and the
 //! writer thread does so at most once a second while entries arrive.
 //!
-//! On a node, `append` puts the entries where reads see them (`recent`) and hands them to
-//! the log's writer thread, which commits whatever appends have queued in one fsynced
-//! transaction (group commit) and then reports each as flushed. (openraft 0.9's core still
-//! waits for that report before it sends the entries to followers, so on the leader the
-//! fsync precedes replication; a Raft engine with asynchronous log IO would overlap them.)
-//! Truncations, purges and votes go through the same thread, in order, and are awaited.
+//! On a node, `append` puts the entries where reads see them (`recent`) and queues them on
+//! the write-ahead log, whose flush worker syncs whatever has queued (group commit) and
+//! then reports each append as flushed. (openraft 0.9's core still waits for that report
+//! before it sends the entries to followers, so on the leader the sync precedes
+//! replication; a Raft engine with asynchronous log IO would overlap them.) Truncations,
+//! purges and votes go through the log's writer thread, in order, and are awaited.
 //!
 //! Reads of the latest entries (replication to followers that keep up, and the entries
 //! openraft's core hands to the state machine, read inside its own loop) are served from
 //! `recent`, which keeps the entries not yet durable and, within `RECENT_BYTES_MAX`, the
-//! latest durable ones, with the stored vote; older ranges are read from the table.
+//! latest durable ones, with the stored vote; older ranges are read from the disk.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
@@ -29,9 +31,11 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader};
 use redb::{ReadableDatabase, ReadableTable};
 
+use super::wal::{self, WalDone};
 use super::{storage_error, Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::ledger::LedgerStats;
-use crate::store::{Store, RAFT_LOG, RAFT_META};
+use crate::store::{RaftDisk, Store, RAFT_LOG, RAFT_META};
+use raft_log::api::raft_log_writer::RaftLogWriter;
 
 const VOTE_KEY: &str = "vote";
 const PURGED_KEY: &str = "last_purged";
@@ -55,6 +59,8 @@ pub struct LogStore {
     /// The latest entries and the vote, for reads (see [`Recent`]).
     recent: Arc<Mutex<Recent>>,
     writer: Option<mpsc::Sender<Job>>,
+    /// Set by appends, cleared when the writer makes the ledger durable (`LedgerSync`).
+    appended: Arc<AtomicBool>,
     /// Set on the readers handed to replication: the leader they replicate for. Once the
     /// stored vote names another leader, they read nothing (see `try_get_log_entries`).
     replicating_for: Option<openraft::LeaderId<u64>>,
@@ -64,10 +70,10 @@ pub struct LogStore {
 /// without the database. Every entry not yet durable is here; durable ones stay while they
 /// fit in `RECENT_BYTES_MAX`, the oldest leaving first. An append replaces the entries from
 /// its index on, a truncation drops the end and a purge the start, so the entries held
-/// normally form one unbroken run; reads check that they do and go to the table when not.
+/// normally form one unbroken run; reads check that they do and go to the disk when not.
 #[derive(Default)]
 struct Recent {
-    /// Each entry with its encoded size and whether the table holds it yet.
+    /// Each entry with its encoded size and whether it is durable yet.
     entries: BTreeMap<u64, (Entry, usize, bool)>,
     /// Encoded bytes of the durable entries held.
     durable_bytes: usize,
@@ -82,7 +88,7 @@ impl Recent {
             .insert(entry.log_id.index, (entry, size, false));
     }
 
-    /// The entry `log_id` is in the table now (if it is still the one held at its index).
+    /// The entry `log_id` is durable now (if it is still the one held at its index).
     fn made_durable(&mut self, log_id: &LogId) {
         if let Some((entry, size, durable)) = self.entries.get_mut(&log_id.index) {
             if entry.log_id == *log_id && !*durable {
@@ -125,7 +131,7 @@ impl Recent {
     }
 
     /// The entries in `[from, end)`, when every entry of the log from `from` on is held and
-    /// the vote is known; `None` sends the read to the table. A reader replicating for a
+    /// the vote is known; `None` sends the read to the disk. A reader replicating for a
     /// leader the vote no longer names gets nothing (see `try_get_log_entries`).
     fn serve(
         &self,
@@ -183,13 +189,14 @@ fn write_log(
     store: Arc<Store>,
     recent: Arc<Mutex<Recent>>,
     stats: Option<Arc<LedgerStats>>,
+    appended: Arc<AtomicBool>,
     jobs: mpsc::Receiver<Job>,
 ) {
     let synced = || count_fsync(&stats);
     let mut ledger = LedgerSync {
         store: &store,
         last: Instant::now(),
-        appended: false,
+        appended: &appended,
     };
     let mut next = ledger.next_job(&jobs);
     while let Some(job) = next.take() {
@@ -213,24 +220,19 @@ fn write_log(
                         Err(_) => break,
                     }
                 }
-                ledger.appended = true;
-                let result = append_durably(&store, batch.iter().flat_map(|(e, _)| e.iter()));
+                ledger.appended.store(true, Ordering::Relaxed);
+                let mut entries = Vec::new();
+                let mut callbacks = Vec::new();
+                for (batch_entries, callback) in batch {
+                    entries.extend(batch_entries);
+                    callbacks.push(callback);
+                }
+                let log_ids: Vec<LogId> = entries.iter().map(|(log_id, _)| *log_id).collect();
+                let recent = recent.clone();
+                append_durably(&store, entries, move |result| {
+                    flushed(&recent, &log_ids, callbacks, result)
+                });
                 synced();
-                if result.is_ok() {
-                    let mut recent = recent.lock().expect("recent lock");
-                    for (entries, _) in &batch {
-                        for (log_id, _) in entries {
-                            recent.made_durable(log_id);
-                        }
-                    }
-                }
-                for (_, callback) in batch {
-                    callback.log_io_completed(
-                        result
-                            .clone()
-                            .map_err(|e| std::io::Error::other(e.to_string())),
-                    );
-                }
                 if next.is_none() {
                     next = ledger.next_job(&jobs);
                 }
@@ -245,17 +247,18 @@ struct LedgerSync<'a> {
     store: &'a Store,
     last: Instant,
     /// Whether entries were appended (and so may have been applied) since the last sync.
-    appended: bool,
+    appended: &'a AtomicBool,
 }
 
 impl LedgerSync<'_> {
     fn maybe_sync(&mut self) {
-        if self.appended && self.last.elapsed() >= LEDGER_SYNC_INTERVAL {
+        if self.last.elapsed() >= LEDGER_SYNC_INTERVAL
+            && self.appended.swap(false, Ordering::Relaxed)
+        {
             if let Err(error) = self.store.make_durable() {
                 eprintln!("medledger: making the ledger durable: {error}");
             }
             self.last = Instant::now();
-            self.appended = false;
         }
     }
 
@@ -271,20 +274,90 @@ impl LedgerSync<'_> {
     }
 }
 
-fn append_durably<'a>(
-    store: &Store,
-    entries: impl Iterator<Item = &'a (LogId, Vec<u8>)>,
-) -> Result<(), StorageError> {
-    let txn = store.raft_database().begin_write().map_err(write_error)?;
-    {
-        let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-        for (log_id, bytes) in entries {
-            table
-                .insert(log_id.index, bytes.as_slice())
-                .map_err(write_error)?;
+/// Appended entries are durable (or failed to be): `recent` and openraft hear it.
+fn flushed(
+    recent: &Mutex<Recent>,
+    log_ids: &[LogId],
+    callbacks: Vec<LogFlushed<TypeConfig>>,
+    result: Result<(), StorageError>,
+) {
+    if result.is_ok() {
+        let mut recent = recent.lock().expect("recent lock");
+        for log_id in log_ids {
+            recent.made_durable(log_id);
         }
     }
-    txn.commit().map_err(write_error)
+    for callback in callbacks {
+        callback.log_io_completed(
+            result
+                .clone()
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+    }
+}
+
+/// Appends encoded entries durably; `done` hears the outcome once it is known: at once from
+/// a redb table, from raft-log's flush worker after its `fdatasync` for the write-ahead log.
+fn append_durably(
+    store: &Store,
+    entries: Vec<(LogId, Vec<u8>)>,
+    done: impl FnOnce(Result<(), StorageError>) + Send + 'static,
+) {
+    match store.raft_disk() {
+        RaftDisk::Tables(db) => {
+            let result = (|| {
+                let txn = db.begin_write().map_err(write_error)?;
+                {
+                    let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                    for (log_id, bytes) in &entries {
+                        table
+                            .insert(log_id.index, bytes.as_slice())
+                            .map_err(write_error)?;
+                    }
+                }
+                txn.commit().map_err(write_error)
+            })();
+            done(result)
+        }
+        RaftDisk::Wal(wal) => {
+            let mut wal = wal.lock().expect("raft log lock");
+            let written = wal.append(
+                entries
+                    .into_iter()
+                    .map(|(log_id, bytes)| (wal::wal_log_id(&log_id), bytes)),
+            );
+            if let Err(error) = written {
+                return done(Err(write_error(error)));
+            }
+            // A flush that cannot be queued drops `done` unheard; openraft then sees its
+            // callback gone and stops on a storage error, as it must.
+            let _ = wal.flush(
+                true,
+                Some(WalDone::new(move |result| {
+                    done(result.map_err(write_error))
+                })),
+            );
+        }
+    }
+}
+
+/// Runs one change to the log and waits until it is durable.
+fn change_durably(
+    store: &Store,
+    in_tables: impl FnOnce(&redb::WriteTransaction) -> Result<(), StorageError>,
+    in_wal: impl FnOnce(&mut raft_log::RaftLog<wal::WalTypes>) -> std::io::Result<raft_log::Segment>,
+) -> Result<(), StorageError> {
+    match store.raft_disk() {
+        RaftDisk::Tables(db) => {
+            let txn = db.begin_write().map_err(write_error)?;
+            in_tables(&txn)?;
+            txn.commit().map_err(write_error)
+        }
+        RaftDisk::Wal(log) => {
+            in_wal(&mut log.lock().expect("raft log lock")).map_err(write_error)?;
+            wal::flush_and_wait(log).map_err(write_error)
+        }
+    }
 }
 
 fn read_error(detail: impl std::fmt::Display) -> StorageError {
@@ -307,15 +380,17 @@ impl LogStore {
 
     fn build(store: Arc<Store>, offload: bool, stats: Option<Arc<LedgerStats>>) -> LogStore {
         let recent = Arc::new(Mutex::new(Recent {
-            vote: LogStore::meta(&store, VOTE_KEY).ok(),
+            vote: stored_vote(&store).ok(),
             ..Recent::default()
         }));
+        let appended = Arc::new(AtomicBool::new(false));
         let writer = offload.then(|| {
             let (jobs, queue) = mpsc::channel();
             let (store, recent, stats) = (store.clone(), recent.clone(), stats.clone());
+            let appended = appended.clone();
             std::thread::Builder::new()
                 .name("medledger-raft-log".into())
-                .spawn(move || write_log(store, recent, stats, queue))
+                .spawn(move || write_log(store, recent, stats, appended, queue))
                 .expect("spawn the log writer");
             jobs
         });
@@ -325,6 +400,7 @@ impl LogStore {
             stats,
             recent,
             writer,
+            appended,
             replicating_for: None,
         }
     }
@@ -370,59 +446,104 @@ impl LogStore {
             work(&self.store)
         }
     }
+}
 
-    fn meta<T: serde::de::DeserializeOwned>(
-        store: &Store,
-        key: &str,
-    ) -> Result<Option<T>, StorageError> {
-        let txn = store.raft_database().begin_read().map_err(read_error)?;
-        let table = txn.open_table(RAFT_META).map_err(read_error)?;
-        match table.get(key).map_err(read_error)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(bytes.value())
-                .map(Some)
-                .map_err(|e| read_error(format!("raft {key} does not decode: {e}"))),
+fn decode_vote(bytes: &[u8]) -> Result<Vote, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| read_error(format!("raft vote does not decode: {e}")))
+}
+
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StorageError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| read_error(format!("raft log entry {index} does not decode: {e}")))
+}
+
+/// A value of the Raft meta table.
+fn table_meta<T: serde::de::DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
+    let table = txn.open_table(RAFT_META).map_err(read_error)?;
+    match table.get(key).map_err(read_error)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(bytes.value())
+            .map(Some)
+            .map_err(|e| read_error(format!("raft {key} does not decode: {e}"))),
+    }
+}
+
+/// The stored vote.
+fn stored_vote(store: &Store) -> Result<Option<Vote>, StorageError> {
+    match store.raft_disk() {
+        RaftDisk::Tables(db) => table_meta(&db.begin_read().map_err(read_error)?, VOTE_KEY),
+        RaftDisk::Wal(log) => {
+            let log = log.lock().expect("raft log lock");
+            log.log_state().vote().map(|v| decode_vote(v)).transpose()
         }
     }
+}
 
-    fn put_meta<T: serde::Serialize>(
-        store: &Store,
-        key: &str,
-        value: &T,
-        durable: bool,
-    ) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(value).map_err(write_error)?;
-        let mut txn = store.raft_database().begin_write().map_err(write_error)?;
-        if !durable {
-            txn.set_durability(redb::Durability::None)
-                .map_err(write_error)?;
+/// The last purged log id and the last log id stored.
+fn stored_bounds(store: &Store) -> Result<(Option<LogId>, Option<LogId>), StorageError> {
+    match store.raft_disk() {
+        RaftDisk::Tables(db) => {
+            let txn = db.begin_read().map_err(read_error)?;
+            let purged: Option<LogId> = table_meta(&txn, PURGED_KEY)?;
+            let table = txn.open_table(RAFT_LOG).map_err(read_error)?;
+            let last = match table.last().map_err(read_error)? {
+                None => None,
+                Some((index, bytes)) => Some(decode_entry(index.value(), bytes.value())?.log_id),
+            };
+            Ok((purged, last))
         }
-        {
-            let mut table = txn.open_table(RAFT_META).map_err(write_error)?;
-            table.insert(key, bytes.as_slice()).map_err(write_error)?;
+        RaftDisk::Wal(log) => {
+            let log = log.lock().expect("raft log lock");
+            let state = log.log_state();
+            Ok((
+                state.purged().map(wal::log_id),
+                state.last().map(wal::log_id),
+            ))
         }
-        txn.commit().map_err(write_error)
     }
+}
 
-    fn entries(
-        store: &Store,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<Vec<Entry>, StorageError> {
-        let txn = store.raft_database().begin_read().map_err(read_error)?;
-        let table = txn.open_table(RAFT_LOG).map_err(read_error)?;
-        let mut out = Vec::new();
-        for item in table.range::<u64>((start, end)).map_err(read_error)? {
-            let (index, bytes) = item.map_err(read_error)?;
-            let entry: Entry = serde_json::from_slice(bytes.value()).map_err(|e| {
-                read_error(format!(
-                    "raft log entry {} does not decode: {e}",
-                    index.value()
-                ))
-            })?;
-            out.push(entry);
+/// The stored vote and the stored entries in `(start, end)`, read together.
+fn stored_entries(
+    store: &Store,
+    start: Bound<u64>,
+    end: Bound<u64>,
+) -> Result<(Option<Vote>, Vec<Entry>), StorageError> {
+    match store.raft_disk() {
+        RaftDisk::Tables(db) => {
+            let txn = db.begin_read().map_err(read_error)?;
+            let vote = table_meta(&txn, VOTE_KEY)?;
+            let table = txn.open_table(RAFT_LOG).map_err(read_error)?;
+            let mut out = Vec::new();
+            for item in table.range::<u64>((start, end)).map_err(read_error)? {
+                let (index, bytes) = item.map_err(read_error)?;
+                out.push(decode_entry(index.value(), bytes.value())?);
+            }
+            Ok((vote, out))
         }
-        Ok(out)
+        RaftDisk::Wal(log) => {
+            let log = log.lock().expect("raft log lock");
+            let vote = log.log_state().vote().map(|v| decode_vote(v)).transpose()?;
+            let from = match start {
+                Bound::Included(index) => index,
+                Bound::Excluded(index) => index.saturating_add(1),
+                Bound::Unbounded => 0,
+            };
+            let to = match end {
+                Bound::Included(index) => index.saturating_add(1),
+                Bound::Excluded(index) => index,
+                Bound::Unbounded => u64::MAX,
+            };
+            let mut out = Vec::new();
+            for item in log.read(from, to) {
+                let (log_id, bytes) = item.map_err(read_error)?;
+                out.push(decode_entry(log_id.1, &bytes)?);
+            }
+            Ok((vote, out))
+        }
     }
 }
 
@@ -447,10 +568,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         // The vote and the entries in one read transaction.
         let (vote, mut entries) = self
-            .run(move |store| {
-                let vote: Option<Vote> = LogStore::meta(store, VOTE_KEY)?;
-                Ok((vote, LogStore::entries(store, start, end)?))
-            })
+            .run(move |store| stored_entries(store, start, end))
             .await?;
         if !pending.is_empty() {
             let first = pending[0].log_id.index;
@@ -491,17 +609,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         self.run(|store| {
-            let last_purged_log_id: Option<LogId> = LogStore::meta(store, PURGED_KEY)?;
-            let txn = store.raft_database().begin_read().map_err(read_error)?;
-            let table = txn.open_table(RAFT_LOG).map_err(read_error)?;
-            let last = match table.last().map_err(read_error)? {
-                None => None,
-                Some((_, bytes)) => {
-                    let entry: Entry = serde_json::from_slice(bytes.value())
-                        .map_err(|e| read_error(format!("last raft entry: {e}")))?;
-                    Some(entry.log_id)
-                }
-            };
+            let (last_purged_log_id, last) = stored_bounds(store)?;
             Ok(LogState {
                 last_purged_log_id,
                 last_log_id: last.or(last_purged_log_id),
@@ -524,10 +632,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some(vote) => vote,
             None => {
                 let store = self.store.clone();
-                self.run(move |_| LogStore::meta(&store, VOTE_KEY))
-                    .await
-                    .ok()
-                    .flatten()
+                self.run(move |_| stored_vote(&store)).await.ok().flatten()
             }
         };
         LogStore {
@@ -540,9 +645,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let vote = *vote;
         let recent = self.recent.clone();
         self.in_order(move |store| {
-            let stored = LogStore::put_meta(store, VOTE_KEY, &vote, true);
-            // Readers see the new vote when the table does; after a failed write, the vote
-            // is read from the table again.
+            let bytes = serde_json::to_vec(&vote).map_err(write_error)?;
+            let stored = change_durably(
+                store,
+                |txn| {
+                    let mut table = txn.open_table(RAFT_META).map_err(write_error)?;
+                    table
+                        .insert(VOTE_KEY, bytes.as_slice())
+                        .map_err(write_error)?;
+                    Ok(())
+                },
+                |log| log.save_vote(bytes.clone()),
+            );
+            // Readers see the new vote once it is durable; after a failed write, the vote
+            // is read from the disk again.
             recent.lock().expect("recent lock").vote = stored.is_ok().then_some(Some(vote));
             stored
         })
@@ -550,7 +666,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.run(|store| LogStore::meta(store, VOTE_KEY)).await
+        self.run(stored_vote).await
     }
 
     async fn append<I>(
@@ -570,30 +686,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encoded.push((entry.log_id, bytes));
             appended.push((entry, size));
         }
-        let Some(writer) = &self.writer else {
-            let result = append_durably(&self.store, encoded.iter());
-            self.synced();
-            if result.is_ok() {
-                let mut recent = self.recent.lock().expect("recent lock");
-                for (entry, size) in appended {
-                    let log_id = entry.log_id;
-                    recent.append(entry, size);
-                    recent.made_durable(&log_id);
-                }
-            }
-            callback.log_io_completed(
-                result
-                    .clone()
-                    .map_err(|e| std::io::Error::other(e.to_string())),
-            );
-            return result;
-        };
         {
             let mut recent = self.recent.lock().expect("recent lock");
             for (entry, size) in appended {
                 recent.append(entry, size);
             }
         }
+        if let (Some(_), RaftDisk::Wal(_)) = (&self.writer, self.store.raft_disk()) {
+            // The write-ahead log only queues the bytes here, for its flush worker: the
+            // writer thread would add a hop to every commit and spare no wait.
+            self.appended.store(true, Ordering::Relaxed);
+            let log_ids: Vec<LogId> = encoded.iter().map(|(log_id, _)| *log_id).collect();
+            let recent = self.recent.clone();
+            append_durably(&self.store, encoded, move |result| {
+                flushed(&recent, &log_ids, vec![callback], result)
+            });
+            return Ok(());
+        }
+        let Some(writer) = &self.writer else {
+            let log_ids: Vec<LogId> = encoded.iter().map(|(log_id, _)| *log_id).collect();
+            let recent = self.recent.clone();
+            let (done, outcome) = std::sync::mpsc::sync_channel(1);
+            append_durably(&self.store, encoded, move |result| {
+                flushed(&recent, &log_ids, vec![callback], result.clone());
+                let _ = done.send(result);
+            });
+            self.synced();
+            return outcome
+                .recv()
+                .map_err(|_| write_error("the raft log's flush worker stopped"))?;
+        };
         writer
             .send(Job::Append(encoded, callback))
             .map_err(|_| write_error("the log writer has stopped"))
@@ -605,14 +727,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .expect("recent lock")
             .truncate(log_id.index);
         self.in_order(move |store| {
-            let txn = store.raft_database().begin_write().map_err(write_error)?;
-            {
-                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-                table
-                    .retain_in::<u64, _>(log_id.index.., |_, _| false)
-                    .map_err(write_error)?;
-            }
-            txn.commit().map_err(write_error)
+            change_durably(
+                store,
+                |txn| {
+                    let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                    table
+                        .retain_in::<u64, _>(log_id.index.., |_, _| false)
+                        .map_err(write_error)
+                },
+                |log| log.truncate(log_id.index),
+            )
         })
         .await
     }
@@ -646,17 +770,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // The blocks applied so far must be durable before the entries that produced
             // them are gone.
             store.make_durable().map_err(write_error)?;
-            let txn = store.raft_database().begin_write().map_err(write_error)?;
-            {
-                let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
-                table
-                    .retain_in::<u64, _>(..=log_id.index, |_, _| false)
-                    .map_err(write_error)?;
-                let mut meta = txn.open_table(RAFT_META).map_err(write_error)?;
-                meta.insert(PURGED_KEY, bytes.as_slice())
-                    .map_err(write_error)?;
-            }
-            txn.commit().map_err(write_error)
+            change_durably(
+                store,
+                |txn| {
+                    let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
+                    table
+                        .retain_in::<u64, _>(..=log_id.index, |_, _| false)
+                        .map_err(write_error)?;
+                    let mut meta = txn.open_table(RAFT_META).map_err(write_error)?;
+                    meta.insert(PURGED_KEY, bytes.as_slice())
+                        .map_err(write_error)?;
+                    Ok(())
+                },
+                |log| log.purge(wal::wal_log_id(&log_id)),
+            )
         })
         .await
     }
@@ -667,7 +794,7 @@ mod tests {
     use super::*;
     use openraft::{CommittedLeaderId, EntryPayload};
 
-    fn entry(term: u64, index: u64) -> Entry {
+    pub(super) fn entry(term: u64, index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
             payload: EntryPayload::Blank,
@@ -802,5 +929,129 @@ mod tests {
         assert_eq!(recent.durable_bytes, 0);
         recent.purge(10);
         assert!(recent.entries.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod wal_tests {
+    use super::tests::entry;
+    use super::*;
+
+    fn encoded(entries: &[Entry]) -> Vec<(LogId, Vec<u8>)> {
+        entries
+            .iter()
+            .map(|e| (e.log_id, serde_json::to_vec(e).expect("entries encode")))
+            .collect()
+    }
+
+    /// The indexes of the entries stored from `from` on.
+    fn held(store: &Store, from: u64) -> Vec<u64> {
+        let (_, entries) =
+            stored_entries(store, Bound::Included(from), Bound::Unbounded).expect("a read");
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    fn append_and_wait(store: &Store, entries: &[Entry]) {
+        let (done, outcome) = std::sync::mpsc::sync_channel(1);
+        append_durably(store, encoded(entries), move |result| {
+            let _ = done.send(result);
+        });
+        outcome
+            .recv()
+            .expect("an outcome")
+            .expect("a durable append");
+    }
+
+    fn chunk_files(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(data_dir.join(wal::WAL_DIR))
+            .expect("the log directory")
+            .map(|f| f.expect("a directory entry").path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn a_log_kept_in_raft_redb_moves_to_the_write_ahead_log_once_and_whole() {
+        // Proves that a node whose data directory predates the write-ahead log keeps its
+        // vote, its purge point and every entry, and that the old file is gone afterwards,
+        // so that nothing is read from two places.
+        let dir = tempfile::tempdir().expect("a directory");
+        let vote = Vote::new(2, 1);
+        let purged = entry(1, 3).log_id;
+        {
+            let db = redb::Database::create(dir.path().join(wal::LEGACY_RAFT_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(RAFT_META).unwrap();
+                let vote_bytes = serde_json::to_vec(&vote).unwrap();
+                meta.insert(VOTE_KEY, vote_bytes.as_slice()).unwrap();
+                let purged_bytes = serde_json::to_vec(&Some(purged)).unwrap();
+                meta.insert(PURGED_KEY, purged_bytes.as_slice()).unwrap();
+                let mut log = txn.open_table(RAFT_LOG).unwrap();
+                for (log_id, bytes) in encoded(&[entry(1, 4), entry(2, 5), entry(2, 6)]) {
+                    log.insert(log_id.index, bytes.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let store = Store::open(dir.path()).expect("the store opens");
+            assert!(!dir.path().join(wal::LEGACY_RAFT_FILE).exists());
+            assert_eq!(stored_vote(&store).unwrap(), Some(vote));
+            assert_eq!(
+                stored_bounds(&store).unwrap(),
+                (Some(purged), Some(entry(2, 6).log_id))
+            );
+            assert_eq!(held(&store, 0), vec![4, 5, 6]);
+        }
+    }
+
+    #[test]
+    fn the_write_ahead_log_keeps_what_was_flushed_drops_a_torn_tail_and_refuses_damage() {
+        // Proves that appends, truncations and purges survive a reopen; that a last record
+        // cut short (a crash mid-write, never reported durable) is dropped at open; and that
+        // a changed byte in an earlier record stops the open instead of serving a damaged log.
+        let dir = tempfile::tempdir().expect("a directory");
+        {
+            let store = Store::open(dir.path()).expect("the store opens");
+            append_and_wait(
+                &store,
+                &[entry(1, 1), entry(1, 2), entry(1, 3), entry(1, 4)],
+            );
+            let truncated = change_durably(&store, |_| Ok(()), |log| log.truncate(4));
+            truncated.expect("a durable truncation");
+            let purged = change_durably(
+                &store,
+                |_| Ok(()),
+                |log| log.purge(wal::wal_log_id(&entry(1, 1).log_id)),
+            );
+            purged.expect("a durable purge");
+            append_and_wait(&store, &[entry(2, 4), entry(2, 5)]);
+        }
+        let store = Store::open(dir.path()).expect("the store reopens");
+        assert_eq!(held(&store, 0), vec![2, 3, 4, 5]);
+        let (purged, last) = stored_bounds(&store).unwrap();
+        assert_eq!(purged.map(|id| id.index), Some(1));
+        assert_eq!(last, Some(entry(2, 5).log_id));
+        drop(store);
+
+        let chunk = chunk_files(dir.path()).pop().expect("a chunk file");
+        let length = std::fs::metadata(&chunk).unwrap().len();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&chunk)
+            .unwrap();
+        file.set_len(length - 3).unwrap();
+        drop(file);
+        let store = Store::open(dir.path()).expect("a torn tail is dropped");
+        assert_eq!(held(&store, 0), vec![2, 3, 4]);
+        drop(store);
+
+        let mut bytes = std::fs::read(&chunk).unwrap();
+        let middle = bytes.len() / 3;
+        bytes[middle] ^= 0x40;
+        std::fs::write(&chunk, bytes).unwrap();
+        assert!(Store::open(dir.path()).is_err());
     }
 }

@@ -15,6 +15,7 @@
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
+pub mod wal;
 
 use std::fmt;
 use std::io::Cursor;
