@@ -31,6 +31,9 @@ const APPLIED_KEY: &str = "raft_applied";
 pub(crate) const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 /// Raft's vote and purge point in a Raft database.
 pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+/// The keys of `RAFT_META`: the vote and the last purged log id (JSON).
+pub(crate) const VOTE_KEY: &str = "vote";
+pub(crate) const PURGED_KEY: &str = "last_purged";
 
 /// The state machine's stored position and every stored block.
 pub(crate) type AppliedAndBlocks = (Option<Vec<u8>>, Vec<Vec<u8>>);

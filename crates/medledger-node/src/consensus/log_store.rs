@@ -34,11 +34,9 @@ use redb::{ReadableDatabase, ReadableTable};
 use super::wal::{self, WalDone};
 use super::{storage_error, Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::ledger::LedgerStats;
-use crate::store::{RaftDisk, Store, RAFT_LOG, RAFT_META};
+use crate::store::{RaftDisk, Store, PURGED_KEY, RAFT_LOG, RAFT_META, VOTE_KEY};
 use raft_log::api::raft_log_writer::RaftLogWriter;
 
-const VOTE_KEY: &str = "vote";
-const PURGED_KEY: &str = "last_purged";
 /// Longest a purge waits for the state machine to store what it would purge.
 const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 /// How often the log writer makes the state machine's commits durable while entries arrive.
@@ -373,12 +371,14 @@ impl LogStore {
         LogStore::build(store, offload, None)
     }
 
-    /// Counts this log's durable commits in `stats.fsyncs`.
+    /// Counts this log's durable commits in `stats.fsyncs`, where it makes them itself (redb
+    /// tables); the write-ahead log counts its own syncs (`Store::raft_log_syncs`).
     pub fn with_stats(self, stats: Arc<LedgerStats>) -> LogStore {
         LogStore::build(self.store, self.offload, Some(stats))
     }
 
     fn build(store: Arc<Store>, offload: bool, stats: Option<Arc<LedgerStats>>) -> LogStore {
+        let stats = stats.filter(|_| matches!(store.raft_disk(), RaftDisk::Tables(_)));
         let recent = Arc::new(Mutex::new(Recent {
             vote: stored_vote(&store).ok(),
             ..Recent::default()

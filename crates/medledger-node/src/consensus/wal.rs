@@ -24,7 +24,7 @@ use raft_log::api::raft_log_writer::RaftLogWriter;
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::LogId;
-use crate::store::{StoreError, RAFT_LOG, RAFT_META};
+use crate::store::{StoreError, PURGED_KEY, RAFT_LOG, RAFT_META, VOTE_KEY};
 
 /// The write-ahead log's directory inside a node's data directory.
 pub const WAL_DIR: &str = "raft-log";
@@ -150,10 +150,10 @@ fn migrate(legacy: &Path, wal: &Wal) -> Result<(), StoreError> {
     let txn = db.begin_read().map_err(storage)?;
     let meta = txn.open_table(RAFT_META).map_err(storage)?;
     let vote = meta
-        .get("vote")
+        .get(VOTE_KEY)
         .map_err(storage)?
         .map(|v| v.value().to_vec());
-    let purged: Option<LogId> = match meta.get("last_purged").map_err(storage)? {
+    let purged: Option<LogId> = match meta.get(PURGED_KEY).map_err(storage)? {
         None => None,
         Some(bytes) => serde_json::from_slice(bytes.value()).map_err(storage)?,
     };
