@@ -479,15 +479,26 @@ impl Ledger {
             crate::keywrap::EncryptionPublicKey::from_base64url(public_key)
                 .map_err(|e| SubmitError::Invalid(format!("public_key: {e}")))?;
         }
-        let snapshot = self
-            .store
-            .snapshot()
-            .map_err(|e| SubmitError::Stopped(e.to_string()))?;
-        let key = signer_key(&snapshot, &tx)?;
-        match tx.verify_with(&key) {
+        // The signer's key as written, without waiting for a block being written: if the
+        // signer or its key is that new, the check is repeated on state with every block
+        // announced (a client told its registration committed may sign at once).
+        let stopped = |e: StoreError| SubmitError::Stopped(e.to_string());
+        let written = signer_key(&self.store.snapshot_as_written().map_err(stopped)?, &tx);
+        let check = |tx: SignedTx, key: &PublicKey| match tx.verify_with(key) {
             Ok(verified) => Ok(verified),
             Err(SignatureCheck::Invalid) => Err(SubmitError::BadSignature),
             Err(SignatureCheck::Format(error)) => Err(SubmitError::Invalid(error.to_string())),
+        };
+        if let Ok(key) = &written {
+            match check(tx.clone(), key) {
+                Err(SubmitError::BadSignature) => {}
+                decided => return decided,
+            }
+        }
+        let key = signer_key(&self.store.snapshot().map_err(stopped)?, &tx)?;
+        match written {
+            Ok(tried) if tried == key => Err(SubmitError::BadSignature),
+            _ => check(tx, &key),
         }
     }
 
@@ -749,6 +760,90 @@ fn commit_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admission_during_a_block_being_written_sees_the_block_and_still_refuses_forgeries() {
+        // Proves that answering clients before their block is written does not break what
+        // they may do next: a patient told their registration committed is admitted at once
+        // even while the block is still being written, and a transaction forged in their
+        // name is refused all the same.
+        use crate::consortium::{Consortium, Identity};
+        use crate::pki::Validity;
+        use medledger_core::block::execute_block;
+        use medledger_core::contracts::Candidate;
+        use medledger_core::identity::OrgKind;
+
+        let dir = tempfile::tempdir().expect("a directory");
+        let now = now_ms() / 1000 * 1000;
+        let day = 24 * 60 * 60 * 1000;
+        let validity = Validity {
+            not_before_ms: now - day,
+            not_after_ms: now + day,
+        };
+        let consortium = Consortium::create(
+            "admission-test",
+            &[("hospital-a", OrgKind::Hospital)],
+            now,
+            validity,
+        )
+        .expect("a consortium");
+        initialise(dir.path(), &consortium.genesis).expect("genesis is stored");
+        let node = &consortium.orgs[0].node;
+        let identity = NodeIdentity::from_member(node).expect("a node identity");
+        let ledger = Arc::new(
+            Ledger::open_solo(dir.path(), identity, OrderingConfig::default())
+                .expect("the ledger opens"),
+        );
+        let patient = Identity::new_patient().expect("a patient");
+        let register = patient.sign(
+            "admission-test",
+            1,
+            now + day,
+            TxBody::RegisterPatient {
+                public_key: patient.key.public_key(),
+            },
+        );
+        let publish = patient.sign(
+            "admission-test",
+            2,
+            now + day,
+            TxBody::SetEncryptionKey {
+                public_key: crate::keywrap::EncryptionKeyPair::generate()
+                    .public_key()
+                    .to_base64url(),
+            },
+        );
+        let impostor = Identity::new_patient().expect("another key");
+        let forged = crate::consortium::sign(publish.payload.clone(), &impostor.key);
+
+        let store = ledger.store_handle();
+        let head = store.head().expect("the head").expect("genesis");
+        let snapshot = store.snapshot().expect("a snapshot");
+        let executed = execute_block(
+            &snapshot,
+            &head,
+            &node.id,
+            now,
+            vec![Candidate::Unverified(register)],
+        )
+        .expect("the block executes");
+        drop(snapshot);
+
+        let held = store.hold_reads();
+        let admitting = {
+            let ledger = ledger.clone();
+            std::thread::spawn(move || (ledger.admit(publish), ledger.admit(forged)))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        store.commit_block(&executed).expect("the block is written");
+        held.written();
+        let (admitted, refused) = admitting.join().expect("the admitting thread");
+        assert!(admitted.is_ok(), "{:?}", admitted.err());
+        assert!(
+            matches!(refused, Err(SubmitError::BadSignature)),
+            "{refused:?}"
+        );
+    }
 
     #[test]
     fn only_a_member_with_certificate_and_ca_makes_a_node_identity() {

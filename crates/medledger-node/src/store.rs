@@ -53,6 +53,10 @@ pub enum StoreError {
     NotEmpty,
     #[error("block {height} does not follow the stored head")]
     OutOfOrder { height: u64 },
+    #[error(
+        "a block this node announced could not be written; restarting re-applies it from the log"
+    )]
+    Unwritten,
 }
 
 macro_rules! storage_error {
@@ -81,6 +85,13 @@ pub struct Store {
     db: Db,
     /// Raft's log and vote; absent in a store opened from a copy (for `verify`).
     raft: Option<RaftDisk>,
+    /// Held by the state machine from announcing a block until the block is written
+    /// (`hold_reads`); every read waits for it, so nothing read after an announcement is
+    /// older than the block announced.
+    settling: std::sync::Mutex<()>,
+    /// Set when a block announced under `hold_reads` was not written: every read fails
+    /// from then on rather than show state older than what was announced.
+    unwritten: std::sync::atomic::AtomicBool,
 }
 
 /// Where a store keeps Raft's log and vote.
@@ -123,6 +134,8 @@ impl Store {
         Ok(Store {
             db: Db::Writable(db),
             raft: Some(raft),
+            settling: std::sync::Mutex::new(()),
+            unwritten: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -181,10 +194,44 @@ impl Store {
         Ok(Store {
             db: Db::Writable(db),
             raft: None,
+            settling: std::sync::Mutex::new(()),
+            unwritten: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
+    /// Makes every read that begins from now on wait until the block being announced is
+    /// written (`ReadsHeld::written`).
+    ///
+    /// The state machine takes it before it announces a block it has executed and not yet
+    /// written (answering the clients waiting for it), so that a client told of its
+    /// transaction, or anyone who saw the new head, reads state that includes the block.
+    /// Reads already under way are not affected: they began before the announcement.
+    /// Nothing that reads the store may run on the thread holding it.
+    pub(crate) fn hold_reads(&self) -> ReadsHeld<'_> {
+        ReadsHeld {
+            store: self,
+            _held: self.settled(),
+            written: false,
+        }
+    }
+
+    fn settled(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The lock guards no data: a panic while it was held left nothing half-changed.
+        self.settling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        drop(self.settled());
+        self.begin_read_as_written()
+    }
+
+    /// A read of what is written now, without waiting for a block being written.
+    fn begin_read_as_written(&self) -> Result<redb::ReadTransaction, StoreError> {
+        if self.unwritten.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Unwritten);
+        }
         let Db::Writable(db) = &self.db;
         Ok(db.begin_read()?)
     }
@@ -415,11 +462,43 @@ impl Store {
         Ok(())
     }
 
-    /// A consistent view of state as of now.
+    /// A consistent view of state as of now, including every block announced so far.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.begin_read()?;
-        let table = txn.open_table(STATE)?;
-        Ok(Snapshot { table })
+        Snapshot::of(self.begin_read()?)
+    }
+
+    /// A consistent view of state as written now, without waiting for a block that was
+    /// announced and is being written: it may lack that last block. Only for checks that a
+    /// block's execution repeats anyway and that are retried on `snapshot` when they fail
+    /// (admission).
+    pub fn snapshot_as_written(&self) -> Result<Snapshot, StoreError> {
+        Snapshot::of(self.begin_read_as_written()?)
+    }
+}
+
+/// Reads held back while an announced block is written (`Store::hold_reads`). Dropped
+/// without `written`, the block was not written, and the store refuses every read after.
+pub(crate) struct ReadsHeld<'a> {
+    store: &'a Store,
+    _held: std::sync::MutexGuard<'a, ()>,
+    written: bool,
+}
+
+impl ReadsHeld<'_> {
+    /// The block is written: reads go on.
+    pub(crate) fn written(mut self) {
+        self.written = true;
+    }
+}
+
+impl Drop for ReadsHeld<'_> {
+    fn drop(&mut self) {
+        // Runs before the lock is released, so no read slips in between.
+        if !self.written {
+            self.store
+                .unwritten
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -448,6 +527,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    fn of(txn: redb::ReadTransaction) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            table: txn.open_table(STATE)?,
+        })
+    }
+
     /// Entries whose keys start with `prefix` and sort after `after`, at most `limit`.
     pub fn scan(
         &self,
@@ -605,6 +690,60 @@ impl redb::StorageBackend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    /// Writes `key` straight into the state table, as a block's commit would.
+    fn put_state(store: &Store, key: &str) {
+        let Db::Writable(db) = &store.db;
+        let txn = db.begin_write().expect("a write");
+        txn.open_table(STATE)
+            .expect("the state table")
+            .insert(key, &b"1"[..])
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+
+    #[test]
+    fn reads_begun_after_an_announcement_see_the_block_and_never_state_before_it() {
+        // Proves the promise clients are answered on: while a block announced before it is
+        // written is being written, a read waits and then sees it (never the state before
+        // it); the read "as written" does not wait and does not see it; and a block that is
+        // never written makes every read fail rather than show older state.
+        let store = Arc::new(Store::open_memory().expect("a store"));
+        let held = store.hold_reads();
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let snapshot = store.snapshot().expect("a snapshot");
+                snapshot.get("announced").is_some()
+            })
+        };
+        // The read began after the announcement; it must not finish before the write, but
+        // nothing here depends on how long it waits.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let as_written = store.snapshot_as_written().expect("a snapshot as written");
+        assert!(as_written.get("announced").is_none());
+        put_state(&store, "announced");
+        held.written();
+        assert!(
+            reader.join().expect("the reader"),
+            "the read saw older state"
+        );
+        assert!(store
+            .snapshot()
+            .expect("a snapshot")
+            .get("announced")
+            .is_some());
+
+        let failed = store.hold_reads();
+        drop(failed);
+        assert!(matches!(store.snapshot(), Err(StoreError::Unwritten)));
+        assert!(matches!(store.head(), Err(StoreError::Unwritten)));
+        assert!(matches!(
+            store.snapshot_as_written(),
+            Err(StoreError::Unwritten)
+        ));
+    }
 
     #[test]
     fn visit_keys_sees_every_key_under_its_prefix_in_order_and_stops_at_an_error() {

@@ -264,10 +264,15 @@ fn apply_proposal(
     let executed = execute_block(&snapshot, &head, &proposal.proposer, time_ms, candidates)
         .map_err(|e| shared.stop(format!("executing block {}: {e}", head.height + 1)))?;
     drop(snapshot);
+    // The block is committed in Raft and its outcome is decided: its clients are answered
+    // while it is written, and reads wait for the write (`Store::hold_reads`). A crash
+    // before the write re-applies the entry from Raft's log to the same outcome.
+    let reads_held = store.hold_reads();
+    announce(shared, &head, &executed);
     store
         .commit_applied(Some(&executed), position, false)
         .map_err(|e| shared.stop(format!("committing block {}: {e}", head.height + 1)))?;
-    announce(shared, &head, &executed);
+    reads_held.written();
     Ok(Some(executed.head.height))
 }
 
@@ -296,7 +301,9 @@ pub(crate) fn verify_ahead<'a>(shared: &Arc<Shared>, txs: impl IntoIterator<Item
     let shared = shared.clone();
     tokio::task::spawn_blocking(move || {
         let ids: Vec<TxId> = txs.iter().map(|(id, _)| *id).collect();
-        let verified = match shared.store.snapshot() {
+        // Keys as written: a check on a key replaced by a block still being written is
+        // refused at apply, which compares the key's fingerprint with the signer's then.
+        let verified = match shared.store.snapshot_as_written() {
             Ok(snapshot) => preverify(
                 &snapshot,
                 txs.into_iter().map(|(_, tx)| tx).enumerate().collect(),
