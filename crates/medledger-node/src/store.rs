@@ -255,7 +255,7 @@ impl Store {
 
     /// Writes a block, its state changes and the new head atomically and durably.
     pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
-        self.commit(Some(executed), None, true)
+        self.commit(Some(executed), None, true, None::<fn()>)
     }
 
     /// Writes what applying one Raft entry did (a block, or nothing) with the state machine's
@@ -268,7 +268,20 @@ impl Store {
         applied: &[u8],
         durable: bool,
     ) -> Result<(), StoreError> {
-        self.commit(executed, Some(applied), durable)
+        self.commit(executed, Some(applied), durable, None::<fn()>)
+    }
+
+    /// Writes an applied block like `commit_applied`, without an fsync, and calls
+    /// `announce` (which answers the block's clients) just before: once this store holds
+    /// redb's write lock, so that the reads held back meanwhile (`hold_reads`) wait for this
+    /// write only, never for a durable commit of another thread.
+    pub(crate) fn commit_announced(
+        &self,
+        executed: &ExecutedBlock,
+        applied: &[u8],
+        announce: impl FnOnce(),
+    ) -> Result<(), StoreError> {
+        self.commit(Some(executed), Some(applied), false, Some(announce))
     }
 
     /// The state machine's position as written by `commit_applied`.
@@ -283,6 +296,7 @@ impl Store {
         executed: Option<&ExecutedBlock>,
         applied: Option<&[u8]>,
         durable: bool,
+        announce: Option<impl FnOnce()>,
     ) -> Result<(), StoreError> {
         let Db::Writable(db) = &self.db;
         let mut txn = db.begin_write()?;
@@ -290,6 +304,11 @@ impl Store {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Storage(e.to_string()))?;
         }
+        let held = announce.map(|announce| {
+            let held = self.hold_reads();
+            announce();
+            held
+        });
         {
             let mut meta = txn.open_table(META)?;
             if let Some(executed) = executed {
@@ -324,6 +343,9 @@ impl Store {
         }
         // redb's default durability is Immediate: commit returns after the fsync.
         txn.commit()?;
+        if let Some(held) = held {
+            held.written();
+        }
         Ok(())
     }
 

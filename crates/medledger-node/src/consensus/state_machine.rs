@@ -265,14 +265,11 @@ fn apply_proposal(
         .map_err(|e| shared.stop(format!("executing block {}: {e}", head.height + 1)))?;
     drop(snapshot);
     // The block is committed in Raft and its outcome is decided: its clients are answered
-    // while it is written, and reads wait for the write (`Store::hold_reads`). A crash
+    // while it is written, and reads wait for the write (`Store::commit_announced`). A crash
     // before the write re-applies the entry from Raft's log to the same outcome.
-    let reads_held = store.hold_reads();
-    announce(shared, &head, &executed);
     store
-        .commit_applied(Some(&executed), position, false)
+        .commit_announced(&executed, position, || announce(shared, &head, &executed))
         .map_err(|e| shared.stop(format!("committing block {}: {e}", head.height + 1)))?;
-    reads_held.written();
     Ok(Some(executed.head.height))
 }
 
