@@ -829,15 +829,23 @@ mod tests {
         .expect("the block executes");
         drop(snapshot);
 
-        let held = store.hold_reads();
-        let admitting = {
-            let ledger = ledger.clone();
-            std::thread::spawn(move || (ledger.admit(publish), ledger.admit(forged)))
-        };
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        store.commit_block(&executed).expect("the block is written");
-        held.written();
-        let (admitted, refused) = admitting.join().expect("the admitting thread");
+        let mut admitting = None;
+        store
+            .commit_announced(&executed, b"{}", || {
+                // Told of the registration, the patient signs at once.
+                let ledger = ledger.clone();
+                admitting = Some(std::thread::spawn(move || {
+                    (ledger.admit(publish), ledger.admit(forged))
+                }));
+                // Admission must not finish before the write; nothing here depends on
+                // how long it waits.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            })
+            .expect("the block is written");
+        let (admitted, refused) = admitting
+            .expect("announced")
+            .join()
+            .expect("the admitting thread");
         assert!(admitted.is_ok(), "{:?}", admitted.err());
         assert!(
             matches!(refused, Err(SubmitError::BadSignature)),

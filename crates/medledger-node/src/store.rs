@@ -206,8 +206,9 @@ impl Store {
     /// written (answering the clients waiting for it), so that a client told of its
     /// transaction, or anyone who saw the new head, reads state that includes the block.
     /// Reads already under way are not affected: they began before the announcement.
-    /// Nothing that reads the store may run on the thread holding it.
-    pub(crate) fn hold_reads(&self) -> ReadsHeld<'_> {
+    /// Nothing that reads the store may run on the thread holding it, and it is taken only
+    /// while holding redb's write lock (`commit_announced`), never before it.
+    fn hold_reads(&self) -> ReadsHeld<'_> {
         ReadsHeld {
             store: self,
             _held: self.settled(),
@@ -490,9 +491,10 @@ impl Store {
     }
 
     /// A consistent view of state as written now, without waiting for a block that was
-    /// announced and is being written: it may lack that last block. Only for checks that a
-    /// block's execution repeats anyway and that are retried on `snapshot` when they fail
-    /// (admission).
+    /// announced and is being written: it may lack that last block. Only for checks that
+    /// decide nothing alone: admission (retried on `snapshot` when the signer or its key is
+    /// not found), signature checks ahead of a block (repeated at execution if the key
+    /// changed) and peer certificates (membership a block late).
     pub fn snapshot_as_written(&self) -> Result<Snapshot, StoreError> {
         Snapshot::of(self.begin_read_as_written()?)
     }
@@ -500,7 +502,7 @@ impl Store {
 
 /// Reads held back while an announced block is written (`Store::hold_reads`). Dropped
 /// without `written`, the block was not written, and the store refuses every read after.
-pub(crate) struct ReadsHeld<'a> {
+struct ReadsHeld<'a> {
     store: &'a Store,
     _held: std::sync::MutexGuard<'a, ()>,
     written: bool,
@@ -508,7 +510,7 @@ pub(crate) struct ReadsHeld<'a> {
 
 impl ReadsHeld<'_> {
     /// The block is written: reads go on.
-    pub(crate) fn written(mut self) {
+    fn written(mut self) {
         self.written = true;
     }
 }
