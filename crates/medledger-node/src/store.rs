@@ -716,24 +716,16 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// Writes `key` straight into the state table, as a block's commit would.
-    fn put_state(store: &Store, key: &str) {
-        let Db::Writable(db) = &store.db;
-        let txn = db.begin_write().expect("a write");
-        txn.open_table(STATE)
-            .expect("the state table")
-            .insert(key, &b"1"[..])
-            .expect("insert");
-        txn.commit().expect("commit");
-    }
-
     #[test]
     fn reads_begun_after_an_announcement_see_the_block_and_never_state_before_it() {
         // Proves the promise clients are answered on: while a block announced before it is
         // written is being written, a read waits and then sees it (never the state before
         // it); the read "as written" does not wait and does not see it; and a block that is
-        // never written makes every read fail rather than show older state.
+        // never written makes every read fail rather than show older state. The locks are
+        // taken as `commit_announced` takes them: redb's write lock, then the reads.
         let store = Arc::new(Store::open_memory().expect("a store"));
+        let Db::Writable(db) = &store.db;
+        let txn = db.begin_write().expect("a write");
         let held = store.hold_reads();
         let reader = {
             let store = store.clone();
@@ -747,7 +739,11 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let as_written = store.snapshot_as_written().expect("a snapshot as written");
         assert!(as_written.get("announced").is_none());
-        put_state(&store, "announced");
+        txn.open_table(STATE)
+            .expect("the state table")
+            .insert("announced", &b"1"[..])
+            .expect("insert");
+        txn.commit().expect("commit");
         held.written();
         assert!(
             reader.join().expect("the reader"),
@@ -759,7 +755,10 @@ mod tests {
             .get("announced")
             .is_some());
 
+        // A commit that fails after its announcement: the write is dropped, then the hold.
+        let txn = db.begin_write().expect("a write");
         let failed = store.hold_reads();
+        drop(txn);
         drop(failed);
         assert!(matches!(store.snapshot(), Err(StoreError::Unwritten)));
         assert!(matches!(store.head(), Err(StoreError::Unwritten)));
