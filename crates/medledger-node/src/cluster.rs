@@ -254,12 +254,7 @@ impl LedgerPeerCheck {
         check_valid_at(&info, now_ms()).map_err(|e| e.to_string())?;
         let org = info.organization.clone();
         let node = user_id(&org, &info.common_name);
-        // Membership as written, without waiting for a block being written: a peer's call
-        // never waits for this node's own apply.
-        let snapshot = self
-            .store
-            .snapshot_as_written()
-            .map_err(|e| e.to_string())?;
+        let snapshot = self.store.snapshot().map_err(|e| e.to_string())?;
         let known: Option<Org> = snapshot
             .value(&keys::org(&org))
             .map_err(|e| e.to_string())?;

@@ -479,26 +479,15 @@ impl Ledger {
             crate::keywrap::EncryptionPublicKey::from_base64url(public_key)
                 .map_err(|e| SubmitError::Invalid(format!("public_key: {e}")))?;
         }
-        // The signer's key as written, without waiting for a block being written: if the
-        // signer or its key is that new, the check is repeated on state with every block
-        // announced (a client told its registration committed may sign at once).
-        let stopped = |e: StoreError| SubmitError::Stopped(e.to_string());
-        let written = signer_key(&self.store.snapshot_as_written().map_err(stopped)?, &tx);
-        let check = |tx: SignedTx, key: &PublicKey| match tx.verify_with(key) {
+        let snapshot = self
+            .store
+            .snapshot()
+            .map_err(|e| SubmitError::Stopped(e.to_string()))?;
+        let key = signer_key(&snapshot, &tx)?;
+        match tx.verify_with(&key) {
             Ok(verified) => Ok(verified),
             Err(SignatureCheck::Invalid) => Err(SubmitError::BadSignature),
             Err(SignatureCheck::Format(error)) => Err(SubmitError::Invalid(error.to_string())),
-        };
-        if let Ok(key) = &written {
-            match check(tx.clone(), key) {
-                Err(SubmitError::BadSignature) => {}
-                decided => return decided,
-            }
-        }
-        let key = signer_key(&self.store.snapshot().map_err(stopped)?, &tx)?;
-        match written {
-            Ok(tried) if tried == key => Err(SubmitError::BadSignature),
-            _ => check(tx, &key),
         }
     }
 
@@ -762,10 +751,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn admission_during_a_block_being_written_sees_the_block_and_still_refuses_forgeries() {
-        // Proves that answering clients before their block is written does not break what
-        // they may do next: a patient told their registration committed is admitted at once
-        // even while the block is still being written, and a transaction forged in their
+    fn admission_right_after_a_block_is_staged_sees_it_and_still_refuses_forgeries() {
+        // Proves that answering clients before their block reaches the ledger file does not
+        // break what they may do next: a patient told their registration committed (the
+        // block staged, not written) is admitted at once, and a transaction forged in their
         // name is refused all the same.
         use crate::consortium::{Consortium, Identity};
         use crate::pki::Validity;
@@ -829,23 +818,11 @@ mod tests {
         .expect("the block executes");
         drop(snapshot);
 
-        let mut admitting = None;
+        // What a consortium node does before it answers the block's clients.
         store
-            .commit_announced(&executed, b"{}", || {
-                // Told of the registration, the patient signs at once.
-                let ledger = ledger.clone();
-                admitting = Some(std::thread::spawn(move || {
-                    (ledger.admit(publish), ledger.admit(forged))
-                }));
-                // Admission must not finish before the write; nothing here depends on
-                // how long it waits.
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            })
-            .expect("the block is written");
-        let (admitted, refused) = admitting
-            .expect("announced")
-            .join()
-            .expect("the admitting thread");
+            .stage(Some(&executed), b"{}")
+            .expect("the block stages");
+        let (admitted, refused) = (ledger.admit(publish), ledger.admit(forged));
         assert!(admitted.is_ok(), "{:?}", admitted.err());
         assert!(
             matches!(refused, Err(SubmitError::BadSignature)),

@@ -1,16 +1,26 @@
 //! The node's embedded, crash-safe store (redb): blocks, replicated state and the head.
 //!
-//! A block, its state changes and the new head are written in one redb transaction that is
-//! fsynced before `commit_block` returns, so after a crash the store holds every block it
-//! acknowledged and never half of one. The same file is all `verify` needs.
+//! A block, its state changes and the new head are written in one redb transaction, so after
+//! a crash the ledger file holds every block it was told to hold durably and never half of
+//! one. The same file is all `verify` needs.
 //!
 //! A consortium node keeps Raft's log and vote beside it, in a write-ahead log
 //! (`consensus::wal`, directory `raft-log`): an append is one sequential write and one
 //! `fdatasync`, where a durable redb commit writes pages across its file and its header;
-//! and the log's appends and the state machine's commits never wait for each other's lock.
+//! and the log's appends and the ledger file's commits never wait for each other's lock.
 //! A store in memory (simulations) keeps the log in a second in-memory redb database.
+//!
+//! Its state machine does not write the ledger file block by block: it *stages* each
+//! applied entry (`stage`), in memory, where every read sees it at once, and the log's
+//! writer thread *flushes* what was staged into the file now and then (`flush`), many
+//! blocks in one transaction. Each changed key then costs one B-tree insert per flush
+//! rather than one per block, off the path that answers clients. A crash loses what was
+//! staged and not flushed durably; the entries that produced it are in Raft's log, which
+//! re-applies them, so nothing acknowledged is lost.
 
+use std::ops::Bound;
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use medledger_core::block::{Block, ChainHead, ExecutedBlock};
 use medledger_core::merkle::{self, NodeSource};
@@ -34,6 +44,14 @@ pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new(
 /// The keys of `RAFT_META`: the vote and the last purged log id (JSON).
 pub(crate) const VOTE_KEY: &str = "vote";
 pub(crate) const PURGED_KEY: &str = "last_purged";
+/// State changes staged beyond which the state machine flushes them itself, when no flush is
+/// under way: the ledger's flusher (every second, at a low CPU priority) has fallen behind.
+/// About ten seconds of peak load here.
+const STAGED_KEYS_SOFT: usize = 400_000;
+/// Most state changes staged and not yet flushed: reached only when flushes keep failing
+/// (a full or failing disk). Staging then fails and the node stops, rather than hold ever
+/// more in memory.
+const STAGED_KEYS_MAX: usize = 4_000_000;
 
 /// The state machine's stored position and every stored block.
 pub(crate) type AppliedAndBlocks = (Option<Vec<u8>>, Vec<Vec<u8>>);
@@ -53,10 +71,8 @@ pub enum StoreError {
     NotEmpty,
     #[error("block {height} does not follow the stored head")]
     OutOfOrder { height: u64 },
-    #[error(
-        "a block this node announced could not be written; restarting re-applies it from the log"
-    )]
-    Unwritten,
+    #[error("{staged} state changes wait to be written to the ledger file, which is failing")]
+    Backlog { staged: usize },
 }
 
 macro_rules! storage_error {
@@ -81,17 +97,141 @@ enum Db {
     Writable(redb::Database),
 }
 
+type Bytes = Arc<[u8]>;
+
+/// Applied entries not yet in the ledger file: state changes (`None` deletes the key),
+/// blocks by height, the head and the state machine's position. Cheap to clone (the maps
+/// share their structure), so every read keeps what was staged when it began.
+#[derive(Clone, Default)]
+struct Staged {
+    state: imbl::OrdMap<Arc<str>, Option<Bytes>>,
+    blocks: imbl::OrdMap<u64, Bytes>,
+    head: Option<(u64, Bytes)>,
+    applied: Option<Bytes>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.state.is_empty()
+            && self.blocks.is_empty()
+            && self.head.is_none()
+            && self.applied.is_none()
+    }
+
+    /// `newer` staged on top of this: its entries win.
+    fn absorb(&mut self, newer: Staged) {
+        self.state = newer.state.union(std::mem::take(&mut self.state));
+        self.blocks = newer.blocks.union(std::mem::take(&mut self.blocks));
+        if newer.head.is_some() {
+            self.head = newer.head;
+        }
+        if newer.applied.is_some() {
+            self.applied = newer.applied;
+        }
+    }
+}
+
+/// What reads see above the ledger file: entries staged since the last flush began
+/// (`newer`) over those a flush is writing now, or failed to write (`flushing`).
+#[derive(Clone, Default)]
+struct Pending {
+    newer: Staged,
+    flushing: Staged,
+}
+
+impl Pending {
+    fn state(&self, key: &str) -> Option<&Option<Bytes>> {
+        self.newer
+            .state
+            .get(key)
+            .or_else(|| self.flushing.state.get(key))
+    }
+
+    fn block(&self, height: u64) -> Option<&Bytes> {
+        self.newer
+            .blocks
+            .get(&height)
+            .or_else(|| self.flushing.blocks.get(&height))
+    }
+
+    fn head(&self) -> Option<&(u64, Bytes)> {
+        self.newer.head.as_ref().or(self.flushing.head.as_ref())
+    }
+
+    fn applied(&self) -> Option<&Bytes> {
+        self.newer
+            .applied
+            .as_ref()
+            .or(self.flushing.applied.as_ref())
+    }
+
+    /// Every staged block, newest version of each height, in height order.
+    fn blocks(&self) -> std::collections::BTreeMap<u64, Bytes> {
+        let mut blocks: std::collections::BTreeMap<u64, Bytes> = self
+            .flushing
+            .blocks
+            .iter()
+            .map(|(h, b)| (*h, b.clone()))
+            .collect();
+        blocks.extend(self.newer.blocks.iter().map(|(h, b)| (*h, b.clone())));
+        blocks
+    }
+
+    /// Staged state entries from `start` on, in key order; a key staged in both layers
+    /// comes once, as `newer` has it.
+    fn state_from<'a>(
+        &'a self,
+        start: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Option<Bytes>)> + 'a {
+        let range = (Bound::Included(start), Bound::Unbounded);
+        merge_newest(
+            self.newer
+                .state
+                .range::<_, str>(range)
+                .map(|(k, v)| (&**k, v)),
+            self.flushing
+                .state
+                .range::<_, str>(range)
+                .map(|(k, v)| (&**k, v)),
+        )
+    }
+}
+
+/// Two key-ordered sequences merged into one; where both hold a key, `newer`'s entry is
+/// kept and `older`'s dropped.
+fn merge_newest<'a, V: 'a>(
+    newer: impl Iterator<Item = (&'a str, V)>,
+    older: impl Iterator<Item = (&'a str, V)>,
+) -> impl Iterator<Item = (&'a str, V)> {
+    let mut newer = newer.peekable();
+    let mut older = older.peekable();
+    std::iter::from_fn(move || {
+        let (take_newer, same_key) = match (newer.peek(), older.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => (true, false),
+            (None, Some(_)) => (false, false),
+            (Some((a, _)), Some((b, _))) => (a <= b, a == b),
+        };
+        if same_key {
+            older.next();
+        }
+        if take_newer {
+            newer.next()
+        } else {
+            older.next()
+        }
+    })
+}
+
 pub struct Store {
     db: Db,
     /// Raft's log and vote; absent in a store opened from a copy (for `verify`).
     raft: Option<RaftDisk>,
-    /// Held by the state machine from announcing a block until the block is written
-    /// (`hold_reads`); every read waits for it, so nothing read after an announcement is
-    /// older than the block announced.
-    settling: std::sync::Mutex<()>,
-    /// Set when a block announced under `hold_reads` was not written: every read fails
-    /// from then on rather than show state older than what was announced.
-    unwritten: std::sync::atomic::AtomicBool,
+    /// Applied and not yet in the ledger file (`stage`, `flush`).
+    pending: RwLock<Pending>,
+    /// Held by a flush from start to end, and by the writes that go straight to the file
+    /// (which flush first), so that the file takes staged entries in order.
+    flush_lock: Mutex<()>,
 }
 
 /// Where a store keeps Raft's log and vote.
@@ -100,6 +240,12 @@ pub(crate) enum RaftDisk {
     Tables(redb::Database),
     /// The write-ahead log in the data directory (stores on disk).
     Wal(Box<crate::consensus::wal::Wal>),
+}
+
+/// The ledger file as of one read transaction, with what was staged when it began.
+struct View {
+    txn: redb::ReadTransaction,
+    pending: Pending,
 }
 
 impl Store {
@@ -131,12 +277,16 @@ impl Store {
         txn.open_table(STATE)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Store {
+        Ok(Store::over(db, Some(raft)))
+    }
+
+    fn over(db: redb::Database, raft: Option<RaftDisk>) -> Store {
+        Store {
             db: Db::Writable(db),
-            raft: Some(raft),
-            settling: std::sync::Mutex::new(()),
-            unwritten: std::sync::atomic::AtomicBool::new(false),
-        })
+            raft,
+            pending: RwLock::new(Pending::default()),
+            flush_lock: Mutex::new(()),
+        }
     }
 
     /// Raft's log and vote, for the Raft log store.
@@ -164,13 +314,11 @@ impl Store {
         }
     }
 
-    /// Makes every commit so far durable (an fsynced empty commit of the ledger file):
-    /// before Raft purges the entries that produced them, and from time to time so that a
+    /// Makes everything applied so far durable in the ledger file (a flush, fsynced):
+    /// before Raft purges the entries that produced it, and from time to time so that a
     /// restart re-applies little.
     pub(crate) fn make_durable(&self) -> Result<(), StoreError> {
-        let Db::Writable(db) = &self.db;
-        db.begin_write()?.commit()?;
-        Ok(())
+        self.flush(true)
     }
 
     /// Opens a copy of the store at `path`, in memory, so that nothing in the file changes,
@@ -191,55 +339,126 @@ impl Store {
         let db = redb::Builder::new()
             .set_check_integrity_on_open(true)
             .create_with_backend(MemoryBackend(std::sync::RwLock::new(bytes)))?;
-        Ok(Store {
-            db: Db::Writable(db),
-            raft: None,
-            settling: std::sync::Mutex::new(()),
-            unwritten: std::sync::atomic::AtomicBool::new(false),
-        })
+        Ok(Store::over(db, None))
     }
 
-    /// Makes every read that begins from now on wait until the block being announced is
-    /// written (`ReadsHeld::written`).
-    ///
-    /// The state machine takes it before it announces a block it has executed and not yet
-    /// written (answering the clients waiting for it), so that a client told of its
-    /// transaction, or anyone who saw the new head, reads state that includes the block.
-    /// Reads already under way are not affected: they began before the announcement.
-    /// Nothing that reads the store may run on the thread holding it, and it is taken only
-    /// while holding redb's write lock (`commit_announced`), never before it.
-    fn hold_reads(&self) -> ReadsHeld<'_> {
-        ReadsHeld {
-            store: self,
-            _held: self.settled(),
-            written: false,
-        }
+    fn pending(&self) -> std::sync::RwLockReadGuard<'_, Pending> {
+        self.pending.read().expect("pending lock")
     }
 
-    fn settled(&self) -> std::sync::MutexGuard<'_, ()> {
-        // The lock guards no data: a panic while it was held left nothing half-changed.
-        self.settling
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        drop(self.settled());
-        self.begin_read_as_written()
-    }
-
-    /// A read of what is written now, without waiting for a block being written.
-    fn begin_read_as_written(&self) -> Result<redb::ReadTransaction, StoreError> {
-        if self.unwritten.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(StoreError::Unwritten);
-        }
+    /// A read transaction of the ledger file and what was staged, taken together: a flush
+    /// empties `flushing` only after its commit, so the pair never misses an entry.
+    fn view(&self) -> Result<View, StoreError> {
+        let pending = self.pending();
         let Db::Writable(db) = &self.db;
-        Ok(db.begin_read()?)
+        Ok(View {
+            txn: db.begin_read()?,
+            pending: pending.clone(),
+        })
     }
 
     /// The head after the last committed block, or None before genesis.
     pub fn head(&self) -> Result<Option<ChainHead>, StoreError> {
-        let txn = self.begin_read()?;
+        match self.head_bytes()? {
+            None => Ok(None),
+            Some(bytes) => decode("head", &bytes).map(Some),
+        }
+    }
+
+    /// The head's raw bytes as stored, for `verify`, which decodes them itself.
+    pub fn head_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let view = self.view()?;
+        if let Some((_, bytes)) = view.pending.head() {
+            return Ok(Some(bytes.to_vec()));
+        }
+        let table = view.txn.open_table(META)?;
+        Ok(table.get(HEAD_KEY)?.map(|bytes| bytes.value().to_vec()))
+    }
+
+    /// Writes a block, its state changes and the new head atomically and durably, after
+    /// anything staged before it.
+    pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
+        let _flushing = self.lock_flushes();
+        self.flush_locked(false)?;
+        let Db::Writable(db) = &self.db;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let height = executed.block.header.height;
+            let expected = match meta.get(HEAD_KEY)? {
+                None => 0,
+                Some(bytes) => decode::<ChainHead>("head", bytes.value())?.height + 1,
+            };
+            if height != expected {
+                return Err(StoreError::OutOfOrder { height });
+            }
+            let mut blocks = txn.open_table(BLOCKS)?;
+            blocks.insert(height, encode_block(&executed.block)?.as_slice())?;
+            write_changes(&mut txn.open_table(STATE)?, &executed.writes)?;
+            let head_bytes = serde_json::to_vec(&executed.head).expect("heads encode");
+            meta.insert(HEAD_KEY, head_bytes.as_slice())?;
+        }
+        // redb's default durability is Immediate: commit returns after the fsync.
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Puts what applying one Raft entry did (a block, or nothing) and the state machine's
+    /// new position where every read sees them, without writing the ledger file: a later
+    /// flush does (`flush`). Raft's log holds the entry durably, so a crash before the flush
+    /// loses nothing: the node re-applies it to the same outcome.
+    pub(crate) fn stage(
+        &self,
+        executed: Option<&ExecutedBlock>,
+        applied: &[u8],
+    ) -> Result<(), StoreError> {
+        let applied: Bytes = applied.into();
+        let Some(executed) = executed else {
+            self.pending.write().expect("pending lock").newer.applied = Some(applied);
+            return Ok(());
+        };
+        let height = executed.block.header.height;
+        let block: Bytes = encode_block(&executed.block)?.into();
+        let head: Bytes = serde_json::to_vec(&executed.head)
+            .expect("heads encode")
+            .into();
+        let writes: Vec<(Arc<str>, Option<Bytes>)> = executed
+            .writes
+            .iter()
+            .map(|(key, value)| (Arc::from(key.as_str()), value.as_deref().map(Bytes::from)))
+            .collect();
+        let mut pending = self.pending.write().expect("pending lock");
+        let staged = pending.newer.state.len() + pending.flushing.state.len();
+        if staged > STAGED_KEYS_MAX {
+            return Err(StoreError::Backlog { staged });
+        }
+        let expected = match pending.head() {
+            Some((stored, _)) => stored + 1,
+            None => self.stored_head()?.map_or(0, |head| head.height + 1),
+        };
+        if height != expected {
+            return Err(StoreError::OutOfOrder { height });
+        }
+        let newer = &mut pending.newer;
+        for (key, value) in writes {
+            newer.state.insert(key, value);
+        }
+        newer.blocks.insert(height, block);
+        newer.head = Some((height, head));
+        newer.applied = Some(applied);
+        drop(pending);
+        if staged > STAGED_KEYS_SOFT {
+            if let Ok(_flushing) = self.flush_lock.try_lock() {
+                self.flush_locked(false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The head in the ledger file, not counting what is staged.
+    fn stored_head(&self) -> Result<Option<ChainHead>, StoreError> {
+        let Db::Writable(db) = &self.db;
+        let txn = db.begin_read()?;
         let table = txn.open_table(META)?;
         let Some(bytes) = table.get(HEAD_KEY)? else {
             return Ok(None);
@@ -247,125 +466,100 @@ impl Store {
         decode("head", bytes.value()).map(Some)
     }
 
-    /// The head's raw bytes as stored, for `verify`, which decodes them itself.
-    pub fn head_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.begin_read()?;
-        let table = txn.open_table(META)?;
-        Ok(table.get(HEAD_KEY)?.map(|bytes| bytes.value().to_vec()))
+    /// Whether anything applied is not yet in the ledger file.
+    pub(crate) fn has_staged(&self) -> bool {
+        let pending = self.pending();
+        !(pending.newer.is_empty() && pending.flushing.is_empty())
     }
 
-    /// Writes a block, its state changes and the new head atomically and durably.
-    pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
-        self.commit(Some(executed), None, true, None::<fn()>)
+    fn lock_flushes(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The lock guards no data: a flush that panicked left the file as redb keeps it.
+        self.flush_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes what applying one Raft entry did (a block, or nothing) with the state machine's
-    /// new position, atomically. `durable = false` skips the fsync: the entry is in Raft's
-    /// fsynced log, from which a crash re-applies it, and the next durable commit
-    /// (`make_durable`, before a purge and from time to time) makes this one durable too.
-    pub(crate) fn commit_applied(
-        &self,
-        executed: Option<&ExecutedBlock>,
-        applied: &[u8],
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        self.commit(executed, Some(applied), durable, None::<fn()>)
+    /// Writes everything staged into the ledger file in one transaction, fsynced when
+    /// `durable` (otherwise made durable by the next durable flush or commit). Reads see
+    /// the same state throughout. A failed flush keeps what it was writing staged; the next
+    /// one writes it again, with what was staged since.
+    pub(crate) fn flush(&self, durable: bool) -> Result<(), StoreError> {
+        let _flushing = self.lock_flushes();
+        self.flush_locked(durable)
     }
 
-    /// Writes an applied block like `commit_applied`, without an fsync, and calls
-    /// `announce` (which answers the block's clients) just before: once this store holds
-    /// redb's write lock, so that the reads held back meanwhile (`hold_reads`) wait for this
-    /// write only, never for a durable commit of another thread.
-    pub(crate) fn commit_announced(
-        &self,
-        executed: &ExecutedBlock,
-        applied: &[u8],
-        announce: impl FnOnce(),
-    ) -> Result<(), StoreError> {
-        self.commit(Some(executed), Some(applied), false, Some(announce))
-    }
-
-    /// The state machine's position as written by `commit_applied`.
-    pub(crate) fn applied_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.begin_read()?;
-        let table = txn.open_table(META)?;
-        Ok(table.get(APPLIED_KEY)?.map(|bytes| bytes.value().to_vec()))
-    }
-
-    fn commit(
-        &self,
-        executed: Option<&ExecutedBlock>,
-        applied: Option<&[u8]>,
-        durable: bool,
-        announce: Option<impl FnOnce()>,
-    ) -> Result<(), StoreError> {
+    fn flush_locked(&self, durable: bool) -> Result<(), StoreError> {
+        let batch = {
+            let mut pending = self.pending.write().expect("pending lock");
+            let newer = std::mem::take(&mut pending.newer);
+            pending.flushing.absorb(newer);
+            pending.flushing.clone()
+        };
+        if batch.is_empty() && !durable {
+            return Ok(());
+        }
         let Db::Writable(db) = &self.db;
         let mut txn = db.begin_write()?;
         if !durable {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Storage(e.to_string()))?;
         }
-        let held = announce.map(|announce| {
-            let held = self.hold_reads();
-            announce();
-            held
-        });
         {
-            let mut meta = txn.open_table(META)?;
-            if let Some(executed) = executed {
-                let height = executed.block.header.height;
-                let expected = match meta.get(HEAD_KEY)? {
-                    None => 0,
-                    Some(bytes) => decode::<ChainHead>("head", bytes.value())?.height + 1,
+            let mut blocks = txn.open_table(BLOCKS)?;
+            for (height, bytes) in batch.blocks.iter() {
+                blocks.insert(*height, &bytes[..])?;
+            }
+            let mut state = txn.open_table(STATE)?;
+            for (key, value) in batch.state.iter() {
+                match value {
+                    Some(value) => state.insert(&**key, &value[..])?,
+                    None => state.remove(&**key)?,
                 };
-                if height != expected {
-                    return Err(StoreError::OutOfOrder { height });
-                }
-                let block_bytes =
-                    serde_json::to_vec(&executed.block).map_err(|e| StoreError::Corrupt {
-                        what: "block".into(),
-                        detail: e.to_string(),
-                    })?;
-                let head_bytes = serde_json::to_vec(&executed.head).expect("heads encode");
-                let mut blocks = txn.open_table(BLOCKS)?;
-                blocks.insert(height, block_bytes.as_slice())?;
-                let mut state = txn.open_table(STATE)?;
-                for (key, value) in &executed.writes {
-                    match value {
-                        Some(value) => state.insert(key.as_str(), value.as_slice())?,
-                        None => state.remove(key.as_str())?,
-                    };
-                }
-                meta.insert(HEAD_KEY, head_bytes.as_slice())?;
             }
-            if let Some(applied) = applied {
-                meta.insert(APPLIED_KEY, applied)?;
+            let mut meta = txn.open_table(META)?;
+            if let Some((_, head)) = &batch.head {
+                meta.insert(HEAD_KEY, &head[..])?;
+            }
+            if let Some(applied) = &batch.applied {
+                meta.insert(APPLIED_KEY, &applied[..])?;
             }
         }
-        // redb's default durability is Immediate: commit returns after the fsync.
         txn.commit()?;
-        if let Some(held) = held {
-            held.written();
-        }
+        // Only now: a read begun before the commit still finds these entries staged.
+        self.pending.write().expect("pending lock").flushing = Staged::default();
         Ok(())
     }
 
-    /// The state machine's position and every stored block, read in one transaction.
-    pub(crate) fn applied_and_blocks(&self) -> Result<AppliedAndBlocks, StoreError> {
-        let txn = self.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let applied = meta.get(APPLIED_KEY)?.map(|bytes| bytes.value().to_vec());
-        let table = txn.open_table(BLOCKS)?;
-        let mut blocks = Vec::new();
-        for entry in table.iter()? {
-            blocks.push(entry?.1.value().to_vec());
+    /// The state machine's position as staged or written.
+    pub(crate) fn applied_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let view = self.view()?;
+        if let Some(applied) = view.pending.applied() {
+            return Ok(Some(applied.to_vec()));
         }
+        let table = view.txn.open_table(META)?;
+        Ok(table.get(APPLIED_KEY)?.map(|bytes| bytes.value().to_vec()))
+    }
+
+    /// The state machine's position and every stored block, read in one view.
+    pub(crate) fn applied_and_blocks(&self) -> Result<AppliedAndBlocks, StoreError> {
+        let view = self.view()?;
+        let applied = match view.pending.applied() {
+            Some(applied) => Some(applied.to_vec()),
+            None => {
+                let meta = view.txn.open_table(META)?;
+                let applied = meta.get(APPLIED_KEY)?;
+                applied.map(|bytes| bytes.value().to_vec())
+            }
+        };
+        let mut blocks = Vec::new();
+        blocks_of(&view, |_, bytes| blocks.push(bytes.to_vec()))?;
         Ok((applied, blocks))
     }
 
     /// Executes `blocks` one after the other with `execute` (on the state as it grows) and
-    /// stores them with the state machine's new position, all in one durable transaction:
-    /// after a crash, either all of them are stored or none. Returns the heads reached.
+    /// stores them with the state machine's new position, all in one durable transaction
+    /// after what was staged before: after a crash, either all of them are stored or none.
+    /// Returns the heads reached.
     pub(crate) fn apply_blocks(
         &self,
         blocks: &[Block],
@@ -376,6 +570,8 @@ impl Store {
             &Block,
         ) -> Result<ExecutedBlock, String>,
     ) -> Result<Vec<ChainHead>, StoreError> {
+        let _flushing = self.lock_flushes();
+        self.flush_locked(false)?;
         let Db::Writable(db) = &self.db;
         let txn = db.begin_write()?;
         let mut heads = Vec::new();
@@ -394,18 +590,11 @@ impl Store {
                         detail: e,
                     }
                 })?;
-                let block_bytes =
-                    serde_json::to_vec(&executed.block).map_err(|e| StoreError::Corrupt {
-                        what: "block".into(),
-                        detail: e.to_string(),
-                    })?;
-                table.insert(executed.head.height, block_bytes.as_slice())?;
-                for (key, value) in &executed.writes {
-                    match value {
-                        Some(value) => state.insert(key.as_str(), value.as_slice())?,
-                        None => state.remove(key.as_str())?,
-                    };
-                }
+                table.insert(
+                    executed.head.height,
+                    encode_block(&executed.block)?.as_slice(),
+                )?;
+                write_changes(&mut state, &executed.writes)?;
                 let head_bytes = serde_json::to_vec(&executed.head).expect("heads encode");
                 meta.insert(HEAD_KEY, head_bytes.as_slice())?;
                 heads.push(executed.head.clone());
@@ -418,12 +607,10 @@ impl Store {
     }
 
     pub fn block(&self, height: u64) -> Result<Option<Block>, StoreError> {
-        let txn = self.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        let Some(bytes) = table.get(height)? else {
-            return Ok(None);
-        };
-        decode(&format!("block {height}"), bytes.value()).map(Some)
+        match self.block_bytes(height)? {
+            None => Ok(None),
+            Some(bytes) => decode(&format!("block {height}"), &bytes).map(Some),
+        }
     }
 
     /// A committed transaction by id, as of `snapshot`: None when the ledger has no such
@@ -461,69 +648,100 @@ impl Store {
 
     /// The raw bytes of a block as stored.
     pub fn block_bytes(&self, height: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
+        let view = self.view()?;
+        if let Some(bytes) = view.pending.block(height) {
+            return Ok(Some(bytes.to_vec()));
+        }
+        let table = view.txn.open_table(BLOCKS)?;
         Ok(table.get(height)?.map(|bytes| bytes.value().to_vec()))
     }
 
     /// The number of stored blocks, by their keys (not by the head).
     pub fn block_count(&self) -> Result<u64, StoreError> {
-        let txn = self.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        Ok(table.len()?)
+        let view = self.view()?;
+        let table = view.txn.open_table(BLOCKS)?;
+        let mut count = table.len()?;
+        for height in view.pending.blocks().keys() {
+            if table.get(*height)?.is_none() {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// Every stored block with its key, in key order, as stored bytes (for `verify`, which
     /// trusts neither the keys nor the bytes).
-    pub fn for_each_block(&self, mut visit: impl FnMut(u64, &[u8])) -> Result<(), StoreError> {
-        let txn = self.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        for entry in table.iter()? {
-            let (height, bytes) = entry?;
-            visit(height.value(), bytes.value());
-        }
-        Ok(())
+    pub fn for_each_block(&self, visit: impl FnMut(u64, &[u8])) -> Result<(), StoreError> {
+        blocks_of(&self.view()?, visit)
     }
 
-    /// A consistent view of state as of now, including every block announced so far.
+    /// A consistent view of state as of now, including every block applied so far.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        Snapshot::of(self.begin_read()?)
-    }
-
-    /// A consistent view of state as written now, without waiting for a block that was
-    /// announced and is being written: it may lack that last block. Only for checks that
-    /// decide nothing alone: admission (retried on `snapshot` when the signer or its key is
-    /// not found), signature checks ahead of a block (repeated at execution if the key
-    /// changed) and peer certificates (membership a block late).
-    pub fn snapshot_as_written(&self) -> Result<Snapshot, StoreError> {
-        Snapshot::of(self.begin_read_as_written()?)
+        let view = self.view()?;
+        Ok(Snapshot {
+            table: view.txn.open_table(STATE)?,
+            pending: view.pending,
+        })
     }
 }
 
-/// Reads held back while an announced block is written (`Store::hold_reads`). Dropped
-/// without `written`, the block was not written, and the store refuses every read after.
-struct ReadsHeld<'a> {
-    store: &'a Store,
-    _held: std::sync::MutexGuard<'a, ()>,
-    written: bool,
-}
-
-impl ReadsHeld<'_> {
-    /// The block is written: reads go on.
-    fn written(mut self) {
-        self.written = true;
-    }
-}
-
-impl Drop for ReadsHeld<'_> {
+impl Drop for Store {
     fn drop(&mut self) {
-        // Runs before the lock is released, so no read slips in between.
-        if !self.written {
-            self.store
-                .unwritten
-                .store(true, std::sync::atomic::Ordering::Release);
+        // A node shut down leaves its file complete; one that crashes re-applies from
+        // Raft's log what it had only staged.
+        let staged = !self
+            .pending
+            .get_mut()
+            .map_or(true, |p| p.newer.is_empty() && p.flushing.is_empty());
+        if staged {
+            if let Err(error) = self.flush(true) {
+                eprintln!("medledger: writing the ledger file on shutdown: {error}");
+            }
         }
     }
+}
+
+/// Every block of `view`, staged or in the file, in height order; a height in both is
+/// visited once, as staged.
+fn blocks_of(view: &View, mut visit: impl FnMut(u64, &[u8])) -> Result<(), StoreError> {
+    let staged = view.pending.blocks();
+    let table = view.txn.open_table(BLOCKS)?;
+    let mut staged_iter = staged.iter().peekable();
+    for entry in table.iter()? {
+        let (height, bytes) = entry?;
+        let height = height.value();
+        while let Some((&next, bytes)) = staged_iter.next_if(|(h, _)| **h < height) {
+            visit(next, bytes);
+        }
+        if !staged.contains_key(&height) {
+            visit(height, bytes.value());
+        }
+    }
+    for (&height, bytes) in staged_iter {
+        visit(height, bytes);
+    }
+    Ok(())
+}
+
+/// Applies a block's state changes to the state table.
+fn write_changes(
+    state: &mut redb::Table<&'static str, &'static [u8]>,
+    writes: &medledger_core::state::WriteSet,
+) -> Result<(), StoreError> {
+    for (key, value) in writes {
+        match value {
+            Some(value) => state.insert(key.as_str(), value.as_slice())?,
+            None => state.remove(key.as_str())?,
+        };
+    }
+    Ok(())
+}
+
+fn encode_block(block: &Block) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(block).map_err(|e| StoreError::Corrupt {
+        what: "block".into(),
+        detail: e.to_string(),
+    })
 }
 
 /// A committed transaction: its leaf, its audit event, and the block that holds it at
@@ -545,16 +763,54 @@ impl CommittedTx {
     }
 }
 
-/// A read-only view of committed state, consistent for its whole life.
+/// A read-only view of committed state, consistent for its whole life: the ledger file as
+/// of one read transaction, under what was staged when it began.
 pub struct Snapshot {
     table: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    pending: Pending,
 }
 
 impl Snapshot {
-    fn of(txn: redb::ReadTransaction) -> Result<Snapshot, StoreError> {
-        Ok(Snapshot {
-            table: txn.open_table(STATE)?,
-        })
+    /// Calls `visit` on every entry from `start` on, in key order, staged entries over
+    /// those in the file (a staged deletion hides the key), until it returns false or an
+    /// error.
+    fn walk<E: From<StoreError>>(
+        &self,
+        start: &str,
+        mut visit: impl FnMut(&str, &[u8]) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let mut stored = self.table.range(start..).map_err(StoreError::from)?;
+        let mut staged = self.pending.state_from(start).peekable();
+        let mut next_stored = stored.next().transpose().map_err(StoreError::from)?;
+        loop {
+            let staged_first = match (&next_stored, staged.peek()) {
+                (None, None) => return Ok(()),
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((key, _)), Some((staged_key, _))) => *staged_key <= key.value(),
+            };
+            let more = if staged_first {
+                let (key, value) = staged.next().expect("peeked");
+                if next_stored
+                    .as_ref()
+                    .is_some_and(|(stored_key, _)| stored_key.value() == key)
+                {
+                    next_stored = stored.next().transpose().map_err(StoreError::from)?;
+                }
+                match value {
+                    Some(value) => visit(key, value)?,
+                    None => true,
+                }
+            } else {
+                let (key, value) = next_stored.take().expect("matched");
+                let more = visit(key.value(), value.value())?;
+                next_stored = stored.next().transpose().map_err(StoreError::from)?;
+                more
+            };
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     /// Entries whose keys start with `prefix` and sort after `after`, at most `limit`.
@@ -569,13 +825,13 @@ impl Snapshot {
             _ => prefix.to_string(),
         };
         let mut out = Vec::new();
-        for entry in self.table.range(start.as_str()..)? {
-            let (key, value) = entry?;
-            if !key.value().starts_with(prefix) || out.len() >= limit {
-                break;
+        self.walk(&start, |key, value| -> Result<bool, StoreError> {
+            if !key.starts_with(prefix) || out.len() >= limit {
+                return Ok(false);
             }
-            out.push((key.value().to_string(), value.value().to_vec()));
-        }
+            out.push((key.to_string(), value.to_vec()));
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -586,23 +842,29 @@ impl Snapshot {
         prefix: &str,
         mut visit: impl FnMut(&str) -> Result<(), E>,
     ) -> Result<(), E> {
-        for entry in self.table.range(prefix..).map_err(StoreError::from)? {
-            let (key, _) = entry.map_err(StoreError::from)?;
-            if !key.value().starts_with(prefix) {
-                break;
+        self.walk(prefix, |key, _| {
+            if !key.starts_with(prefix) {
+                return Ok(false);
             }
-            visit(key.value())?;
-        }
-        Ok(())
+            visit(key)?;
+            Ok(true)
+        })
     }
 
     /// Every entry, in key order (for `verify`).
     pub fn for_each(&self, mut visit: impl FnMut(&str, &[u8])) -> Result<(), StoreError> {
-        for entry in self.table.iter()? {
-            let (key, value) = entry?;
-            visit(key.value(), value.value());
+        self.walk("", |key, value| -> Result<bool, StoreError> {
+            visit(key, value);
+            Ok(true)
+        })
+    }
+
+    /// The value at `key`, staged or in the file, handed to `read`.
+    fn read<R>(&self, key: &str, read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, StoreError> {
+        match self.pending.state(key) {
+            Some(staged) => Ok(staged.as_deref().map(read)),
+            None => Ok(self.table.get(key)?.map(|bytes| read(bytes.value()))),
         }
-        Ok(())
     }
 
     /// Decodes a domain value, reporting corruption as an error rather than stopping.
@@ -610,10 +872,7 @@ impl Snapshot {
         &self,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        match self.table.get(key)? {
-            None => Ok(None),
-            Some(bytes) => decode(key, bytes.value()).map(Some),
-        }
+        self.read(key, |bytes| decode(key, bytes))?.transpose()
     }
 
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, merkle::MerkleError> {
@@ -627,8 +886,8 @@ impl Snapshot {
 
 impl StateRead for Snapshot {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        match self.table.get(key) {
-            Ok(value) => value.map(|bytes| bytes.value().to_vec()),
+        match self.read(key, <[u8]>::to_vec) {
+            Ok(value) => value,
             // A read error means the disk failed under a decision: stop rather than decide
             // on partial state.
             Err(error) => panic!("state read failed at {key:?}: {error}"),
@@ -714,57 +973,135 @@ impl redb::StorageBackend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+
+    /// A block that only carries `writes` at `height`: nothing here executes it.
+    fn carrier(height: u64, writes: &[(&str, Option<&str>)]) -> ExecutedBlock {
+        let header = medledger_core::block::BlockHeader {
+            chain_id: "store-test".into(),
+            height,
+            prev_hash: Hash([0; 32]),
+            time_ms: height,
+            proposer: "node@test".into(),
+            tx_count: 0,
+            tx_root: Hash([0; 32]),
+            log_size: 0,
+            log_root: Hash([0; 32]),
+            state_hash: Hash([height as u8; 32]),
+        };
+        ExecutedBlock {
+            head: ChainHead::of(&header),
+            block: Block {
+                header,
+                genesis: None,
+                txs: Vec::new(),
+                outcomes: Vec::new(),
+            },
+            writes: writes
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.map(|v| v.as_bytes().to_vec())))
+                .collect(),
+        }
+    }
 
     #[test]
-    fn reads_begun_after_an_announcement_see_the_block_and_never_state_before_it() {
-        // Proves the promise clients are answered on: while a block announced before it is
-        // written is being written, a read waits and then sees it (never the state before
-        // it); the read "as written" does not wait and does not see it; and a block that is
-        // never written makes every read fail rather than show older state. The locks are
-        // taken as `commit_announced` takes them: redb's write lock, then the reads.
-        let store = Arc::new(Store::open_memory().expect("a store"));
-        let Db::Writable(db) = &store.db;
-        let txn = db.begin_write().expect("a write");
-        let held = store.hold_reads();
-        let reader = {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let snapshot = store.snapshot().expect("a snapshot");
-                snapshot.get("announced").is_some()
-            })
-        };
-        // The read began after the announcement; it must not finish before the write, but
-        // nothing here depends on how long it waits.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let as_written = store.snapshot_as_written().expect("a snapshot as written");
-        assert!(as_written.get("announced").is_none());
-        txn.open_table(STATE)
-            .expect("the state table")
-            .insert("announced", &b"1"[..])
-            .expect("insert");
-        txn.commit().expect("commit");
-        held.written();
-        assert!(
-            reader.join().expect("the reader"),
-            "the read saw older state"
+    fn staged_blocks_are_read_at_once_and_reach_the_file_only_when_flushed() {
+        // Proves the promise a consortium node answers clients on: a block staged is what
+        // every read begun after it sees (state, deletions, scans, head, blocks, position),
+        // while a snapshot begun before keeps its own state through a flush; the ledger file
+        // holds a staged block only after a flush, and a durable one survives a reopen.
+        let dir = tempfile::tempdir().expect("a directory");
+        let store = Store::open(dir.path()).expect("a store");
+        store.commit_block(&carrier(0, &[])).expect("block 0");
+        let first = carrier(
+            1,
+            &[
+                ("k/1", Some("one")),
+                ("k/3", Some("three")),
+                ("k/5", Some("five")),
+            ],
         );
-        assert!(store
-            .snapshot()
-            .expect("a snapshot")
-            .get("announced")
-            .is_some());
+        store
+            .commit_block(&first)
+            .expect("a block written directly");
+        let before = store.snapshot().expect("a snapshot");
 
-        // A commit that fails after its announcement: the write is dropped, then the hold.
-        let txn = db.begin_write().expect("a write");
-        let failed = store.hold_reads();
-        drop(txn);
-        drop(failed);
-        assert!(matches!(store.snapshot(), Err(StoreError::Unwritten)));
-        assert!(matches!(store.head(), Err(StoreError::Unwritten)));
+        let staged = carrier(
+            2,
+            &[("k/2", Some("two")), ("k/3", None), ("k/4", Some("four"))],
+        );
+        store.stage(Some(&staged), b"position").expect("staged");
+        let keys = |snapshot: &Snapshot| -> Vec<String> {
+            snapshot
+                .scan("k/", None, 10)
+                .expect("a scan")
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect()
+        };
+        let now = store.snapshot().expect("a snapshot");
+        assert_eq!(keys(&now), ["k/1", "k/2", "k/4", "k/5"]);
+        assert_eq!(now.get("k/3"), None);
+        assert_eq!(now.get("k/2").as_deref(), Some(&b"two"[..]));
+        let after_k2: Vec<String> = now
+            .scan("k/", Some("k/2"), 2)
+            .expect("a scan")
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(after_k2, ["k/4", "k/5"]);
+        assert_eq!(keys(&before), ["k/1", "k/3", "k/5"]);
+        assert_eq!(store.head().unwrap().unwrap(), staged.head);
+        assert_eq!(store.block_count().unwrap(), 3);
+        assert_eq!(store.block(2).unwrap().unwrap(), staged.block);
+        assert_eq!(
+            store.applied_bytes().unwrap().as_deref(),
+            Some(&b"position"[..])
+        );
+        let mut heights = Vec::new();
+        store.for_each_block(|h, _| heights.push(h)).unwrap();
+        assert_eq!(heights, [0, 1, 2]);
+
+        // Not yet in the file.
+        let file = dir.path().join(LEDGER_FILE);
+        let copy = Store::open_copy(&file).expect("a copy");
+        assert_eq!(copy.head().unwrap().unwrap(), first.head);
+        drop(copy);
+
+        store.flush(true).expect("a durable flush");
+        assert_eq!(
+            keys(&before),
+            ["k/1", "k/3", "k/5"],
+            "a flush changed a snapshot"
+        );
+        assert_eq!(
+            keys(&store.snapshot().unwrap()),
+            ["k/1", "k/2", "k/4", "k/5"]
+        );
+        drop((before, now));
+        let copy = Store::open_copy(&file).expect("a copy");
+        assert_eq!(copy.head().unwrap().unwrap(), staged.head);
+        assert_eq!(
+            keys(&copy.snapshot().unwrap()),
+            ["k/1", "k/2", "k/4", "k/5"]
+        );
+        assert_eq!(
+            copy.applied_bytes().unwrap().as_deref(),
+            Some(&b"position"[..])
+        );
+
+        // A staged block must follow the head, staged or written.
+        let gap = carrier(3, &[]);
+        let skipping = carrier(4, &[]);
         assert!(matches!(
-            store.snapshot_as_written(),
-            Err(StoreError::Unwritten)
+            store.stage(Some(&skipping), b"p"),
+            Err(StoreError::OutOfOrder { height: 4 })
+        ));
+        store
+            .stage(Some(&gap), b"p")
+            .expect("the next block stages");
+        assert!(matches!(
+            store.stage(Some(&gap), b"p"),
+            Err(StoreError::OutOfOrder { height: 3 })
         ));
     }
 

@@ -6,8 +6,9 @@
 //! node computes the block itself; the checkpoint makes a node whose state diverged stop at
 //! the first proposal after the divergence instead of serving wrong data.
 //!
-//! Raft's log, vote and the state machine's position live in the node's redb file, beside
-//! the ledger, so that a block and "applied up to log id N" are written in one transaction.
+//! Raft's log and vote live in the node's write-ahead log; the state machine's position
+//! lives in the ledger file, so that a block and "applied up to log id N" are staged and
+//! written together.
 
 // openraft's `StorageError` is what its storage traits return; it is large by its design.
 #![allow(clippy::result_large_err)]

@@ -1,9 +1,10 @@
 //! The Raft state machine: committed proposals become blocks, through the pure core.
 //!
-//! Applying an entry executes its proposal on top of this node's head and commits the block,
-//! its state changes and "applied up to this log id" in one redb transaction. The commit
-//! skips its own fsync: the entry is already in Raft's fsynced log on a quorum, a crash
-//! re-applies it from there, and the log store makes it durable before purging (`LogStore`).
+//! Applying an entry executes its proposal on top of this node's head and stages the block,
+//! its state changes and "applied up to this log id" together (`Store::stage`), in memory,
+//! where every read sees them; the ledger's flusher writes them into the ledger file later.
+//! The entry is already in Raft's fsynced log on a quorum, a crash re-applies it from
+//! there, and the log store makes the file durable before purging (`LogStore`).
 //!
 //! A snapshot is the chain itself: every block, which the receiving node re-executes and
 //! checks (signatures, links, roots and state hashes) before it takes any of it, in one
@@ -192,7 +193,7 @@ impl StateMachine {
                 None => {
                     shared
                         .store
-                        .commit_applied(None, &position_bytes, false)
+                        .stage(None, &position_bytes)
                         .map_err(|e| shared.stop(format!("storing the applied position: {e}")))?;
                     None
                 }
@@ -252,7 +253,7 @@ fn apply_proposal(
             );
         }
         store
-            .commit_applied(None, position, false)
+            .stage(None, position)
             .map_err(|e| shared.stop(format!("storing the applied position: {e}")))?;
         return Ok(None);
     }
@@ -264,12 +265,13 @@ fn apply_proposal(
     let executed = execute_block(&snapshot, &head, &proposal.proposer, time_ms, candidates)
         .map_err(|e| shared.stop(format!("executing block {}: {e}", head.height + 1)))?;
     drop(snapshot);
-    // The block is committed in Raft and its outcome is decided: its clients are answered
-    // while it is written, and reads wait for the write (`Store::commit_announced`). A crash
-    // before the write re-applies the entry from Raft's log to the same outcome.
+    // Staged, every read sees the block; it is announced (its clients answered) only then.
+    // The ledger file takes it at the next flush; a crash before that re-applies the entry
+    // from Raft's log to the same outcome.
     store
-        .commit_announced(&executed, position, || announce(shared, &head, &executed))
-        .map_err(|e| shared.stop(format!("committing block {}: {e}", head.height + 1)))?;
+        .stage(Some(&executed), position)
+        .map_err(|e| shared.stop(format!("storing block {}: {e}", head.height + 1)))?;
+    announce(shared, &head, &executed);
     Ok(Some(executed.head.height))
 }
 
@@ -298,9 +300,9 @@ pub(crate) fn verify_ahead<'a>(shared: &Arc<Shared>, txs: impl IntoIterator<Item
     let shared = shared.clone();
     tokio::task::spawn_blocking(move || {
         let ids: Vec<TxId> = txs.iter().map(|(id, _)| *id).collect();
-        // Keys as written: a check on a key replaced by a block still being written is
-        // refused at apply, which compares the key's fingerprint with the signer's then.
-        let verified = match shared.store.snapshot_as_written() {
+        // A check on a key replaced by a block applied meanwhile is refused at apply, which
+        // compares the key's fingerprint with the signer's then.
+        let verified = match shared.store.snapshot() {
             Ok(snapshot) => preverify(
                 &snapshot,
                 txs.into_iter().map(|(_, tx)| tx).enumerate().collect(),
