@@ -232,6 +232,14 @@ pub struct Store {
     /// Held by a flush from start to end, and by the writes that go straight to the file
     /// (which flush first), so that the file takes staged entries in order.
     flush_lock: Mutex<()>,
+    /// Where staging flushes itself, and where it refuses (`STAGED_KEYS_SOFT`, `_MAX`).
+    backlog: Backlog,
+}
+
+/// Staged state changes beyond which `Store::stage` flushes itself, and refuses.
+struct Backlog {
+    flush_at: usize,
+    refuse_at: usize,
 }
 
 /// Where a store keeps Raft's log and vote.
@@ -286,6 +294,10 @@ impl Store {
             raft,
             pending: RwLock::new(Pending::default()),
             flush_lock: Mutex::new(()),
+            backlog: Backlog {
+                flush_at: STAGED_KEYS_SOFT,
+                refuse_at: STAGED_KEYS_MAX,
+            },
         }
     }
 
@@ -429,7 +441,7 @@ impl Store {
             .collect();
         let mut pending = self.pending.write().expect("pending lock");
         let staged = pending.newer.state.len() + pending.flushing.state.len();
-        if staged > STAGED_KEYS_MAX {
+        if staged > self.backlog.refuse_at {
             return Err(StoreError::Backlog { staged });
         }
         let expected = match pending.head() {
@@ -447,7 +459,7 @@ impl Store {
         newer.head = Some((height, head));
         newer.applied = Some(applied);
         drop(pending);
-        if staged > STAGED_KEYS_SOFT {
+        if staged > self.backlog.flush_at {
             if let Ok(_flushing) = self.flush_lock.try_lock() {
                 self.flush_locked(false)?;
             }
@@ -1103,6 +1115,49 @@ mod tests {
             store.stage(Some(&gap), b"p"),
             Err(StoreError::OutOfOrder { height: 3 })
         ));
+    }
+
+    #[test]
+    fn staging_flushes_itself_when_behind_and_refuses_when_it_cannot_flush() {
+        // Proves the staged layer's bounds: past `flush_at` changes, staging writes them to
+        // the file itself (nothing is left staged, and every change is still read); while
+        // another flush holds the file, staging goes on until `refuse_at` and then fails
+        // with a typed error, and the refused block is not staged.
+        let mut store = Store::open_memory().expect("a store");
+        store.commit_block(&carrier(0, &[])).expect("block 0");
+        store.backlog = Backlog {
+            flush_at: 4,
+            refuse_at: 8,
+        };
+        let key = |n: u64| format!("k/{n}");
+        let block = |height: u64| {
+            let (a, b) = (key(2 * height), key(2 * height + 1));
+            carrier(height, &[(a.as_str(), Some("v")), (b.as_str(), Some("v"))])
+        };
+        for height in 1..=3 {
+            store.stage(Some(&block(height)), b"p").expect("staged");
+        }
+        assert!(store.has_staged(), "flushed before the bound");
+        store.stage(Some(&block(4)), b"p").expect("staged");
+        assert!(!store.has_staged(), "past the bound, staging did not flush");
+        let snapshot = store.snapshot().expect("a snapshot");
+        for n in 2..10 {
+            assert_eq!(snapshot.get(&key(n)).as_deref(), Some(&b"v"[..]));
+        }
+        drop(snapshot);
+
+        let flushing = store.lock_flushes();
+        for height in 5..=9 {
+            store.stage(Some(&block(height)), b"p").expect("staged");
+        }
+        assert!(matches!(
+            store.stage(Some(&block(10)), b"p"),
+            Err(StoreError::Backlog { staged: 10 })
+        ));
+        assert_eq!(store.head().unwrap().unwrap().height, 9);
+        drop(flushing);
+        store.flush(false).expect("a flush");
+        assert!(!store.has_staged());
     }
 
     #[test]
