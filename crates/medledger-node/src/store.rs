@@ -11,8 +11,8 @@
 //! A store in memory (simulations) keeps the log in a second in-memory redb database.
 //!
 //! Its state machine does not write the ledger file block by block: it *stages* each
-//! applied entry (`stage`), in memory, where every read sees it at once, and the log's
-//! writer thread *flushes* what was staged into the file now and then (`flush`), many
+//! applied entry (`stage`), in memory, where every read sees it at once, and the ledger's
+//! flusher thread *flushes* what was staged into the file now and then (`flush`), many
 //! blocks in one transaction. Each changed key then costs one B-tree insert per flush
 //! rather than one per block, off the path that answers clients. A crash loses what was
 //! staged and not flushed durably; the entries that produced it are in Raft's log, which
@@ -48,9 +48,9 @@ pub(crate) const PURGED_KEY: &str = "last_purged";
 /// under way: the ledger's flusher (every second, at a low CPU priority) has fallen behind.
 /// About ten seconds of peak load here.
 const STAGED_KEYS_SOFT: usize = 400_000;
-/// Most state changes staged and not yet flushed: reached only when flushes keep failing
-/// (a full or failing disk). Staging then fails and the node stops, rather than hold ever
-/// more in memory.
+/// Most state changes staged and not yet flushed: reached only when flushes cannot keep up
+/// at all (one that fails stops staging at once, see `Store::flush`). Staging then fails
+/// and the node stops, rather than hold ever more in memory.
 const STAGED_KEYS_MAX: usize = 4_000_000;
 
 /// The state machine's stored position and every stored block.
@@ -73,6 +73,8 @@ pub enum StoreError {
     OutOfOrder { height: u64 },
     #[error("{staged} state changes wait to be written to the ledger file, which is failing")]
     Backlog { staged: usize },
+    #[error("the ledger file could not be written ({0}); restarting the node re-applies what it held from the log")]
+    Unflushed(String),
 }
 
 macro_rules! storage_error {
@@ -234,6 +236,8 @@ pub struct Store {
     flush_lock: Mutex<()>,
     /// Where staging flushes itself, and where it refuses (`STAGED_KEYS_SOFT`, `_MAX`).
     backlog: Backlog,
+    /// Why a flush failed, once one has: staging is refused from then on (`flush`).
+    flush_failed: std::sync::OnceLock<String>,
 }
 
 /// Staged state changes beyond which `Store::stage` flushes itself, and refuses.
@@ -298,6 +302,7 @@ impl Store {
                 flush_at: STAGED_KEYS_SOFT,
                 refuse_at: STAGED_KEYS_MAX,
             },
+            flush_failed: std::sync::OnceLock::new(),
         }
     }
 
@@ -424,6 +429,9 @@ impl Store {
         executed: Option<&ExecutedBlock>,
         applied: &[u8],
     ) -> Result<(), StoreError> {
+        if let Some(failure) = self.flush_failed.get() {
+            return Err(StoreError::Unflushed(failure.clone()));
+        }
         let applied: Bytes = applied.into();
         let Some(executed) = executed else {
             self.pending.write().expect("pending lock").newer.applied = Some(applied);
@@ -493,14 +501,22 @@ impl Store {
 
     /// Writes everything staged into the ledger file in one transaction, fsynced when
     /// `durable` (otherwise made durable by the next durable flush or commit). Reads see
-    /// the same state throughout. A failed flush keeps what it was writing staged; the next
-    /// one writes it again, with what was staged since.
+    /// the same state throughout. A failed flush keeps what it was writing staged, so reads
+    /// still see it; but redb refuses every write after an I/O error until the file is
+    /// reopened, so the store then refuses to stage (`StoreError::Unflushed`): the node stops
+    /// at its next entry, and a restart re-applies from Raft's log what was only staged.
     pub(crate) fn flush(&self, durable: bool) -> Result<(), StoreError> {
         let _flushing = self.lock_flushes();
         self.flush_locked(durable)
     }
 
     fn flush_locked(&self, durable: bool) -> Result<(), StoreError> {
+        self.write_staged(durable).inspect_err(|error| {
+            let _ = self.flush_failed.set(error.to_string());
+        })
+    }
+
+    fn write_staged(&self, durable: bool) -> Result<(), StoreError> {
         let batch = {
             let mut pending = self.pending.write().expect("pending lock");
             let newer = std::mem::take(&mut pending.newer);
@@ -1115,6 +1131,96 @@ mod tests {
             store.stage(Some(&gap), b"p"),
             Err(StoreError::OutOfOrder { height: 3 })
         ));
+    }
+
+    /// A backend in memory whose writes and syncs fail while `failing` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        bytes: MemoryBackend,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("the disk is failing"));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.bytes.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.bytes.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.bytes.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.bytes.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.bytes.write(offset, data)
+        }
+    }
+
+    /// A store in memory whose ledger file fails on demand, with block 0 written.
+    fn flaky_store() -> (Store, Arc<std::sync::atomic::AtomicBool>) {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let memory = || MemoryBackend(std::sync::RwLock::new(Vec::new()));
+        let db = redb::Builder::new()
+            .create_with_backend(Flaky {
+                bytes: memory(),
+                failing: failing.clone(),
+            })
+            .expect("a database");
+        let raft = redb::Builder::new()
+            .create_with_backend(memory())
+            .expect("a database");
+        let store = Store::with_tables(db, RaftDisk::Tables(raft)).expect("a store");
+        store.commit_block(&carrier(0, &[])).expect("block 0");
+        (store, failing)
+    }
+
+    #[test]
+    fn a_failed_flush_keeps_its_blocks_readable_and_refuses_further_staging() {
+        // Proves that a flush the disk refuses loses nothing and hides nothing: the blocks it
+        // was writing stay staged and readable; and since redb takes no write after an I/O
+        // error, the next block is refused with a typed error (the node stops and restarts
+        // from its log) rather than piled up in memory, even once the disk recovers.
+        let (store, failing) = flaky_store();
+        store
+            .stage(Some(&carrier(1, &[("k/1", Some("one"))])), b"p1")
+            .expect("staged");
+        store
+            .stage(Some(&carrier(2, &[("k/2", Some("two"))])), b"p2")
+            .expect("staged");
+        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.flush(true).is_err(), "the failing disk took a flush");
+        assert!(store.has_staged());
+        let snapshot = store.snapshot().expect("a snapshot");
+        assert_eq!(snapshot.get("k/1").as_deref(), Some(&b"one"[..]));
+        assert_eq!(snapshot.get("k/2").as_deref(), Some(&b"two"[..]));
+        assert_eq!(store.head().unwrap().unwrap().height, 2);
+        assert_eq!(store.block_count().unwrap(), 3);
+        assert_eq!(store.applied_bytes().unwrap().as_deref(), Some(&b"p2"[..]));
+
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(
+            store.stage(Some(&carrier(3, &[])), b"p3"),
+            Err(StoreError::Unflushed(_))
+        ));
+        assert!(matches!(
+            store.stage(None, b"p3"),
+            Err(StoreError::Unflushed(_))
+        ));
+        assert_eq!(store.head().unwrap().unwrap().height, 2);
     }
 
     #[test]
