@@ -779,10 +779,8 @@ mod tests {
         initialise(dir.path(), &consortium.genesis).expect("genesis is stored");
         let node = &consortium.orgs[0].node;
         let identity = NodeIdentity::from_member(node).expect("a node identity");
-        let ledger = Arc::new(
-            Ledger::open_solo(dir.path(), identity, OrderingConfig::default())
-                .expect("the ledger opens"),
-        );
+        let ledger = Ledger::open_solo(dir.path(), identity, OrderingConfig::default())
+            .expect("the ledger opens");
         let patient = Identity::new_patient().expect("a patient");
         let register = patient.sign(
             "admission-test",
