@@ -238,6 +238,9 @@ pub struct Store {
     backlog: Backlog,
     /// Why a flush failed, once one has: staging is refused from then on (`flush`).
     flush_failed: std::sync::OnceLock<String>,
+    /// The state machine's position as of the last durable write of the ledger file: what
+    /// a crash would leave, and so how far Raft's log may be purged (`durable_applied`).
+    durable_applied: RwLock<Option<Bytes>>,
 }
 
 /// Staged state changes beyond which `Store::stage` flushes itself, and refuses.
@@ -289,7 +292,9 @@ impl Store {
         txn.open_table(STATE)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Store::over(db, Some(raft)))
+        let store = Store::over(db, Some(raft));
+        store.note_durable()?;
+        Ok(store)
     }
 
     fn over(db: redb::Database, raft: Option<RaftDisk>) -> Store {
@@ -303,6 +308,7 @@ impl Store {
                 refuse_at: STAGED_KEYS_MAX,
             },
             flush_failed: std::sync::OnceLock::new(),
+            durable_applied: RwLock::new(None),
         }
     }
 
@@ -329,13 +335,6 @@ impl Store {
             ),
             RaftDisk::Tables(_) => None,
         }
-    }
-
-    /// Makes everything applied so far durable in the ledger file (a flush, fsynced):
-    /// before Raft purges the entries that produced it, and from time to time so that a
-    /// restart re-applies little.
-    pub(crate) fn make_durable(&self) -> Result<(), StoreError> {
-        self.flush(true)
     }
 
     /// Opens a copy of the store at `path`, in memory, so that nothing in the file changes,
@@ -417,7 +416,7 @@ impl Store {
         }
         // redb's default durability is Immediate: commit returns after the fsync.
         txn.commit()?;
-        Ok(())
+        self.note_durable()
     }
 
     /// Puts what applying one Raft entry did (a block, or nothing) and the state machine's
@@ -555,7 +554,28 @@ impl Store {
         txn.commit()?;
         // Only now: a read begun before the commit still finds these entries staged.
         self.pending.write().expect("pending lock").flushing = Staged::default();
+        if durable {
+            self.note_durable()?;
+        }
         Ok(())
+    }
+
+    /// Records the position the ledger file holds, right after a durable commit.
+    fn note_durable(&self) -> Result<(), StoreError> {
+        let Db::Writable(db) = &self.db;
+        let txn = db.begin_read()?;
+        let applied = txn.open_table(META)?.get(APPLIED_KEY)?;
+        let applied = applied.map(|bytes| Bytes::from(bytes.value()));
+        *self.durable_applied.write().expect("durable lock") = applied;
+        Ok(())
+    }
+
+    /// The state machine's position as of the last durable write of the ledger file (or as
+    /// the file was opened): a crash loses nothing up to it, so Raft's log may be purged up
+    /// to it without a flush.
+    pub(crate) fn durable_applied_bytes(&self) -> Option<Vec<u8>> {
+        let durable = self.durable_applied.read().expect("durable lock");
+        durable.as_deref().map(<[u8]>::to_vec)
     }
 
     /// The state machine's position as staged or written.
@@ -631,6 +651,7 @@ impl Store {
             meta.insert(APPLIED_KEY, applied)?;
         }
         txn.commit()?;
+        self.note_durable()?;
         Ok(heads)
     }
 

@@ -4,8 +4,8 @@
 //! Every append, vote, truncation and purge is durable before openraft hears it is done.
 //! The state machine stages what it applies in memory (see `StateMachine`); the ledger's
 //! flusher thread, started with the writer, writes it into the ledger file every second and
-//! fsyncs it every five (`flush_ledger`), and a purge first makes it durable
-//! (`Store::make_durable`).
+//! fsyncs it every five (`flush_ledger`). A purge goes no further than the last of those
+//! durable writes (`Store::durable_applied_bytes`), so it never waits for one.
 //!
 //! On a node, `append` puts the entries where reads see them (`recent`) and queues them on
 //! the write-ahead log, whose flush worker syncs whatever has queued (group commit) and
@@ -788,25 +788,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        self.recent.lock().expect("recent lock").purge(log_id.index);
+        let recent = self.recent.clone();
         self.in_order(move |store| {
-            let bytes = serde_json::to_vec(&Some(log_id)).map_err(write_error)?;
-            // The blocks applied so far must be durable before the entries that produced
-            // them are gone.
-            store.make_durable().map_err(write_error)?;
+            // Entries go only once the ledger file holds their blocks durably: a crash loses
+            // what was staged or flushed since, and the restart re-applies it from them. So
+            // the purge stops at the last durable write (the flusher makes one every
+            // `LEDGER_SYNC_INTERVAL`) and a later purge takes the rest, rather than making
+            // the file durable here, where every append would wait for it.
+            let upto = match super::state_machine::durable_applied(store)? {
+                Some(durable) if durable.index < log_id.index => durable,
+                Some(_) => log_id,
+                None => return Ok(()),
+            };
+            recent.lock().expect("recent lock").purge(upto.index);
+            let bytes = serde_json::to_vec(&Some(upto)).map_err(write_error)?;
             change_durably(
                 store,
                 |txn| {
                     let mut table = txn.open_table(RAFT_LOG).map_err(write_error)?;
                     table
-                        .retain_in::<u64, _>(..=log_id.index, |_, _| false)
+                        .retain_in::<u64, _>(..=upto.index, |_, _| false)
                         .map_err(write_error)?;
                     let mut meta = txn.open_table(RAFT_META).map_err(write_error)?;
                     meta.insert(PURGED_KEY, bytes.as_slice())
                         .map_err(write_error)?;
                     Ok(())
                 },
-                |log| log.purge(wal::wal_log_id(&log_id)),
+                |log| log.purge(wal::wal_log_id(&upto)),
             )
         })
         .await
@@ -1077,5 +1085,44 @@ mod wal_tests {
         bytes[middle] ^= 0x40;
         std::fs::write(&chunk, bytes).unwrap();
         assert!(Store::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_purge_removes_only_entries_whose_blocks_are_durable_and_never_flushes() {
+        // Proves that a purge stops at the ledger file's last durable write, however far
+        // openraft asks for and the state machine has staged or flushed without a sync, that
+        // it does not make the file durable itself, and that a later purge takes the rest
+        // once the file is durable further on.
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().expect("a directory");
+        let store = Arc::new(Store::open(dir.path()).expect("the store opens"));
+        let entries: Vec<Entry> = (1..=10).map(|index| entry(1, index)).collect();
+        append_and_wait(&store, &entries);
+        let position =
+            |index: u64| super::super::state_machine::encode_position(Some(entry(1, index).log_id));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let mut log = LogStore::new(store.clone(), false);
+
+        store.stage(None, &position(4)).expect("staged");
+        store.flush(true).expect("a durable flush");
+        store.stage(None, &position(6)).expect("staged");
+        store.flush(false).expect("a flush without sync");
+        store.stage(None, &position(8)).expect("staged");
+        runtime
+            .block_on(log.purge(entry(1, 8).log_id))
+            .expect("a purge");
+        assert_eq!(held(&store, 0), vec![5, 6, 7, 8, 9, 10]);
+        assert_eq!(stored_bounds(&store).unwrap().0, Some(entry(1, 4).log_id));
+        assert!(store.has_staged(), "the purge flushed what was staged");
+
+        store.flush(true).expect("a durable flush");
+        runtime
+            .block_on(log.purge(entry(1, 8).log_id))
+            .expect("a purge");
+        assert_eq!(held(&store, 0), vec![9, 10]);
+        assert_eq!(stored_bounds(&store).unwrap().0, Some(entry(1, 8).log_id));
     }
 }

@@ -152,12 +152,31 @@ pub(crate) fn applied_index(store: &Store) -> Result<Option<u64>, StorageError> 
         .map(|log_id| log_id.index))
 }
 
+/// The last entry applied as of the ledger file's last durable write: the furthest Raft's
+/// log may be purged without losing what a restart must re-apply.
+pub(crate) fn durable_applied(store: &Store) -> Result<Option<LogId>, StorageError> {
+    match store.durable_applied_bytes() {
+        None => Ok(None),
+        Some(bytes) => Ok(decode_position(&bytes)?.last_applied),
+    }
+}
+
 /// The state machine's stored position (nothing applied yet: the default).
 fn read_position(store: &Store) -> Result<Position, StorageError> {
     match store.applied_bytes().map_err(read_sm)? {
         None => Ok(Position::default()),
         Some(bytes) => decode_position(&bytes),
     }
+}
+
+/// A stored position that has applied up to `last_applied`, for tests of the log store.
+#[cfg(test)]
+pub(crate) fn encode_position(last_applied: Option<LogId>) -> Vec<u8> {
+    let position = Position {
+        last_applied,
+        membership: StoredMembership::default(),
+    };
+    serde_json::to_vec(&position).expect("positions encode")
 }
 
 fn decode_position(bytes: &[u8]) -> Result<Position, StorageError> {
