@@ -142,6 +142,10 @@ struct Pending {
 }
 
 impl Pending {
+    fn is_empty(&self) -> bool {
+        self.newer.is_empty() && self.flushing.is_empty()
+    }
+
     fn state(&self, key: &str) -> Option<&Option<Bytes>> {
         self.newer
             .state
@@ -487,8 +491,7 @@ impl Store {
 
     /// Whether anything applied is not yet in the ledger file.
     pub(crate) fn has_staged(&self) -> bool {
-        let pending = self.pending();
-        !(pending.newer.is_empty() && pending.flushing.is_empty())
+        !self.pending().is_empty()
     }
 
     fn lock_flushes(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -738,10 +741,7 @@ impl Drop for Store {
     fn drop(&mut self) {
         // A node shut down leaves its file complete; one that crashes re-applies from
         // Raft's log what it had only staged.
-        let staged = !self
-            .pending
-            .get_mut()
-            .map_or(true, |p| p.newer.is_empty() && p.flushing.is_empty());
+        let staged = !self.pending.get_mut().map_or(true, |p| p.is_empty());
         if staged {
             if let Err(error) = self.flush(true) {
                 eprintln!("medledger: writing the ledger file on shutdown: {error}");

@@ -40,9 +40,10 @@ use raft_log::api::raft_log_writer::RaftLogWriter;
 /// Longest a purge waits for the state machine to store what it would purge.
 const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 /// How often the ledger's flusher writes what the state machine staged into the ledger file
-/// (`Store::flush`, from `flush_ledger`). Each flush writes every key changed since the last one once, so the
-/// longer the interval the less B-tree work per block, and the longer each flush holds
-/// redb's write lock (no reader waits for it) and the more it stages in memory.
+/// (`Store::flush`, from `flush_ledger`). Each flush writes every key changed since the
+/// last one once, so the longer the interval the less B-tree work per block, and the longer
+/// each flush holds redb's write lock (no reader waits for it) and the more it stages in
+/// memory.
 const LEDGER_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a flush is fsynced, making the ledger file durable. A durable commit writes
 /// out every page changed since the last one and syncs them, and that disk traffic slows

@@ -4,7 +4,8 @@
 //! its state changes and "applied up to this log id" together (`Store::stage`), in memory,
 //! where every read sees them; the ledger's flusher writes them into the ledger file later.
 //! The entry is already in Raft's fsynced log on a quorum, a crash re-applies it from
-//! there, and the log store makes the file durable before purging (`LogStore`).
+//! there, and the log store purges no entry past the file's last durable write
+//! (`LogStore`).
 //!
 //! A snapshot is the chain itself: every block, which the receiving node re-executes and
 //! checks (signatures, links, roots and state hashes) before it takes any of it, in one
