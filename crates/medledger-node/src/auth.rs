@@ -709,7 +709,7 @@ fn sync_dir(dir: &Path) -> Result<(), AuthError> {
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new
 /// content, never a mixture. The file is readable by its owner only.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthError> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthError> {
     let temp = write_temp_beside(path, bytes)?;
     if let Err(e) = std::fs::rename(&temp, path) {
         let _ = std::fs::remove_file(&temp);

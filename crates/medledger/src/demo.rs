@@ -641,7 +641,7 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
     println!(
         "   logins (password in {}, one-time code secrets in {}):",
         logins["password_file"].as_str().unwrap_or(""),
-        dir.join("fhir-demo.json").display()
+        crate::fhir_cli::demo_description_file(&dir).display()
     );
     for account in logins["accounts"].as_array().into_iter().flatten() {
         println!(
@@ -706,6 +706,8 @@ pub fn run(once: bool, data_dir: Option<PathBuf>, listen: &str) -> Result<(), St
             dir.join("nodes").join(other).display()
         );
     }
+    // Only now: a client that starts when the file appears acts alone (see its writer).
+    crate::fhir_cli::write_demo_description(&dir, &logins)?;
     if once {
         drop(nodes);
         return Ok(());

@@ -269,10 +269,11 @@ pub fn login(
 /// The demo's password for its FHIR logins (synthetic people on a local consortium).
 pub const DEMO_PASSWORD: &str = "demo-only-password-1";
 
-/// The demo's FHIR logins: accounts at the nodes, one search through the API to show it
-/// works, and `fhir-demo.json` (base URLs, usernames, code secrets) for FHIR clients and
-/// the tests. `nodes` is (org, API URL, data directory); `people` is (username, key file,
-/// org whose node the person logs in at).
+/// The demo's FHIR logins: accounts at the nodes, and their description (base URLs,
+/// usernames, code secrets) for FHIR clients and the tests, which
+/// `write_demo_description` saves once the demo is ready for them. `nodes` is (org, API
+/// URL, data directory); `people` is (username, key file, org whose node the person logs
+/// in at).
 pub fn demo_logins(
     dir: &Path,
     nodes: &[(String, String, PathBuf)],
@@ -319,12 +320,23 @@ pub fn demo_logins(
         "accounts": accounts,
         "patient": patient,
     });
-    std::fs::write(
-        dir.join("fhir-demo.json"),
-        serde_json::to_string_pretty(&description).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
     Ok(description)
+}
+
+/// Where the demo describes its logins for FHIR clients.
+pub fn demo_description_file(dir: &Path) -> PathBuf {
+    dir.join("fhir-demo.json")
+}
+
+/// Saves the logins' description once the demo's own story is over. A client that starts
+/// when the file appears (the FHIR client test does) then acts as dr-alice alone: her node
+/// and the story each taking her next nonce at the same time would make one of the two a
+/// stale-nonce rejection. The file holds code secrets: owner-only, and replaced whole, so
+/// a reader never sees half of it.
+pub fn write_demo_description(dir: &Path, description: &serde_json::Value) -> Result<(), String> {
+    let bytes = serde_json::to_vec_pretty(description).map_err(|e| e.to_string())?;
+    medledger_node::auth::write_atomic(&demo_description_file(dir), &bytes)
+        .map_err(|e| e.to_string())
 }
 
 /// A FHIR GET with a bearer token; the status and the JSON body.

@@ -83,8 +83,8 @@ fn fhirpy_creates_searches_pages_and_shares_records_only_under_consent() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The file is written whole before the demo goes on; give it a moment to be closed.
-    std::thread::sleep(Duration::from_millis(500));
+    // The demo writes the file (replaced whole) once its own story is over: from here on
+    // the script is the only one acting as dr-alice, so neither takes a nonce the other has.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fhir_client/consortium.py");
     let output = Command::new(&python)
         .arg(&script)
