@@ -253,7 +253,8 @@ fn write_log(
 /// The state machine stages what it applies in memory (a crash re-applies it from this
 /// log); this thread flushes it into the ledger file every `LEDGER_FLUSH_INTERVAL`, and
 /// makes the file durable every `LEDGER_SYNC_INTERVAL`, so that a restart has little to
-/// re-apply, until `stopped` hears from its sender or loses it.
+/// re-apply, until `stopped` hears from its sender or loses it, or a flush fails (the
+/// store then refuses to stage, and the node stops at its next entry).
 ///
 /// It runs at a lower CPU priority than the node's other threads (`nice` 10, on Linux), so
 /// a flush takes the time the node leaves idle rather than that of a commit under way
@@ -277,7 +278,16 @@ fn flush_ledger(store: &Store, stopped: &mpsc::Receiver<()>) {
                 synced = Instant::now();
             }
             Ok(()) => unsynced = true,
-            Err(error) => eprintln!("medledger: writing the ledger file: {error}"),
+            Err(error) => {
+                // redb refuses every write after an I/O error until the file is reopened,
+                // and the store now refuses to stage, so the node stops at its next entry:
+                // one message, not one a second until it does.
+                eprintln!(
+                    "medledger: writing the ledger file: {error}; no further flushes until \
+                     the node restarts (what is only staged is applied again from Raft's log)"
+                );
+                return;
+            }
         }
     }
 }
