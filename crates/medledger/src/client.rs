@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use medledger_core::contracts::{Rejection, TxOutcome};
 use medledger_core::tx::{SignedTx, TxBody};
 use medledger_node::api::SubmitResponse;
 use medledger_node::consortium::Identity;
@@ -15,6 +16,8 @@ pub const TX_LIFETIME_MS: u64 = 5 * 60 * 1000;
 const RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Deadline of every request.
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// How often a transaction refused for a nonce another signer took is signed again.
+const STALE_NONCE_RETRIES: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -111,11 +114,39 @@ impl Client {
     }
 
     /// Signs `body` as `identity` with its next nonce and submits it; answers after commit.
+    ///
+    /// A node the person logs in at signs for them too, so between reading the nonce and
+    /// the block another of their transactions may take it. The ledger then refuses this
+    /// one as stale, which changes nothing but the log; it is signed again with the next
+    /// nonce, at most `STALE_NONCE_RETRIES` times. Any other outcome is the answer.
     pub fn send(&self, identity: &Identity, body: TxBody) -> Result<SubmitResponse, ClientError> {
+        self.send_with_nonces(identity, body, |client| client.next_nonce(&identity.id))
+    }
+
+    /// `send`, taking each attempt's nonce from `next_nonce`.
+    fn send_with_nonces(
+        &self,
+        identity: &Identity,
+        body: TxBody,
+        mut next_nonce: impl FnMut(&Client) -> Result<u64, ClientError>,
+    ) -> Result<SubmitResponse, ClientError> {
         let chain_id = self.chain_id()?;
-        let nonce = self.next_nonce(&identity.id)?;
-        let tx = identity.sign(&chain_id, nonce, now_ms() + TX_LIFETIME_MS, body);
-        self.submit(&tx)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let nonce = next_nonce(self)?;
+            let tx = identity.sign(&chain_id, nonce, now_ms() + TX_LIFETIME_MS, body.clone());
+            let response = self.submit(&tx)?;
+            let stale = matches!(
+                &response.outcome,
+                TxOutcome::Rejected {
+                    rejection: Rejection::StaleNonce { .. }
+                }
+            );
+            if !stale || attempt > STALE_NONCE_RETRIES {
+                return Ok(response);
+            }
+        }
     }
 }
 
@@ -146,4 +177,116 @@ fn decode<T: DeserializeOwned>(
         url: url.to_string(),
         detail: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use medledger_core::identity::OrgKind;
+    use medledger_core::model::{Action, Category, Grantee, Purpose, Scope};
+    use medledger_node::consortium::Consortium;
+    use medledger_node::ledger::OrderingConfig;
+
+    use super::*;
+    use crate::commands::{init_node, validity_days};
+
+    fn grant_to_hospital() -> TxBody {
+        TxBody::Grant {
+            grantee: Grantee::Org {
+                org: "hospital-a".into(),
+            },
+            scope: Scope {
+                resource_types: vec![],
+                categories: vec![Category::Diagnostics],
+            },
+            actions: vec![Action::Read],
+            purposes: vec![Purpose::Treatment],
+            expires_at_ms: Some(now_ms() + 60 * 60 * 1000),
+        }
+    }
+
+    fn stale(response: &SubmitResponse) -> bool {
+        matches!(
+            response.outcome,
+            TxOutcome::Rejected {
+                rejection: Rejection::StaleNonce { .. }
+            }
+        )
+    }
+
+    #[test]
+    fn a_nonce_another_signer_took_is_replaced_and_other_refusals_are_answered_as_they_are() {
+        // Goal: against a real node, a transaction whose nonce another signer for the same
+        // person took first is signed again with the next nonce and commits; a nonce that
+        // stays stale is given up after `STALE_NONCE_RETRIES` more attempts with the
+        // ledger's refusal as the answer; any other refusal is answered at once.
+        let dir = tempfile::tempdir().unwrap();
+        let consortium = Consortium::create(
+            "medledger-client-test",
+            &[("hospital-a", OrgKind::Hospital)],
+            now_ms(),
+            validity_days(1),
+        )
+        .unwrap();
+        init_node(dir.path(), &consortium.genesis, &consortium.orgs[0].node).unwrap();
+        let node = crate::node_runner::start(dir.path(), "127.0.0.1:0", OrderingConfig::default())
+            .unwrap();
+        let client = Client::new(&node.url);
+        let patient = Identity::new_patient().unwrap();
+        let register = TxBody::RegisterPatient {
+            public_key: patient.key.public_key(),
+        };
+        let registered = client.send(&patient, register.clone()).unwrap();
+        assert!(matches!(registered.outcome, TxOutcome::Committed { .. }));
+
+        // The nonce is read (2), then the patient's node, acting for them, commits nonce 2.
+        let read_before = client.next_nonce(&patient.id).unwrap();
+        assert_eq!(read_before, 2);
+        let other = client.send(&patient, grant_to_hospital()).unwrap();
+        assert!(matches!(other.outcome, TxOutcome::Committed { .. }));
+        let calls = Cell::new(0);
+        let answer = client
+            .send_with_nonces(&patient, grant_to_hospital(), |client| {
+                calls.set(calls.get() + 1);
+                match calls.get() {
+                    1 => Ok(read_before),
+                    _ => client.next_nonce(&patient.id),
+                }
+            })
+            .unwrap();
+        assert!(
+            matches!(answer.outcome, TxOutcome::Committed { .. }),
+            "{:?}",
+            answer.outcome
+        );
+        assert_eq!(calls.get(), 2);
+        assert_eq!(client.next_nonce(&patient.id).unwrap(), 4);
+
+        // A nonce that never becomes fresh: the refusal, after the bounded retries.
+        calls.set(0);
+        let answer = client
+            .send_with_nonces(&patient, grant_to_hospital(), |_| {
+                calls.set(calls.get() + 1);
+                Ok(read_before)
+            })
+            .unwrap();
+        assert!(stale(&answer), "{:?}", answer.outcome);
+        assert_eq!(calls.get(), 1 + STALE_NONCE_RETRIES);
+
+        // Registering twice is refused for what it is, and not sent again.
+        calls.set(0);
+        let answer = client
+            .send_with_nonces(&patient, register, |client| {
+                calls.set(calls.get() + 1);
+                client.next_nonce(&patient.id)
+            })
+            .unwrap();
+        assert!(
+            matches!(answer.outcome, TxOutcome::Rejected { .. }) && !stale(&answer),
+            "{:?}",
+            answer.outcome
+        );
+        assert_eq!(calls.get(), 1);
+    }
 }
