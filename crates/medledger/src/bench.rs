@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use medledger_core::contracts::CONSENTS_PER_PATIENT_MAX;
 use medledger_core::identity::OrgKind;
 use medledger_core::model::{Action, Category, Grantee, Purpose, Scope};
 use medledger_core::tx::{SignedTx, TxBody};
@@ -75,6 +76,11 @@ pub struct BenchArgs {
 }
 
 pub(crate) const CHAIN_ID: &str = "medledger-bench";
+
+/// Grants one bench patient makes at most (each lasts a day): as many as the slots the
+/// ledger keeps for a patient's consents in force. Past them it refuses every grant, after
+/// looking for an expired one in each slot, and a run would measure those refusals.
+const GRANTS_PER_PATIENT: usize = CONSENTS_PER_PATIENT_MAX;
 
 pub(crate) fn grant(patient: &Identity, nonce: u64) -> SignedTx {
     patient.sign(
@@ -291,7 +297,10 @@ fn open_loop(
                 let begun = Instant::now();
                 let ok = matches!(ledger.submit(tx).await, Ok(c) if c.outcome.is_committed());
                 let took = begun.elapsed();
-                let _ = idle.send((patient, nonce + 1));
+                // Retired before its consent slots are full (a tick then may find no one).
+                if nonce - 1 < GRANTS_PER_PATIENT as u64 {
+                    let _ = idle.send((patient, nonce + 1));
+                }
                 (ok, took)
             }));
         }
@@ -380,8 +389,16 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
 
     let clients = args.clients.max(1);
     let per_client = args.txs.div_ceil(clients);
+    if per_client > GRANTS_PER_PATIENT {
+        return Err(format!(
+            "{per_client} grants per client would fill a patient's {CONSENTS_PER_PATIENT_MAX} consent slots (the ledger then refuses every further grant); use at least {} clients for {} transactions",
+            args.txs.div_ceil(GRANTS_PER_PATIENT),
+            args.txs
+        ));
+    }
+    let single_patients = args.latency_txs.div_ceil(GRANTS_PER_PATIENT).max(1);
     let pool_size = clients;
-    let patients: Vec<Identity> = (0..clients + 1 + pool_size)
+    let patients: Vec<Identity> = (0..clients + single_patients + pool_size)
         .map(|_| Identity::new_patient())
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
@@ -407,7 +424,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         ));
     }
     let mut patients = patients;
-    let pool: Vec<Identity> = patients.split_off(clients + 1);
+    let pool: Vec<Identity> = patients.split_off(clients + single_patients);
 
     let load: Vec<Vec<SignedTx>> = patients[..clients]
         .iter()
@@ -437,9 +454,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         max_ms(&throughput.latencies),
     );
 
-    let single = &patients[clients];
-    let sequential = vec![(0..args.latency_txs as u64)
-        .map(|n| grant(single, n + 2))
+    // One client, sequentially; a new patient before one's consent slots are full.
+    let single = &patients[clients..];
+    let sequential = vec![(0..args.latency_txs)
+        .map(|n| {
+            let nonce = (n % GRANTS_PER_PATIENT) as u64 + 2;
+            grant(&single[n / GRANTS_PER_PATIENT], nonce)
+        })
         .collect()];
     let latency = drive(&runtime, std::slice::from_ref(&leader), sequential);
     let (p50, p99, max) = (
