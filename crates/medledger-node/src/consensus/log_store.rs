@@ -292,17 +292,42 @@ fn flush_ledger(store: &Store, stopped: &mpsc::Receiver<()>) {
     }
 }
 
-/// Lowers the calling thread's CPU priority (Linux threads have their own `nice`).
+/// Lowers the calling thread's CPU priority (Linux threads have their own `nice`) and asks
+/// for a short time slice.
+///
+/// The slice matters on Linux 6.12 and later, whose scheduler (EEVDF) may let a running
+/// thread finish its slice before a thread that wakes takes the core, even at a lower
+/// priority: with the default (0.75 ms times one plus log2 of the cores) a commit woken
+/// while a flush ran could wait for it. With 0.1 ms it waits less: over seven alternating pairs of `bench ledger` runs (four default,
+/// three with `--txs 3000 --latency-txs 3000`), single-client p99 3.2–4.9 ms (mean 4.0)
+/// against 3.6–5.8 ms (mean 4.7). Older kernels take the nice value and ignore the slice.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
         const FLUSH_NICE: libc::c_int = 10;
-        // SAFETY: plain system calls on integers; with PRIO_PROCESS and a thread id,
-        // setpriority changes that thread only. A refusal leaves the priority as it was.
-        let lowered = unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, FLUSH_NICE)
+        const FLUSH_SLICE_NS: u64 = 100_000;
+        // SAFETY: `attr` is a fully initialised `sched_attr` whose `size` says which
+        // version of the struct it is; the kernel only reads it. With a thread id,
+        // sched_setattr and setpriority change that thread only. A refusal changes nothing.
+        let with_slice = unsafe {
+            let mut attr: libc::sched_attr = std::mem::zeroed();
+            attr.size = std::mem::size_of::<libc::sched_attr>() as u32;
+            attr.sched_policy = libc::SCHED_OTHER as u32;
+            attr.sched_nice = FLUSH_NICE;
+            attr.sched_runtime = FLUSH_SLICE_NS;
+            libc::syscall(
+                libc::SYS_sched_setattr,
+                libc::gettid(),
+                &attr as *const libc::sched_attr,
+                0_u32,
+            ) == 0
         };
-        if lowered != 0 {
+        // SAFETY: as above; plain integers.
+        let lowered = with_slice
+            || unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, FLUSH_NICE)
+            } == 0;
+        if !lowered {
             eprintln!(
                 "medledger: the ledger flusher keeps its priority: {}",
                 std::io::Error::last_os_error()
