@@ -83,23 +83,23 @@ pub(crate) const CHAIN_ID: &str = "medledger-bench";
 const GRANTS_PER_PATIENT: usize = CONSENTS_PER_PATIENT_MAX;
 
 pub(crate) fn grant(patient: &Identity, nonce: u64) -> SignedTx {
-    patient.sign(
-        CHAIN_ID,
-        nonce,
-        now_ms() + 10 * 60 * 1000,
-        TxBody::Grant {
-            grantee: Grantee::Org {
-                org: "hospital-a".into(),
-            },
-            scope: Scope {
-                resource_types: vec![],
-                categories: vec![Category::Diagnostics],
-            },
-            actions: vec![Action::Read],
-            purposes: vec![Purpose::Treatment],
-            expires_at_ms: Some(now_ms() + 24 * 60 * 60 * 1000),
+    patient.sign(CHAIN_ID, nonce, now_ms() + 10 * 60 * 1000, grant_body())
+}
+
+/// A patient lets hospital-a read their diagnostics for treatment, for a day.
+pub(crate) fn grant_body() -> TxBody {
+    TxBody::Grant {
+        grantee: Grantee::Org {
+            org: "hospital-a".into(),
         },
-    )
+        scope: Scope {
+            resource_types: vec![],
+            categories: vec![Category::Diagnostics],
+        },
+        actions: vec![Action::Read],
+        purposes: vec![Purpose::Treatment],
+        expires_at_ms: Some(now_ms() + 24 * 60 * 60 * 1000),
+    }
 }
 
 /// Verifications per second of `threads` threads verifying `count` signatures each.

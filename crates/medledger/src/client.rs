@@ -184,27 +184,12 @@ mod tests {
     use std::cell::Cell;
 
     use medledger_core::identity::OrgKind;
-    use medledger_core::model::{Action, Category, Grantee, Purpose, Scope};
     use medledger_node::consortium::Consortium;
     use medledger_node::ledger::OrderingConfig;
 
     use super::*;
+    use crate::bench::grant_body;
     use crate::commands::{init_node, validity_days};
-
-    fn grant_to_hospital() -> TxBody {
-        TxBody::Grant {
-            grantee: Grantee::Org {
-                org: "hospital-a".into(),
-            },
-            scope: Scope {
-                resource_types: vec![],
-                categories: vec![Category::Diagnostics],
-            },
-            actions: vec![Action::Read],
-            purposes: vec![Purpose::Treatment],
-            expires_at_ms: Some(now_ms() + 60 * 60 * 1000),
-        }
-    }
 
     fn stale(response: &SubmitResponse) -> bool {
         matches!(
@@ -243,11 +228,11 @@ mod tests {
         // The nonce is read (2), then the patient's node, acting for them, commits nonce 2.
         let read_before = client.next_nonce(&patient.id).unwrap();
         assert_eq!(read_before, 2);
-        let other = client.send(&patient, grant_to_hospital()).unwrap();
+        let other = client.send(&patient, grant_body()).unwrap();
         assert!(matches!(other.outcome, TxOutcome::Committed { .. }));
         let calls = Cell::new(0);
         let answer = client
-            .send_with_nonces(&patient, grant_to_hospital(), |client| {
+            .send_with_nonces(&patient, grant_body(), |client| {
                 calls.set(calls.get() + 1);
                 match calls.get() {
                     1 => Ok(read_before),
@@ -266,7 +251,7 @@ mod tests {
         // A nonce that never becomes fresh: the refusal, after the bounded retries.
         calls.set(0);
         let answer = client
-            .send_with_nonces(&patient, grant_to_hospital(), |_| {
+            .send_with_nonces(&patient, grant_body(), |_| {
                 calls.set(calls.get() + 1);
                 Ok(read_before)
             })
