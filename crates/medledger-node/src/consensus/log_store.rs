@@ -298,9 +298,10 @@ fn flush_ledger(store: &Store, stopped: &mpsc::Receiver<()>) {
 /// The slice matters on Linux 6.12 and later, whose scheduler (EEVDF) may let a running
 /// thread finish its slice before a thread that wakes takes the core, even at a lower
 /// priority: with the default (0.75 ms times one plus log2 of the cores) a commit woken
-/// while a flush ran could wait for it. With 0.1 ms it waits less: over seven alternating pairs of `bench ledger` runs (four default,
-/// three with `--txs 3000 --latency-txs 3000`), single-client p99 3.2–4.9 ms (mean 4.0)
-/// against 3.6–5.8 ms (mean 4.7). Older kernels take the nice value and ignore the slice.
+/// while a flush ran could wait for it. With 0.1 ms it waits less: over seven alternating
+/// pairs of `bench ledger` runs (four default, three with `--txs 3000 --latency-txs
+/// 3000`), single-client p99 3.2–4.9 ms (mean 4.0) against 3.6–5.8 ms (mean 4.7). Older
+/// kernels take the nice value and ignore the slice.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
