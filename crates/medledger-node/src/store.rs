@@ -267,6 +267,17 @@ struct View {
     pending: Pending,
 }
 
+impl View {
+    /// The state machine's position, staged or in the file.
+    fn applied(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(applied) = self.pending.applied() {
+            return Ok(Some(applied.to_vec()));
+        }
+        let table = self.txn.open_table(META)?;
+        Ok(table.get(APPLIED_KEY)?.map(|bytes| bytes.value().to_vec()))
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
@@ -583,25 +594,13 @@ impl Store {
 
     /// The state machine's position as staged or written.
     pub(crate) fn applied_bytes(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let view = self.view()?;
-        if let Some(applied) = view.pending.applied() {
-            return Ok(Some(applied.to_vec()));
-        }
-        let table = view.txn.open_table(META)?;
-        Ok(table.get(APPLIED_KEY)?.map(|bytes| bytes.value().to_vec()))
+        self.view()?.applied()
     }
 
     /// The state machine's position and every stored block, read in one view.
     pub(crate) fn applied_and_blocks(&self) -> Result<AppliedAndBlocks, StoreError> {
         let view = self.view()?;
-        let applied = match view.pending.applied() {
-            Some(applied) => Some(applied.to_vec()),
-            None => {
-                let meta = view.txn.open_table(META)?;
-                let applied = meta.get(APPLIED_KEY)?;
-                applied.map(|bytes| bytes.value().to_vec())
-            }
-        };
+        let applied = view.applied()?;
         let mut blocks = Vec::new();
         blocks_of(&view, |_, bytes| blocks.push(bytes.to_vec()))?;
         Ok((applied, blocks))

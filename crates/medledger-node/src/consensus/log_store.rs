@@ -1127,9 +1127,10 @@ mod wal_tests {
     #[test]
     fn a_purge_removes_only_entries_whose_blocks_are_durable_and_never_flushes() {
         // Proves that a purge stops at the ledger file's last durable write, however far
-        // openraft asks for and the state machine has staged or flushed without a sync, that
-        // it does not make the file durable itself, and that a later purge takes the rest
-        // once the file is durable further on.
+        // openraft asks for and the state machine has staged or flushed without a sync (and
+        // removes nothing while the file holds no position at all), that it does not make
+        // the file durable itself, and that a later purge takes the rest once the file is
+        // durable further on.
         use openraft::storage::RaftLogStorage;
         let dir = tempfile::tempdir().expect("a directory");
         let store = Arc::new(Store::open(dir.path()).expect("the store opens"));
@@ -1143,6 +1144,15 @@ mod wal_tests {
             .expect("a runtime");
         let mut log = LogStore::new(store.clone(), false);
 
+        // Applied up to 8, but the file has never held a position durably.
+        store.stage(None, &position(8)).expect("staged");
+        runtime
+            .block_on(log.purge(entry(1, 8).log_id))
+            .expect("a purge");
+        assert_eq!(held(&store, 0), (1..=10).collect::<Vec<u64>>());
+        assert_eq!(stored_bounds(&store).unwrap().0, None);
+
+        // Positions set directly from here: durable at 4, flushed unsynced at 6, staged 8.
         store.stage(None, &position(4)).expect("staged");
         store.flush(true).expect("a durable flush");
         store.stage(None, &position(6)).expect("staged");
