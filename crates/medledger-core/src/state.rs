@@ -193,6 +193,13 @@ pub mod keys {
     pub fn patient_consent_slot(patient: &str, slot: u64) -> String {
         format!("patient_consent_slot/{patient}/{slot:016x}")
     }
+    /// The earliest end a consent in the patient's slots may have: none of them ends before
+    /// it (absent when none of them ends). Kept when a consent enters a slot and set exactly
+    /// when the slots are pruned, so a grant at the bound looks at every slot only when one
+    /// of them may have ended. A revoke leaves it as it is: a lower bound stays one.
+    pub fn patient_consent_next_end(patient: &str) -> String {
+        format!("patient_consent_next_end/{patient}")
+    }
     /// The slot a consent occupies, while it occupies one: how a revoke finds it.
     pub fn consent_slot(id: &Hash) -> String {
         format!("consent_slot/{id}")

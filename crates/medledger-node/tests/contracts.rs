@@ -7,6 +7,7 @@
 //! Each table row states one boundary; one `check` helper per boundary runs the rows, so a
 //! change of harness touches one function, not a hundred tests.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use medledger_core::block::{self, Block, ChainHead, GenesisConfig};
@@ -22,7 +23,7 @@ use medledger_core::model::{
     GovernanceAction, Grantee, Org, OrgStatus, Patient, Proposal, ProposalStatus, Purpose, Record,
     RequestStatus, RevocationReason, Scope, User, UserStatus,
 };
-use medledger_core::state::{apply_writes, keys, Overlay, WriteSet};
+use medledger_core::state::{apply_writes, keys, Overlay, StateRead, WriteSet};
 use medledger_core::tx::{
     access_record_name, NewRecordVersion, SignedTx, TxBody, TxPayload, ACCESS_RECORDS_MAX,
     RECORD_GROUP_MAX, TX_LIFETIME_MS_MAX,
@@ -80,6 +81,22 @@ struct Ledger {
     blocks: Vec<Block>,
     /// The id of the last committed transaction of each kind.
     last_committed: BTreeMap<&'static str, Hash>,
+}
+
+/// The harness's state, read through a count of the reads of keys under a prefix.
+struct CountingReads<'a> {
+    state: &'a BTreeMap<String, Vec<u8>>,
+    prefix: &'a str,
+    reads: Cell<usize>,
+}
+
+impl StateRead for CountingReads<'_> {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        if key.starts_with(self.prefix) {
+            self.reads.set(self.reads.get() + 1);
+        }
+        self.state.get(key).cloned()
+    }
 }
 
 impl Ledger {
@@ -141,10 +158,27 @@ impl Ledger {
 
     /// Executes one block at the current time and keeps it; returns its write set too.
     fn run_with_writes(&mut self, txs: Vec<SignedTx>) -> (Vec<TxOutcome>, WriteSet) {
+        let (outcomes, writes, _) = self.run_counting_reads(txs, "");
+        (outcomes, writes)
+    }
+
+    /// Executes one block at the current time and keeps it; returns its write set and how
+    /// many times it read a key of state that starts with `prefix`.
+    fn run_counting_reads(
+        &mut self,
+        txs: Vec<SignedTx>,
+        prefix: &str,
+    ) -> (Vec<TxOutcome>, WriteSet, usize) {
         let candidates = txs.into_iter().map(Candidate::Unverified).collect();
+        let counting = CountingReads {
+            state: &self.state,
+            prefix,
+            reads: Cell::new(0),
+        };
         let executed =
-            block::execute_block(&self.state, &self.head, PROPOSER, self.now_ms, candidates)
+            block::execute_block(&counting, &self.head, PROPOSER, self.now_ms, candidates)
                 .expect("a block at a time not before its head executes");
+        let reads = counting.reads.get();
         apply_writes(&mut self.state, &executed.writes);
         self.head = executed.head;
         let block = executed.block;
@@ -156,7 +190,7 @@ impl Ledger {
         }
         let outcomes = block.outcomes.clone();
         self.blocks.push(block);
-        (outcomes, executed.writes)
+        (outcomes, executed.writes, reads)
     }
 
     fn run1(&mut self, tx: SignedTx) -> TxOutcome {
@@ -5015,6 +5049,92 @@ fn a_grant_at_the_bound_prunes_only_expired_consents_and_the_rest_keep_working()
     expect_all_committed(&ledger.run(txs), "grants up to the bound");
     assert_eq!(ledger.consents_in_force(q).len(), CONSENTS_PER_PATIENT_MAX);
     refuse_at_bound(&mut ledger);
+}
+
+#[test]
+fn a_grant_at_the_bound_reads_the_slots_only_when_one_of_them_may_have_ended() {
+    // Proves that a grant finding the patient's slots full reads the consents in them only
+    // once the earliest end the ledger keeps for them has come: refused at once before it;
+    // after a revoke left that bound too early, refused after reading them all and changing
+    // nothing; at a real end, pruned and committed, with the bound set to the next end, or
+    // to none once the consents left never end.
+    use medledger_core::contracts::CONSENTS_PER_PATIENT_MAX;
+    let (mut ledger, w) = world();
+    let q = &w.q.id;
+    let ends = [1, 2, 3].map(|hours| ledger.now_ms + hours * HOUR_MS);
+    let ending = |end: u64| {
+        grant(
+            to_user(&w.bob.id),
+            types(&["Condition"]),
+            &[Action::Read],
+            &[Purpose::Treatment],
+            Some(end),
+        )
+    };
+    let ending_ids = ends.map(|end| ledger.commit(&w.q, ending(end)));
+    let fill = |ledger: &mut Ledger| loop {
+        let room = CONSENTS_PER_PATIENT_MAX - ledger.consents_in_force(q).len();
+        if room == 0 {
+            break;
+        }
+        let txs: Vec<SignedTx> = (0..room.min(256))
+            .map(|_| ledger.sign(&w.q, grant_observations(to_user(&w.bob.id))))
+            .collect();
+        expect_all_committed(&ledger.run(txs), "grants up to the bound");
+    };
+    let next_end = |ledger: &Ledger| ledger.value::<u64>(&keys::patient_consent_next_end(q));
+    // One more grant, which ends never; returns its outcome and how many consents it read.
+    let grant_one = |ledger: &mut Ledger| {
+        let tx = ledger.sign(&w.q, grant_observations(to_user(&w.alice.id)));
+        let (mut outcomes, _, reads) = ledger.run_counting_reads(vec![tx], "consent/");
+        (outcomes.remove(0), reads)
+    };
+    let refused_reading = |ledger: &mut Ledger, expected_reads: usize| {
+        let in_force = ledger.consents_in_force(q);
+        let (outcome, reads) = grant_one(ledger);
+        assert!(
+            matches!(
+                &outcome,
+                TxOutcome::Rejected { rejection: Rejection::Conflict { detail } }
+                    if detail == "the patient has the most consents in force at once"
+            ),
+            "a grant at the bound should be refused: {outcome:?}"
+        );
+        assert_eq!(reads, expected_reads, "consents read by a refused grant");
+        assert_eq!(ledger.consents_in_force(q), in_force);
+    };
+    fill(&mut ledger);
+    assert_eq!(next_end(&ledger), Some(ends[0]));
+
+    // Nothing can have ended yet: refused without reading a consent.
+    refused_reading(&mut ledger, 0);
+
+    // The consent with the earliest end is revoked and its slot refilled: a revoke leaves
+    // the bound as it is, now earlier than any end. Once it has come, a grant at the bound
+    // reads every consent, finds none ended, and is refused with no change.
+    ledger.commit(&w.q, revoke(ending_ids[0]));
+    fill(&mut ledger);
+    assert_eq!(next_end(&ledger), Some(ends[0]));
+    ledger.set_time(ends[0]);
+    refused_reading(&mut ledger, CONSENTS_PER_PATIENT_MAX);
+    assert_eq!(next_end(&ledger), Some(ends[0]));
+
+    // At a real end, the consent that ended is pruned, the grant commits in its slot and
+    // the bound moves to the next end; until then, grants read nothing again.
+    ledger.set_time(ends[1]);
+    let (outcome, _) = grant_one(&mut ledger);
+    assert!(outcome.is_committed(), "{outcome:?}");
+    assert!(!ledger.consents_in_force(q).contains(&ending_ids[1]));
+    assert_eq!(next_end(&ledger), Some(ends[2]));
+    refused_reading(&mut ledger, 0);
+
+    // The last consent with an end goes too: no bound is kept for consents that never end.
+    ledger.set_time(ends[2]);
+    let (outcome, _) = grant_one(&mut ledger);
+    assert!(outcome.is_committed(), "{outcome:?}");
+    assert!(!ledger.consents_in_force(q).contains(&ending_ids[2]));
+    assert_eq!(next_end(&ledger), None);
+    refused_reading(&mut ledger, 0);
 }
 
 // ---- contribution counters ------------------------------------------------------------

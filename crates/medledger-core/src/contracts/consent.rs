@@ -237,9 +237,12 @@ fn store_consent<S: StateRead + ?Sized>(
 ) -> Result<(), Rejection> {
     let bound = CONSENTS_PER_PATIENT_MAX as u64;
     let mut count = consent_slot_count(state, &consent.patient);
+    let next_end = consent_next_end(state, &consent.patient);
     // Revokes free their slots at once; expired consents are pruned only when the slots are
-    // full, so that storing a consent stays cheap.
-    if count >= bound {
+    // full, so that storing a consent stays cheap, and only when one of them may have ended,
+    // so that a grant to a patient whose consents are all still in force is refused without
+    // reading them all.
+    if count >= bound && next_end.is_some_and(|end| end <= time_ms) {
         prune_consent_slots(state, &consent.patient, time_ms);
         count = consent_slot_count(state, &consent.patient);
     }
@@ -258,8 +261,20 @@ fn store_consent<S: StateRead + ?Sized>(
         keys::patient_consent(&consent.patient, &consent.id),
         Vec::new(),
     );
+    if let Some(end) = consent.expires_at_ms {
+        // Read again: a pruning above sets it anew.
+        let next_end = consent_next_end(state, &consent.patient);
+        if next_end.is_none_or(|next| end < next) {
+            state.put(keys::patient_consent_next_end(&consent.patient), &end);
+        }
+    }
     state.put(keys::consent(&consent.id), &consent);
     Ok(())
+}
+
+/// No consent in the patient's slots ends before this (`None`: none of them ends).
+fn consent_next_end<S: StateRead + ?Sized>(state: &Overlay<'_, S>, patient: &str) -> Option<u64> {
+    state.get_value(&keys::patient_consent_next_end(patient))
 }
 
 /// How many consent slots of the patient are in use.
@@ -321,30 +336,45 @@ fn free_consent_slot<S: StateRead + ?Sized>(
     let count_key = keys::patient_consent_count(patient);
     if last == 0 {
         state.delete(count_key);
+        if consent_next_end(state, patient).is_some() {
+            state.delete(keys::patient_consent_next_end(patient));
+        }
     } else {
         state.put(count_key, &last);
     }
 }
 
-/// Frees the slots of the patient's consents that are no longer in force at `time_ms`.
-/// Slots are visited in ascending order and a freed slot is looked at again (it now holds
-/// what was the last), so every node prunes the same slots in the same way.
+/// Frees the slots of the patient's consents that are no longer in force at `time_ms`, and
+/// sets the earliest end of those it keeps. Slots are visited in ascending order and a freed
+/// slot is looked at again (it now holds what was the last), so every node prunes the same
+/// slots in the same way.
 fn prune_consent_slots<S: StateRead + ?Sized>(
     state: &mut Overlay<'_, S>,
     patient: &str,
     time_ms: u64,
 ) {
     let mut slot = 0;
+    let mut next_end: Option<u64> = None;
     while slot < consent_slot_count(state, patient) {
         let id = consent_in_slot(state, patient, slot);
-        let in_force = state
+        let kept = state
             .get_value::<Consent>(&keys::consent(&id))
-            .is_some_and(|consent| consent.is_active_at(time_ms));
-        if in_force {
-            slot += 1;
-        } else {
-            free_consent_slot(state, patient, slot, &id);
+            .filter(|consent| consent.is_active_at(time_ms));
+        match kept {
+            Some(consent) => {
+                if let Some(end) = consent.expires_at_ms {
+                    next_end = Some(next_end.map_or(end, |next| next.min(end)));
+                }
+                slot += 1;
+            }
+            None => free_consent_slot(state, patient, slot, &id),
         }
+    }
+    let key = keys::patient_consent_next_end(patient);
+    match next_end {
+        Some(end) => state.put(key, &end),
+        None if consent_next_end(state, patient).is_some() => state.delete(key),
+        None => {}
     }
 }
 
