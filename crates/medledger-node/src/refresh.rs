@@ -11,22 +11,30 @@
 //! account refreshes nothing.
 //!
 //! A token is `<session id>.<generation>.<secret>`; the node keeps per session only the
-//! SHA-256 of the current secret, its generation, the grant and the end, in a file readable
-//! by its owner alone, rewritten atomically before any token it names is handed out. A
-//! restart keeps the sessions, as `offline_access` promises.
+//! SHA-256 of the current secret, its generation, the grant and the end, one row per session
+//! in an embedded redb file readable by its owner alone. Each change is one durable commit of
+//! the rows it touches, made before any token it names is handed out, so its cost does not
+//! grow with the number of sessions. A restart keeps the sessions, as `offline_access`
+//! promises. The callers run these calls off the async threads: each may wait for an fsync.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{constant_time_eq, random_bytes, write_atomic, AuthError};
+use crate::auth::{constant_time_eq, random_bytes, AuthError};
 
 /// The file of a node's refresh sessions, in its data directory.
-pub const SESSIONS_FILE: &str = "refresh-sessions.json";
+pub const SESSIONS_FILE: &str = "refresh.redb";
+/// Where earlier versions kept the sessions (one JSON map, rewritten whole on each change):
+/// moved into `SESSIONS_FILE` when the node opens it, then removed.
+pub const LEGACY_SESSIONS_FILE: &str = "refresh-sessions.json";
+/// Session id → the session, JSON.
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// How long a session lasts from its login, in seconds: 30 days.
 pub const SESSION_LIFETIME_S: u64 = 30 * 24 * 60 * 60;
 /// Most live sessions a node keeps; a login beyond that gets no refresh token.
@@ -43,7 +51,7 @@ pub enum RefreshError {
     WrongClient,
     #[error("the refresh token was already used; its session is ended for safety")]
     Reused,
-    #[error("the sessions file could not be written: {0}")]
+    #[error("the sessions store could not be written: {0}")]
     Store(String),
 }
 
@@ -66,40 +74,87 @@ struct Session {
     ends_at_s: u64,
 }
 
-/// A node's refresh sessions, kept in `SESSIONS_FILE`.
+/// A node's refresh sessions, kept in `SESSIONS_FILE` and, for reading, in memory.
 pub struct RefreshSessions {
-    path: PathBuf,
+    path: String,
+    db: redb::Database,
     sessions: Mutex<BTreeMap<String, Session>>,
+    /// Most live sessions: `SESSIONS_MAX`, smaller in tests.
+    limit: usize,
 }
 
 impl RefreshSessions {
-    /// Opens the sessions file, or starts with none when there is no file yet.
+    /// Opens the sessions file (creating it, readable by the owner alone, when there is none)
+    /// and moves in the sessions of a `LEGACY_SESSIONS_FILE` beside it.
     pub fn open(path: &Path) -> Result<RefreshSessions, AuthError> {
-        let sessions = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AuthError::File {
-                path: path.display().to_string(),
-                detail: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => {
-                return Err(AuthError::File {
-                    path: path.display().to_string(),
-                    detail: e.to_string(),
-                })
-            }
+        RefreshSessions::open_with_limit(path, SESSIONS_MAX)
+    }
+
+    fn open_with_limit(path: &Path, limit: usize) -> Result<RefreshSessions, AuthError> {
+        let error = |detail: String| AuthError::File {
+            path: path.display().to_string(),
+            detail,
         };
-        Ok(RefreshSessions {
-            path: path.to_path_buf(),
+        create_owner_only(path).map_err(|e| error(e.to_string()))?;
+        let db = redb::Database::create(path).map_err(|e| error(e.to_string()))?;
+        let mut sessions = BTreeMap::new();
+        let txn = db.begin_read().map_err(|e| error(e.to_string()))?;
+        match txn.open_table(SESSIONS) {
+            Ok(table) => {
+                for row in table.iter().map_err(|e| error(e.to_string()))? {
+                    let (id, session) = row.map_err(|e| error(e.to_string()))?;
+                    let session: Session = serde_json::from_slice(session.value())
+                        .map_err(|e| error(format!("session {}: {e}", id.value())))?;
+                    sessions.insert(id.value().to_string(), session);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(error(e.to_string())),
+        }
+        drop(txn);
+        let store = RefreshSessions {
+            path: path.display().to_string(),
+            db,
             sessions: Mutex::new(sessions),
-        })
+            limit,
+        };
+        store.move_in_legacy(&path.with_file_name(LEGACY_SESSIONS_FILE))?;
+        Ok(store)
+    }
+
+    /// Moves the sessions of an earlier version's JSON file in, then removes the file.
+    fn move_in_legacy(&self, legacy: &Path) -> Result<(), AuthError> {
+        let error = |detail: String| AuthError::File {
+            path: legacy.display().to_string(),
+            detail,
+        };
+        let bytes = match std::fs::read(legacy) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(error(e.to_string())),
+        };
+        let mut moved: BTreeMap<String, Session> =
+            serde_json::from_slice(&bytes).map_err(|e| error(e.to_string()))?;
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        // A session already moved in (before a crash that kept the file) may have rotated
+        // since; the file's copy of it is older.
+        moved.retain(|id, _| !sessions.contains_key(id));
+        let rows: Vec<(&str, &Session)> = moved.iter().map(|(id, s)| (id.as_str(), s)).collect();
+        self.save(&rows, &[])?;
+        sessions.extend(moved);
+        std::fs::remove_file(legacy).map_err(|e| error(e.to_string()))
     }
 
     /// Starts a session for a login's grant; its first refresh token. None when the node
-    /// already holds `SESSIONS_MAX` live sessions.
+    /// already holds `SESSIONS_MAX` live sessions. Ended sessions are dropped here.
     pub fn start(&self, grant: SessionGrant, now_s: u64) -> Result<Option<String>, AuthError> {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        sessions.retain(|_, session| session.ends_at_s > now_s);
-        if sessions.len() >= SESSIONS_MAX {
+        let ended: Vec<String> = sessions
+            .iter()
+            .filter(|(_, session)| session.ends_at_s <= now_s)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if sessions.len() - ended.len() >= self.limit {
             return Ok(None);
         }
         let id = URL_SAFE_NO_PAD.encode(random_bytes(16)?);
@@ -111,10 +166,12 @@ impl RefreshSessions {
             ends_at_s: now_s.saturating_add(SESSION_LIFETIME_S),
         };
         let token = format!("{id}.0.{secret}");
-        let mut next = sessions.clone();
-        next.insert(id, session);
-        self.save(&next)?;
-        *sessions = next;
+        let ended_ids: Vec<&str> = ended.iter().map(String::as_str).collect();
+        self.save(&[(&id, &session)], &ended_ids)?;
+        for id in &ended {
+            sessions.remove(id);
+        }
+        sessions.insert(id, session);
         Ok(Some(token))
     }
 
@@ -142,14 +199,13 @@ impl RefreshSessions {
         let id = self.current(&mut sessions, token, now_s)?;
         let fresh = URL_SAFE_NO_PAD
             .encode(random_bytes(32).map_err(|e| RefreshError::Store(e.to_string()))?);
-        let mut next = sessions.clone();
-        let rotated = next.get_mut(&id).expect("the session is there");
+        let mut rotated = sessions[&id].clone();
         rotated.generation += 1;
         rotated.secret_hash = secret_hash(&fresh);
         let token = format!("{id}.{}.{fresh}", rotated.generation);
-        self.save(&next)
+        self.save(&[(&id, &rotated)], &[])
             .map_err(|e| RefreshError::Store(e.to_string()))?;
-        *sessions = next;
+        sessions.insert(id, rotated);
         Ok(token)
     }
 
@@ -185,33 +241,65 @@ impl RefreshSessions {
         } else {
             return Err(RefreshError::Unknown);
         };
-        let mut next = sessions.clone();
-        next.remove(id);
-        self.save(&next)
+        self.save(&[], &[id])
             .map_err(|e| RefreshError::Store(e.to_string()))?;
-        *sessions = next;
+        sessions.remove(id);
         Err(ended)
     }
 
     /// Ends every session of `username` (an account that was removed).
     pub fn end_sessions_of(&self, username: &str) -> Result<usize, AuthError> {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        let mut next = sessions.clone();
-        next.retain(|_, session| session.grant.username != username);
-        let ended = sessions.len() - next.len();
-        if ended > 0 {
-            self.save(&next)?;
-            *sessions = next;
+        let ended: Vec<String> = sessions
+            .iter()
+            .filter(|(_, session)| session.grant.username == username)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !ended.is_empty() {
+            let ids: Vec<&str> = ended.iter().map(String::as_str).collect();
+            self.save(&[], &ids)?;
+            for id in &ended {
+                sessions.remove(id);
+            }
         }
-        Ok(ended)
+        Ok(ended.len())
     }
 
-    fn save(&self, sessions: &BTreeMap<String, Session>) -> Result<(), AuthError> {
-        let bytes = serde_json::to_vec(sessions).map_err(|e| AuthError::File {
-            path: self.path.display().to_string(),
-            detail: e.to_string(),
-        })?;
-        write_atomic(&self.path, &bytes)
+    /// Writes `put` and removes `remove` in one durable commit. The caller changes the
+    /// sessions in memory only after it, holding their lock throughout.
+    fn save(&self, put: &[(&str, &Session)], remove: &[&str]) -> Result<(), AuthError> {
+        let error = |detail: String| AuthError::File {
+            path: self.path.clone(),
+            detail,
+        };
+        let txn = self.db.begin_write().map_err(|e| error(e.to_string()))?;
+        {
+            let mut table = txn.open_table(SESSIONS).map_err(|e| error(e.to_string()))?;
+            for (id, session) in put {
+                let bytes = serde_json::to_vec(session).map_err(|e| error(e.to_string()))?;
+                table
+                    .insert(*id, &bytes[..])
+                    .map_err(|e| error(e.to_string()))?;
+            }
+            for id in remove {
+                table.remove(*id).map_err(|e| error(e.to_string()))?;
+            }
+        }
+        txn.commit().map_err(|e| error(e.to_string()))
+    }
+}
+
+/// Creates `path` empty and readable by its owner alone unless it exists (redb then
+/// initialises an empty file as a new database).
+fn create_owner_only(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -263,6 +351,7 @@ mod tests {
         assert_ne!(first, second);
 
         // Kept across a restart.
+        drop(sessions);
         let sessions = RefreshSessions::open(&path).expect("opens again");
         let forged = format!("{}x", &second[..second.len() - 1]);
         assert_eq!(
@@ -290,6 +379,98 @@ mod tests {
         assert_eq!(
             redeem(&sessions, "not.a token", None, 2_001).unwrap_err(),
             RefreshError::Unknown
+        );
+    }
+
+    #[test]
+    fn a_full_store_starts_no_session_until_one_has_ended_and_keeps_what_it_holds() {
+        // Goal: at the limit of live sessions a login gets no refresh token and nothing
+        // changes; once a session has ended, a login starts one again and the ended one is
+        // gone, also from the file; the file is readable by its owner alone.
+        let dir = tempfile::tempdir().expect("a directory");
+        let path = dir.path().join(SESSIONS_FILE);
+        let sessions = RefreshSessions::open_with_limit(&path, 3).expect("opens");
+        let first = sessions
+            .start(grant(None), 10)
+            .expect("starts")
+            .expect("a token");
+        for at in [20, 30] {
+            sessions
+                .start(grant(None), at)
+                .expect("starts")
+                .expect("a token");
+        }
+        assert_eq!(sessions.start(grant(None), 40).expect("no failure"), None);
+        assert!(
+            redeem(&sessions, &first, None, 41).is_ok(),
+            "the first lives on"
+        );
+
+        let after_first_ends = 10 + SESSION_LIFETIME_S;
+        let fourth = sessions
+            .start(grant(None), after_first_ends)
+            .expect("starts")
+            .expect("a token once the first has ended");
+        drop(sessions);
+        let sessions = RefreshSessions::open_with_limit(&path, 3).expect("opens again");
+        assert_eq!(
+            sessions.sessions.lock().unwrap().len(),
+            3,
+            "the ended one is gone"
+        );
+        assert!(redeem(&sessions, &fourth, None, after_first_ends + 1).is_ok());
+        assert_eq!(
+            sessions
+                .start(grant(None), after_first_ends + 2)
+                .expect("no failure"),
+            None
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .expect("the file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn sessions_of_the_earlier_json_file_are_moved_in_once() {
+        // Goal: a node upgraded from the JSON sessions file keeps every session in it (its
+        // tokens redeem), removes the file, and a later copy of the file does not bring back
+        // a token the session has rotated past.
+        let dir = tempfile::tempdir().expect("a directory");
+        let path = dir.path().join(SESSIONS_FILE);
+        let legacy = dir.path().join(LEGACY_SESSIONS_FILE);
+        let secret = "an-old-secret";
+        let old = Session {
+            grant: grant(None),
+            generation: 2,
+            secret_hash: secret_hash(secret),
+            ends_at_s: 5_000,
+        };
+        let file = serde_json::to_vec(&BTreeMap::from([("old-id".to_string(), old)])).unwrap();
+        std::fs::write(&legacy, &file).expect("writes");
+        let sessions = RefreshSessions::open(&path).expect("opens");
+        assert!(!legacy.exists(), "the file is removed once moved in");
+        let (granted, next) =
+            redeem(&sessions, &format!("old-id.2.{secret}"), None, 100).expect("redeems");
+        assert_eq!(granted, grant(None));
+        drop(sessions);
+
+        std::fs::write(&legacy, &file).expect("writes again");
+        let sessions = RefreshSessions::open(&path).expect("opens again");
+        assert_eq!(
+            redeem(&sessions, &format!("old-id.2.{secret}"), None, 101).unwrap_err(),
+            RefreshError::Reused,
+            "the stored session, not the file's older copy"
+        );
+        assert_eq!(
+            redeem(&sessions, &next, None, 102).unwrap_err(),
+            RefreshError::Unknown,
+            "the reuse ended the session"
         );
     }
 

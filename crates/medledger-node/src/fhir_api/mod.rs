@@ -945,7 +945,13 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
             id_token = IdTokenFor::app(Some(client_id), grant.nonce, &granted);
             issue_for_person(&state, &account, &granted, now_s)
         }
-        "refresh_token" => match refreshed(&state, &requested, &form, now_s) {
+        "refresh_token" => match blocking({
+            let (state, requested, form) = (state.clone(), requested.clone(), form.clone());
+            move || refreshed(&state, &requested, &form, now_s)
+        })
+        .await
+        .and_then(|refreshed| refreshed)
+        {
             Ok((account, granted, next, client_id)) => {
                 refresh = Some(Refresh::Next(next));
                 id_token = IdTokenFor::app(client_id.as_deref(), None, &granted);
@@ -1021,9 +1027,20 @@ async fn token(State(state): State<Arc<FhirState>>, body: Bytes) -> Response {
             }
             let refresh_token = match refresh {
                 Some(Refresh::Next(token)) => Some(token),
-                Some(Refresh::Start(grant)) => match state.sessions.start(grant, now_s) {
-                    Ok(token) => token,
-                    Err(e) => {
+                Some(Refresh::Start(grant)) => match blocking({
+                    let state = state.clone();
+                    move || {
+                        state
+                            .sessions
+                            .start(grant, now_s)
+                            .map_err(|e| e.to_string())
+                    }
+                })
+                .await
+                {
+                    Ok(Ok(token)) => token,
+                    Err(refusal) => return *refusal,
+                    Ok(Err(e)) => {
                         return oauth_error(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "server_error",
@@ -1109,6 +1126,20 @@ impl Refresh {
 /// most what the login was granted and what the account may hold now) and the session's
 /// next token, with the app that logged in. A removed account's sessions end; a locked
 /// account refreshes nothing.
+/// Runs `work` off the async threads (refresh sessions commit to disk); a panic in it is a
+/// server error.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Box<Response>> {
+    tokio::task::spawn_blocking(work).await.map_err(|_| {
+        Box::new(oauth_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the refresh session could not be handled",
+        ))
+    })
+}
+
 fn refreshed(
     state: &FhirState,
     requested: &Scopes,
