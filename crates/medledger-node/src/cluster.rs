@@ -358,7 +358,7 @@ impl ClusterNode {
             id,
             Arc::new(config),
             peers.clone(),
-            LogStore::new(store.clone(), settings.offload_io).with_stats(stats.clone()),
+            LogStore::with_stats(store.clone(), settings.offload_io, stats.clone()),
             StateMachine::new(shared.clone(), settings.offload_io),
         )
         .await

@@ -436,10 +436,10 @@ impl LogStore {
         LogStore::build(store, offload, None)
     }
 
-    /// Counts this log's durable commits in `stats.fsyncs`, where it makes them itself (redb
-    /// tables); the write-ahead log counts its own syncs (`Store::raft_log_syncs`).
-    pub fn with_stats(self, stats: Arc<LedgerStats>) -> LogStore {
-        LogStore::build(self.store, self.offload, Some(stats))
+    /// A log that counts its durable commits in `stats.fsyncs`, where it makes them itself
+    /// (redb tables); the write-ahead log counts its own syncs (`Store::raft_log_syncs`).
+    pub fn with_stats(store: Arc<Store>, offload: bool, stats: Arc<LedgerStats>) -> LogStore {
+        LogStore::build(store, offload, Some(stats))
     }
 
     fn build(store: Arc<Store>, offload: bool, stats: Option<Arc<LedgerStats>>) -> LogStore {
