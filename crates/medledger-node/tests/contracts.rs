@@ -5056,8 +5056,8 @@ fn a_grant_at_the_bound_reads_the_slots_only_when_one_of_them_may_have_ended() {
     // Proves that a grant finding the patient's slots full reads the consents in them only
     // once the earliest end the ledger keeps for them has come: refused at once before it;
     // after a revoke left that bound too early, refused after reading them all and changing
-    // nothing; at a real end, pruned and committed, with the bound set to the next end, or
-    // to none once the consents left never end.
+    // nothing; at a real end, pruned and committed, with the bound set to the next end (the
+    // grant's own when earlier), or to none once the consents left never end.
     use medledger_core::contracts::CONSENTS_PER_PATIENT_MAX;
     let (mut ledger, w) = world();
     let q = &w.q.id;
@@ -5119,12 +5119,17 @@ fn a_grant_at_the_bound_reads_the_slots_only_when_one_of_them_may_have_ended() {
     refused_reading(&mut ledger, CONSENTS_PER_PATIENT_MAX);
     assert_eq!(next_end(&ledger), Some(ends[0]));
 
-    // At a real end, the consent that ended is pruned, the grant commits in its slot and
-    // the bound moves to the next end; until then, grants read nothing again.
+    // At a real end, the consent that ended is pruned and the grant commits in its slot;
+    // the bound moves to the earliest end kept, the grant's own when that is earlier.
+    // Until then, grants read nothing again.
     ledger.set_time(ends[1]);
+    ledger.commit(&w.q, ending(ends[1] + HOUR_MS / 2));
+    assert!(!ledger.consents_in_force(q).contains(&ending_ids[1]));
+    assert_eq!(next_end(&ledger), Some(ends[1] + HOUR_MS / 2));
+    refused_reading(&mut ledger, 0);
+    ledger.set_time(ends[1] + HOUR_MS / 2);
     let (outcome, _) = grant_one(&mut ledger);
     assert!(outcome.is_committed(), "{outcome:?}");
-    assert!(!ledger.consents_in_force(q).contains(&ending_ids[1]));
     assert_eq!(next_end(&ledger), Some(ends[2]));
     refused_reading(&mut ledger, 0);
 

@@ -237,7 +237,7 @@ fn store_consent<S: StateRead + ?Sized>(
 ) -> Result<(), Rejection> {
     let bound = CONSENTS_PER_PATIENT_MAX as u64;
     let mut count = consent_slot_count(state, &consent.patient);
-    let next_end = consent_next_end(state, &consent.patient);
+    let mut next_end = consent_next_end(state, &consent.patient);
     // Revokes free their slots at once; expired consents are pruned only when the slots are
     // full, so that storing a consent stays cheap, and only when one of them may have ended,
     // so that a grant to a patient whose consents are all still in force is refused without
@@ -245,6 +245,7 @@ fn store_consent<S: StateRead + ?Sized>(
     if count >= bound && next_end.is_some_and(|end| end <= time_ms) {
         prune_consent_slots(state, &consent.patient, time_ms);
         count = consent_slot_count(state, &consent.patient);
+        next_end = consent_next_end(state, &consent.patient);
     }
     if count >= bound {
         return Err(Rejection::conflict(
@@ -261,12 +262,11 @@ fn store_consent<S: StateRead + ?Sized>(
         keys::patient_consent(&consent.patient, &consent.id),
         Vec::new(),
     );
-    if let Some(end) = consent.expires_at_ms {
-        // Read again: a pruning above sets it anew.
-        let next_end = consent_next_end(state, &consent.patient);
-        if next_end.is_none_or(|next| end < next) {
-            state.put(keys::patient_consent_next_end(&consent.patient), &end);
-        }
+    if let Some(end) = consent
+        .expires_at_ms
+        .filter(|end| next_end.is_none_or(|next| *end < next))
+    {
+        state.put(keys::patient_consent_next_end(&consent.patient), &end);
     }
     state.put(keys::consent(&consent.id), &consent);
     Ok(())
