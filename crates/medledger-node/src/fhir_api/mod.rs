@@ -1122,10 +1122,6 @@ impl Refresh {
     }
 }
 
-/// Redeems a refresh token: the account, what this refresh grants (what was asked for, at
-/// most what the login was granted and what the account may hold now) and the session's
-/// next token, with the app that logged in. A removed account's sessions end; a locked
-/// account refreshes nothing.
 /// Runs `work` off the async threads (refresh sessions commit to disk); a panic in it is a
 /// server error.
 async fn blocking<T: Send + 'static>(
@@ -1140,6 +1136,10 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
+/// Redeems a refresh token: the account, what this refresh grants (what was asked for, at
+/// most what the login was granted and what the account may hold now) and the session's
+/// next token, with the app that logged in. A removed account's sessions end; a locked
+/// account refreshes nothing.
 fn refreshed(
     state: &FhirState,
     requested: &Scopes,
