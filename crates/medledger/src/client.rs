@@ -137,13 +137,7 @@ impl Client {
             let nonce = next_nonce(self)?;
             let tx = identity.sign(&chain_id, nonce, now_ms() + TX_LIFETIME_MS, body.clone());
             let response = self.submit(&tx)?;
-            let stale = matches!(
-                &response.outcome,
-                TxOutcome::Rejected {
-                    rejection: Rejection::StaleNonce { .. }
-                }
-            );
-            if !stale || attempt > STALE_NONCE_RETRIES {
+            if !stale(&response) || attempt > STALE_NONCE_RETRIES {
                 return Ok(response);
             }
         }
@@ -179,6 +173,16 @@ fn decode<T: DeserializeOwned>(
     })
 }
 
+/// Whether the ledger refused a transaction because its nonce was already taken.
+fn stale(response: &SubmitResponse) -> bool {
+    matches!(
+        response.outcome,
+        TxOutcome::Rejected {
+            rejection: Rejection::StaleNonce { .. }
+        }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
@@ -190,15 +194,6 @@ mod tests {
     use super::*;
     use crate::bench::grant_body;
     use crate::commands::{init_node, validity_days};
-
-    fn stale(response: &SubmitResponse) -> bool {
-        matches!(
-            response.outcome,
-            TxOutcome::Rejected {
-                rejection: Rejection::StaleNonce { .. }
-            }
-        )
-    }
 
     #[test]
     fn a_nonce_another_signer_took_is_replaced_and_other_refusals_are_answered_as_they_are() {
