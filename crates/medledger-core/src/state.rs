@@ -227,6 +227,13 @@ pub mod keys {
     pub fn patient_break_glass(patient: &str) -> String {
         format!("patient_break_glass/{patient}")
     }
+    /// The earliest end a window in the patient's break-glass list may have: none of them
+    /// ends before it. Kept when a window opens and set exactly when the list is pruned, so
+    /// a break-glass finding the list full reads its windows only when one may have ended.
+    /// Absent while the list is empty, or over a list stored before it was kept.
+    pub fn patient_break_glass_next_end(patient: &str) -> String {
+        format!("patient_break_glass_next_end/{patient}")
+    }
     /// History index of every break-glass opened for a patient; the value is empty.
     pub fn patient_break_glass_entry(patient: &str, id: &Hash) -> String {
         format!("{}{id}", patient_break_glass_prefix(patient))

@@ -5142,6 +5142,103 @@ fn a_grant_at_the_bound_reads_the_slots_only_when_one_of_them_may_have_ended() {
     refused_reading(&mut ledger, 0);
 }
 
+#[test]
+fn a_break_glass_at_the_bound_reads_the_windows_only_when_one_of_them_has_ended() {
+    // Proves that a break-glass finding the patient's list of open windows full reads those
+    // windows only once the earliest end the ledger keeps for them has come: refused at once
+    // before it; at that end, the ended window is pruned, the break-glass commits and the
+    // bound moves to the next end (its own when earlier). A full list stored before the
+    // bound was kept is read and pruned as before, and has a bound from then on.
+    use medledger_core::contracts::BREAK_GLASS_PER_PATIENT_MAX;
+    let (mut ledger, w) = world();
+    let p = &w.q.id;
+    let list = |ledger: &Ledger| ledger.value::<Vec<Hash>>(&keys::patient_break_glass(p));
+    let next_end = |ledger: &Ledger| ledger.value::<u64>(&keys::patient_break_glass_next_end(p));
+    // The world's own window for Q ends first; three more end one, two and three hours
+    // after it.
+    let world_end = ledger.break_glass(&w.break_glass).ends_at_ms;
+    let start = ledger.now_ms;
+    let ends = [1, 2, 3].map(|hours| world_end + hours * HOUR_MS);
+    let early: Vec<Hash> = ends
+        .map(|end| ledger.commit(&w.alice, open_break_glass(p, end - start)))
+        .to_vec();
+    assert_eq!(next_end(&ledger), Some(world_end));
+    let room = BREAK_GLASS_PER_PATIENT_MAX - list(&ledger).map_or(0, |ids| ids.len());
+    let txs: Vec<SignedTx> = (0..room)
+        .map(|_| ledger.sign(&w.alice, open_break_glass(p, BREAK_GLASS_MS_MAX)))
+        .collect();
+    expect_all_committed(&ledger.run(txs), "windows up to the bound");
+    // Opens one more window of `duration_ms`; returns its outcome and the windows it read.
+    let open_one = |ledger: &mut Ledger, duration_ms: u64| {
+        let tx = ledger.sign(&w.alice, open_break_glass(p, duration_ms));
+        let (mut outcomes, _, reads) = ledger.run_counting_reads(vec![tx], "break_glass/");
+        (outcomes.remove(0), reads)
+    };
+    let refused_reading = |ledger: &mut Ledger, expected_reads: usize| {
+        let before = list(ledger);
+        let (outcome, reads) = open_one(ledger, HOUR_MS);
+        assert!(
+            matches!(
+                &outcome,
+                TxOutcome::Rejected { rejection: Rejection::Conflict { detail } }
+                    if detail == "the patient has the most break-glass windows open at once"
+            ),
+            "a break-glass at the bound should be refused: {outcome:?}"
+        );
+        assert_eq!(
+            reads, expected_reads,
+            "windows read by a refused break-glass"
+        );
+        assert_eq!(list(ledger), before);
+    };
+    let committed_reading = |ledger: &mut Ledger, duration_ms: u64| {
+        let (outcome, reads) = open_one(ledger, duration_ms);
+        assert!(outcome.is_committed(), "{outcome:?}");
+        assert_eq!(
+            reads, BREAK_GLASS_PER_PATIENT_MAX,
+            "windows read by a pruning"
+        );
+        ledger.last("break_glass")
+    };
+
+    // Every window is open: refused without reading one.
+    refused_reading(&mut ledger, 0);
+
+    // The world's window has ended: pruned, and the new one, ending before all the others,
+    // is the bound. Until it ends, nothing is read again.
+    ledger.set_time(world_end);
+    let short = committed_reading(&mut ledger, HOUR_MS / 2);
+    let open = list(&ledger).expect("a full list");
+    assert!(!open.contains(&w.break_glass) && open.contains(&short));
+    assert_eq!(next_end(&ledger), Some(world_end + HOUR_MS / 2));
+    refused_reading(&mut ledger, 0);
+
+    // Once it and the first early window have ended, both are pruned and the bound moves
+    // to the earliest end left; the slot left over is taken without reading a window.
+    ledger.set_time(ends[0]);
+    committed_reading(&mut ledger, BREAK_GLASS_MS_MAX);
+    let open = list(&ledger).expect("a list");
+    assert!(!open.contains(&short) && !open.contains(&early[0]));
+    assert_eq!(open.len(), BREAK_GLASS_PER_PATIENT_MAX - 1);
+    assert_eq!(next_end(&ledger), Some(ends[1]));
+    let (outcome, reads) = open_one(&mut ledger, BREAK_GLASS_MS_MAX);
+    assert!(
+        outcome.is_committed() && reads == 0,
+        "{outcome:?}, {reads} read"
+    );
+    refused_reading(&mut ledger, 0);
+
+    // A full list from before the bound was kept: each break-glass reads the windows until
+    // one has ended; that one prunes the list and keeps a bound again.
+    ledger.state.remove(&keys::patient_break_glass_next_end(p));
+    refused_reading(&mut ledger, BREAK_GLASS_PER_PATIENT_MAX);
+    ledger.set_time(ends[1]);
+    committed_reading(&mut ledger, BREAK_GLASS_MS_MAX);
+    assert!(!list(&ledger).expect("a full list").contains(&early[1]));
+    assert_eq!(next_end(&ledger), Some(ends[2]));
+    refused_reading(&mut ledger, 0);
+}
+
 // ---- contribution counters ------------------------------------------------------------
 
 #[test]

@@ -165,13 +165,29 @@ pub(super) fn execute<S: StateRead + ?Sized>(
             }
             let key = keys::patient_break_glass(patient);
             let mut ids: Vec<Hash> = state.get_value(&key).unwrap_or_default();
-            // Ended windows are pruned when the list is full; the policy skips them anyway.
-            if ids.len() >= BREAK_GLASS_PER_PATIENT_MAX {
+            let bound_key = keys::patient_break_glass_next_end(patient);
+            let stored_bound: Option<u64> = state.get_value(&bound_key);
+            // No window in the list ends before this; `None` with windows listed is not
+            // known (a list stored before the bound was kept), so one may have ended.
+            let mut next_end = stored_bound.filter(|_| !ids.is_empty());
+            // Ended windows are pruned when the list is full, and only when one of them may
+            // have ended: a break-glass at the bound with every window open is refused
+            // without reading them all. The policy skips ended windows anyway.
+            if ids.len() >= BREAK_GLASS_PER_PATIENT_MAX
+                && next_end.is_none_or(|end| end <= context.time_ms)
+            {
+                let mut earliest: Option<u64> = None;
                 ids.retain(|id| {
-                    state
+                    let open = state
                         .get_value::<BreakGlass>(&keys::break_glass(id))
-                        .is_some_and(|open| context.time_ms < open.ends_at_ms)
+                        .filter(|open| context.time_ms < open.ends_at_ms);
+                    if let Some(open) = &open {
+                        earliest =
+                            Some(earliest.map_or(open.ends_at_ms, |e| e.min(open.ends_at_ms)));
+                    }
+                    open.is_some()
                 });
+                next_end = earliest;
             }
             if ids.len() >= BREAK_GLASS_PER_PATIENT_MAX {
                 return Err(Rejection::conflict(
@@ -188,6 +204,19 @@ pub(super) fn execute<S: StateRead + ?Sized>(
                 ends_at_ms: context.time_ms + duration_ms,
                 review: None,
             };
+            // Every window ends, so the bound is known again once the list was empty or
+            // pruned; it stays unknown over a list from before it was kept.
+            let bound = match next_end {
+                Some(next) => Some(next.min(opening.ends_at_ms)),
+                None if ids.is_empty() => Some(opening.ends_at_ms),
+                None => None,
+            };
+            if bound != stored_bound {
+                match bound {
+                    Some(end) => state.put(bound_key, &end),
+                    None => state.delete(bound_key),
+                }
+            }
             ids.push(opening.id);
             state.put(key, &ids);
             state.put_raw(
