@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 use crate::consortium::{Identity, IdentityError};
 use crate::pki::KeyPair;
 use crate::store::{Store, StoreError};
+use crate::work::{Work, WorkTimes};
 
 /// The node's own identity: the key it signs tree heads with and its certificate chain.
 pub struct NodeIdentity {
@@ -230,9 +231,11 @@ pub fn signer_key<S: StateRead + ?Sized>(
 /// Checks signatures of transactions someone else admitted, in parallel, under the keys
 /// `state` knows. Those that verify become verified candidates; the others stay unverified,
 /// for the core to refuse (or accept, if a key the block itself enrolls signed them) exactly
-/// as every other node does. Positions travel with the transactions.
+/// as every other node does. Positions travel with the transactions. The CPU time it takes
+/// is added to `work`.
 pub fn preverify<S: StateRead + ?Sized>(
     state: &S,
+    work: &WorkTimes,
     txs: Vec<(usize, SignedTx)>,
 ) -> Vec<(usize, Candidate)> {
     let keyed: Vec<(usize, SignedTx, Option<PublicKey>)> = txs
@@ -249,9 +252,14 @@ pub fn preverify<S: StateRead + ?Sized>(
         },
         None => (position, Candidate::Unverified(tx)),
     };
+    let verify_all = |chunk: Vec<_>| {
+        work.measure(Work::Verify, || {
+            chunk.into_iter().map(verify).collect::<Vec<_>>()
+        })
+    };
     let threads = cores();
     if keyed.len() < 32 || threads < 2 {
-        return keyed.into_iter().map(verify).collect();
+        return verify_all(keyed);
     }
     let chunk = keyed.len().div_ceil(threads);
     let mut chunks: Vec<Vec<_>> = Vec::new();
@@ -262,7 +270,7 @@ pub fn preverify<S: StateRead + ?Sized>(
     std::thread::scope(|scope| {
         let handles: Vec<_> = chunks
             .into_iter()
-            .map(|chunk| scope.spawn(move || chunk.into_iter().map(verify).collect::<Vec<_>>()))
+            .map(|chunk| scope.spawn(|| verify_all(chunk)))
             .collect();
         handles
             .into_iter()
@@ -484,7 +492,11 @@ impl Ledger {
             .snapshot()
             .map_err(|e| SubmitError::Stopped(e.to_string()))?;
         let key = signer_key(&snapshot, &tx)?;
-        match tx.verify_with(&key) {
+        let checked = self
+            .store
+            .work()
+            .measure(Work::Verify, || tx.verify_with(&key));
+        match checked {
             Ok(verified) => Ok(verified),
             Err(SignatureCheck::Invalid) => Err(SubmitError::BadSignature),
             Err(SignatureCheck::Format(error)) => Err(SubmitError::Invalid(error.to_string())),
@@ -703,7 +715,10 @@ fn commit_batch(
     }
     let snapshot = store.snapshot().map_err(|e| e.to_string())?;
     let time_ms = now_ms().max(head.time_ms);
-    let executed = match execute_block(&snapshot, head, &identity.id, time_ms, candidates) {
+    let executed = store.work().measure(Work::Execute, || {
+        execute_block(&snapshot, head, &identity.id, time_ms, candidates)
+    });
+    let executed = match executed {
         Ok(executed) => executed,
         Err(error) => {
             // Only a bug in batching can get here (too many transactions, time going back).

@@ -20,3 +20,4 @@ pub mod sealing;
 pub mod store;
 pub mod tls;
 pub mod verify;
+pub mod work;

@@ -29,6 +29,8 @@ use medledger_core::state::{keys, StateRead};
 use medledger_core::Hash;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use crate::work::{Work, WorkTimes};
+
 const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -245,6 +247,8 @@ pub struct Store {
     /// The state machine's position as of the last durable write of the ledger file: what
     /// a crash would leave, and so how far Raft's log may be purged (`durable_applied`).
     durable_applied: RwLock<Option<Bytes>>,
+    /// CPU time spent on the node's transaction work (`work`).
+    work: WorkTimes,
 }
 
 /// Staged state changes beyond which `Store::stage` flushes itself, and refuses.
@@ -324,6 +328,7 @@ impl Store {
             },
             flush_failed: std::sync::OnceLock::new(),
             durable_applied: RwLock::new(None),
+            work: WorkTimes::default(),
         }
     }
 
@@ -411,6 +416,12 @@ impl Store {
     pub fn commit_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
         let _flushing = self.lock_flushes();
         self.flush_locked(false)?;
+        self.work
+            .measure(Work::Flush, || self.write_block(executed))
+    }
+
+    /// `commit_block`'s own write, under the flush lock with nothing staged.
+    fn write_block(&self, executed: &ExecutedBlock) -> Result<(), StoreError> {
         let Db::Writable(db) = &self.db;
         let txn = db.begin_write()?;
         {
@@ -524,9 +535,16 @@ impl Store {
     }
 
     fn flush_locked(&self, durable: bool) -> Result<(), StoreError> {
-        self.write_staged(durable).inspect_err(|error| {
-            let _ = self.flush_failed.set(error.to_string());
-        })
+        self.work
+            .measure(Work::Flush, || self.write_staged(durable))
+            .inspect_err(|error| {
+                let _ = self.flush_failed.set(error.to_string());
+            })
+    }
+
+    /// The CPU time this node has spent verifying, executing, staging and flushing.
+    pub fn work(&self) -> &WorkTimes {
+        &self.work
     }
 
     fn write_staged(&self, durable: bool) -> Result<(), StoreError> {

@@ -33,6 +33,7 @@ use medledger_core::tx::{SignedTx, TxBody};
 use medledger_node::consortium::{Consortium, Identity};
 use medledger_node::ledger::{now_ms, Ledger, NodeIdentity, OrderingConfig};
 use medledger_node::pki::KeyPair;
+use medledger_node::work::{process_cpu_ns, WorkSpent};
 
 use crate::commands::{init_node, validity_days};
 
@@ -195,6 +196,63 @@ pub(crate) fn drive(
         committed: results.iter().map(|(c, _)| c).sum(),
         seconds,
         latencies,
+    }
+}
+
+/// The throughput goal, as a share of the verify ceiling.
+const GOAL_SHARE_PERCENT: f64 = 65.0;
+
+/// Where the CPU went during a run: the whole process's CPU time, and the nodes' own
+/// measures of their transaction work, for the transactions that committed.
+struct CpuAccount {
+    process_ns: u64,
+    work: WorkSpent,
+    txs: usize,
+}
+
+/// CPU time per transaction at the throughput goal: in all, and what verifying takes.
+struct GoalBudget {
+    total_us: f64,
+    verify_us: f64,
+}
+
+impl CpuAccount {
+    /// Microseconds of CPU per committed transaction.
+    fn us(&self, ns: u64) -> f64 {
+        ns as f64 / 1000.0 / self.txs.max(1) as f64
+    }
+
+    fn summary(&self) -> String {
+        let w = &self.work;
+        let measured = w.verify_ns + w.execute_ns + w.stage_ns + w.flush_ns;
+        let total = self.process_ns.max(measured);
+        let part = |name: &str, ns: u64| {
+            format!(
+                "{name} {:.0} ({:.0} %)",
+                self.us(ns),
+                100.0 * ns as f64 / total.max(1) as f64
+            )
+        };
+        format!(
+            "CPU per committed tx at peak (all nodes and clients in this process): {:.0} µs = {}, {}, {}, {}, {} (consensus, transport, scheduling, clients)",
+            self.us(total),
+            part("verify", w.verify_ns),
+            part("execute", w.execute_ns),
+            part("stage", w.stage_ns),
+            part("ledger-file flush", w.flush_ns),
+            part("the rest", total - measured),
+        )
+    }
+
+    /// At the goal's rate (`GOAL_SHARE_PERCENT` of `verify_ceiling` tx/s on `cores`), the
+    /// CPU one transaction may take, and the part its signature checks take at the
+    /// ceiling's own rate.
+    fn at_goal(&self, cores: usize, verify_ceiling: f64) -> GoalBudget {
+        let goal_rate = verify_ceiling * GOAL_SHARE_PERCENT / 100.0;
+        GoalBudget {
+            total_us: cores as f64 * 1e6 / goal_rate.max(1.0),
+            verify_us: cores as f64 * 1e6 / verify_ceiling.max(1.0),
+        }
     }
 }
 
@@ -439,7 +497,18 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     };
     let fsyncs_before = fsyncs_now();
     let blocks_before = leader.stats().blocks.load(Ordering::Relaxed);
+    let work_now = || {
+        ledgers.iter().fold(WorkSpent::default(), |sum, ledger| {
+            sum.plus(&ledger.store().work().spent())
+        })
+    };
+    let (cpu_before, work_before) = (process_cpu_ns(), work_now());
     let throughput = drive(&runtime, &ledgers, load);
+    let cpu = CpuAccount {
+        process_ns: process_cpu_ns() - cpu_before,
+        work: work_now().since(&work_before),
+        txs: throughput.committed,
+    };
     let fsyncs = fsyncs_now() - fsyncs_before;
     let blocks = leader.stats().blocks.load(Ordering::Relaxed) - blocks_before;
     let tx_per_s = throughput.committed as f64 / throughput.seconds;
@@ -452,6 +521,15 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         percentile(&throughput.latencies, 0.50),
         percentile(&throughput.latencies, 0.99),
         max_ms(&throughput.latencies),
+    );
+    println!("{}", cpu.summary());
+    let per_tx_at_goal = cpu.at_goal(cores, verify_ceiling);
+    println!(
+        "for {GOAL_SHARE_PERCENT} % of the ceiling a transaction may take {:.0} µs of CPU in all; its verifications take {:.0} of them at the ceiling's rate, leaving {:.0} µs for the rest, against {:.0} µs measured above for executing, staging and flushing alone",
+        per_tx_at_goal.total_us,
+        per_tx_at_goal.verify_us,
+        per_tx_at_goal.total_us - per_tx_at_goal.verify_us,
+        cpu.us(cpu.work.execute_ns + cpu.work.stage_ns + cpu.work.flush_ns),
     );
 
     // One client, sequentially; a new patient before one's consent slots are full.
@@ -520,6 +598,12 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             "tx_per_fsync": tx_per_fsync,
             "peak_memory_mib": peak.round(),
             "cores": cores,
+            "peak_cpu_us_per_tx": cpu.us(cpu.process_ns),
+            "peak_verify_us_per_tx": cpu.us(cpu.work.verify_ns),
+            "peak_execute_us_per_tx": cpu.us(cpu.work.execute_ns),
+            "peak_stage_us_per_tx": cpu.us(cpu.work.stage_ns),
+            "peak_flush_us_per_tx": cpu.us(cpu.work.flush_ns),
+            "cpu_us_per_tx_at_goal": per_tx_at_goal.total_us,
         })
     );
     Ok(())

@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use super::{storage_error, Entry, LogId, Proposal, StorageError, StoredMembership, TypeConfig};
 use crate::ledger::{preverify, sign_tree_head, Committed, LedgerStats, NodeIdentity, Waiters};
 use crate::store::Store;
+use crate::work::Work;
 
 /// What applying an entry did, returned to the writer on the leader.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,14 +283,19 @@ fn apply_proposal(
         .map_err(|e| shared.stop(format!("reading state: {e}")))?;
     let candidates = candidates(shared, &snapshot, proposal.txs);
     let time_ms = proposal.time_ms.max(head.time_ms);
-    let executed = execute_block(&snapshot, &head, &proposal.proposer, time_ms, candidates)
+    let executed = store
+        .work()
+        .measure(Work::Execute, || {
+            execute_block(&snapshot, &head, &proposal.proposer, time_ms, candidates)
+        })
         .map_err(|e| shared.stop(format!("executing block {}: {e}", head.height + 1)))?;
     drop(snapshot);
     // Staged, every read sees the block; it is announced (its clients answered) only then.
     // The ledger file takes it at the next flush; a crash before that re-applies the entry
     // from Raft's log to the same outcome.
     store
-        .stage(Some(&executed), position)
+        .work()
+        .measure(Work::Stage, || store.stage(Some(&executed), position))
         .map_err(|e| shared.stop(format!("storing block {}: {e}", head.height + 1)))?;
     announce(shared, &head, &executed);
     Ok(Some(executed.head.height))
@@ -325,6 +331,7 @@ pub(crate) fn verify_ahead<'a>(shared: &Arc<Shared>, txs: impl IntoIterator<Item
         let verified = match shared.store.snapshot() {
             Ok(snapshot) => preverify(
                 &snapshot,
+                shared.store.work(),
                 txs.into_iter().map(|(_, tx)| tx).enumerate().collect(),
             ),
             Err(_) => Vec::new(),
@@ -388,7 +395,7 @@ fn candidates<S: StateRead + ?Sized>(
             }
         }
     }
-    let verified = preverify(state, unknown);
+    let verified = preverify(state, shared.store.work(), unknown);
     let mut all: Vec<(usize, Candidate)> = known.into_iter().chain(verified).collect();
     all.sort_by_key(|(position, _)| *position);
     all.into_iter().map(|(_, candidate)| candidate).collect()
@@ -509,10 +516,14 @@ impl StateMachine {
             .store
             .apply_blocks(&fresh, &position, |state, head, block| {
                 replay(state, head, block, |txs| {
-                    preverify(state, txs.into_iter().enumerate().collect())
-                        .into_iter()
-                        .map(|(_, c)| c)
-                        .collect()
+                    preverify(
+                        state,
+                        shared.store.work(),
+                        txs.into_iter().enumerate().collect(),
+                    )
+                    .into_iter()
+                    .map(|(_, c)| c)
+                    .collect()
                 })
                 .map_err(|e| e.to_string())
             })
