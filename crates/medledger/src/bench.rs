@@ -243,11 +243,13 @@ impl CpuAccount {
             part("the rest", total - measured),
         )
     }
+}
 
+impl GoalBudget {
     /// At the goal's rate (`GOAL_SHARE_PERCENT` of `verify_ceiling` tx/s on `cores`), the
     /// CPU one transaction may take, and the part its signature checks take at the
     /// ceiling's own rate.
-    fn at_goal(&self, cores: usize, verify_ceiling: f64) -> GoalBudget {
+    fn of(cores: usize, verify_ceiling: f64) -> GoalBudget {
         let goal_rate = verify_ceiling * GOAL_SHARE_PERCENT / 100.0;
         GoalBudget {
             total_us: cores as f64 * 1e6 / goal_rate.max(1.0),
@@ -523,7 +525,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         max_ms(&throughput.latencies),
     );
     println!("{}", cpu.summary());
-    let per_tx_at_goal = cpu.at_goal(cores, verify_ceiling);
+    let per_tx_at_goal = GoalBudget::of(cores, verify_ceiling);
     println!(
         "for {GOAL_SHARE_PERCENT} % of the ceiling a transaction may take {:.0} µs of CPU in all; its verifications take {:.0} of them at the ceiling's rate, leaving {:.0} µs for the rest, against {:.0} µs measured above for executing, staging and flushing alone",
         per_tx_at_goal.total_us,
