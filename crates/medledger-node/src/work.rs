@@ -77,6 +77,11 @@ impl WorkSpent {
         }
     }
 
+    /// All the work measured, in nanoseconds.
+    pub fn total_ns(&self) -> u64 {
+        self.verify_ns + self.execute_ns + self.stage_ns + self.flush_ns
+    }
+
     /// The sum of two readings (of different nodes, say).
     pub fn plus(&self, other: &WorkSpent) -> WorkSpent {
         WorkSpent {
@@ -88,30 +93,47 @@ impl WorkSpent {
     }
 }
 
-fn cpu_clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid, writable timespec; the call writes only to it.
-    let done = unsafe { libc::clock_gettime(clock, &mut now) };
-    if done != 0 {
-        return 0;
-    }
-    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
+/// The CPU clocks read: the calling thread's, or the whole process's.
+#[derive(Clone, Copy)]
+enum CpuClock {
+    Thread,
+    Process,
 }
 
-/// CPU time the calling thread has used, in nanoseconds (0 where the clock is missing).
+/// Nanoseconds of CPU time on `clock`; 0 where it cannot be read (and off Linux, where the
+/// node does not link libc), so every measure there is 0.
+fn cpu_clock_ns(clock: CpuClock) -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let id = match clock {
+            CpuClock::Thread => libc::CLOCK_THREAD_CPUTIME_ID,
+            CpuClock::Process => libc::CLOCK_PROCESS_CPUTIME_ID,
+        };
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid, writable timespec; the call writes only to it.
+        if unsafe { libc::clock_gettime(id, &mut now) } == 0 {
+            return (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64;
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = clock;
+    0
+}
+
+/// CPU time the calling thread has used, in nanoseconds.
 pub fn thread_cpu_ns() -> u64 {
-    cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+    cpu_clock_ns(CpuClock::Thread)
 }
 
 /// CPU time the whole process has used, every thread of it, in nanoseconds.
 pub fn process_cpu_ns() -> u64 {
-    cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+    cpu_clock_ns(CpuClock::Process)
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
@@ -148,6 +170,10 @@ mod tests {
         assert_eq!((between.verify_ns, between.flush_ns), (0, 0));
         assert!(between.stage_ns >= 1_000_000);
         assert_eq!(first.plus(&between), second);
+        assert_eq!(
+            second.total_ns(),
+            second.verify_ns + second.execute_ns + second.stage_ns + second.flush_ns
+        );
         assert!(process_cpu_ns() >= second.verify_ns + second.stage_ns);
     }
 }

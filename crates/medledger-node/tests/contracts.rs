@@ -4725,6 +4725,16 @@ fn consents_and_break_glass_no_longer_in_force_leave_the_lists_the_policy_reads(
 
 // ---- consents in force: one slot per consent ------------------------------------------
 
+/// Asserts that `outcome` is a refusal as a conflict, for `detail`.
+fn assert_conflict(outcome: &TxOutcome, detail: &str) {
+    let expected = TxOutcome::Rejected {
+        rejection: Rejection::Conflict {
+            detail: detail.to_string(),
+        },
+    };
+    assert_eq!(outcome, &expected, "expected a refusal as a conflict");
+}
+
 /// The policy's answer, now, to `actor` reading `resource_type` of `patient` for treatment.
 fn decide_read(ledger: &Ledger, actor: &str, patient: &str, resource_type: &str) -> AccessDecision {
     let resource_types = [resource_type.to_string()];
@@ -4974,12 +4984,10 @@ fn a_grant_at_the_bound_prunes_only_expired_consents_and_the_rest_keep_working()
         let in_force = ledger.consents_in_force(q);
         let tx = ledger.sign(&w.q, grant_observations(to_user(&w.alice.id)));
         let outcome = ledger.run1(tx);
-        match &outcome {
-            TxOutcome::Rejected {
-                rejection: Rejection::Conflict { detail },
-            } => assert_eq!(detail, "the patient has the most consents in force at once"),
-            _ => panic!("a grant at the bound should be refused as a conflict: {outcome:?}"),
-        }
+        assert_conflict(
+            &outcome,
+            "the patient has the most consents in force at once",
+        );
         assert_eq!(ledger.consents_in_force(q), in_force);
     };
     refuse_at_bound(&mut ledger);
@@ -5092,13 +5100,9 @@ fn a_grant_at_the_bound_reads_the_slots_only_when_one_of_them_may_have_ended() {
     let refused_reading = |ledger: &mut Ledger, expected_reads: usize| {
         let in_force = ledger.consents_in_force(q);
         let (outcome, reads) = grant_one(ledger);
-        assert!(
-            matches!(
-                &outcome,
-                TxOutcome::Rejected { rejection: Rejection::Conflict { detail } }
-                    if detail == "the patient has the most consents in force at once"
-            ),
-            "a grant at the bound should be refused: {outcome:?}"
+        assert_conflict(
+            &outcome,
+            "the patient has the most consents in force at once",
         );
         assert_eq!(reads, expected_reads, "consents read by a refused grant");
         assert_eq!(ledger.consents_in_force(q), in_force);
@@ -5177,13 +5181,9 @@ fn a_break_glass_at_the_bound_reads_the_windows_only_when_one_of_them_has_ended(
     let refused_reading = |ledger: &mut Ledger, expected_reads: usize| {
         let before = list(ledger);
         let (outcome, reads) = open_one(ledger, HOUR_MS);
-        assert!(
-            matches!(
-                &outcome,
-                TxOutcome::Rejected { rejection: Rejection::Conflict { detail } }
-                    if detail == "the patient has the most break-glass windows open at once"
-            ),
-            "a break-glass at the bound should be refused: {outcome:?}"
+        assert_conflict(
+            &outcome,
+            "the patient has the most break-glass windows open at once",
         );
         assert_eq!(
             reads, expected_reads,

@@ -60,8 +60,11 @@ fn bench_ledger_commits_every_transaction_and_accounts_for_the_cpu_it_took() {
         .iter()
         .map(|part| number(&format!("peak_{part}_us_per_tx")))
         .sum();
-    assert!(number("peak_verify_us_per_tx") > 0.0, "{shown}");
-    assert!(number("peak_execute_us_per_tx") > 0.0, "{shown}");
+    // The nodes read the thread CPU clocks on Linux only; elsewhere each part is 0.
+    if cfg!(target_os = "linux") {
+        assert!(number("peak_verify_us_per_tx") > 0.0, "{shown}");
+        assert!(number("peak_execute_us_per_tx") > 0.0, "{shown}");
+    }
     assert!(parts <= number("peak_cpu_us_per_tx") + 1e-6, "{shown}");
     // The CPU each transaction's verifications take on all cores at the ceiling's rate.
     let verify_us = number("cores") * 1e6 / number("verify_ceiling_tx_per_s");
